@@ -1,2 +1,59 @@
-def main():
-    print("hi")
+"""fimio.cli: the command-line front end (a thin layer over fimio.store)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``fimio`` console script: run a command, map errors to exit codes."""
+    sys.exit(run(argv))
+
+
+def run(argv: list[str] | None = None) -> int:
+    from fimio.store.errors import FimioError
+
+    try:
+        import click
+
+        from .main import cli
+
+        result = cli.main(args=argv, prog_name="fimio", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except FimioError as e:
+        _fail(e.message, e.hint)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        _fail("interrupted")
+        return 130
+    except click.ClickException as e:
+        if isinstance(e, click.UsageError) and e.ctx is not None:
+            _fail(e.format_message(), f"see '{e.ctx.command_path} --help'")
+        else:
+            _fail(e.format_message())
+        return 2
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `fimio dump P | head`): not an error worth a message
+        sys.stderr.close()
+        return 1
+    except OSError as e:
+        if os.environ.get("FIMIO_DEBUG") == "1":
+            raise
+        where = f" '{e.filename}'" if e.filename else ""
+        _fail(f"{e.strerror or e}{where}", "check free space and permissions of the store root")
+        return 1
+
+
+def _fail(what: str, hint: str | None = None) -> None:
+    if os.environ.get("FIMIO_DEBUG") == "1" and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    line = f"fimio: error: {what}" + (f" ({hint})" if hint else "")
+    print(line.replace("\n", " "), file=sys.stderr)

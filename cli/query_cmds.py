@@ -1,0 +1,122 @@
+"""Commands that read the reference graph and check the store: path-info, query, verify."""
+
+from __future__ import annotations
+
+import click
+
+from fimio.store.errors import IntegrityError
+
+from .main import emit_json, global_options, info, json_option, pass_options
+from .render import human_size, path_json
+
+
+@click.command(name="path-info")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-r", "--recursive", is_flag=True, help="Include the closure of every path.")
+@click.option("-S", "--closure-size", is_flag=True, help="Show the closure size.")
+@click.option("-h", "--human-readable", is_flag=True, help="Sizes in KiB/MiB/GiB.")
+@json_option
+@global_options
+@pass_options
+def path_info(opts, paths, recursive, closure_size, human_readable, as_json):
+    """Show digest, size, closure size, references, deriver and signatures of store paths."""
+    store = opts.store()
+    targets = [store.resolve(p)[0] for p in paths]
+    if recursive:
+        targets = store.closure(targets)
+    records = []
+    for path in targets:
+        i = store.info(path)
+        csize = sum(store.info(p).size for p in store.closure([path])) if closure_size else None
+        records.append(path_json(store, i, csize))
+    if as_json:
+        emit_json(records)
+        return
+    fmt = human_size if human_readable else str
+    for r in records:
+        line = f"{r['physical']}\t{fmt(r['size'])}"
+        if closure_size:
+            line += f"\t{fmt(r['closureSize'])}"
+        click.echo(line)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--references", "mode", flag_value="references", help="Direct references.")
+@click.option("--referrers", "mode", flag_value="referrers", help="Valid paths that refer to it.")
+@click.option("--requisites", "-R", "mode", flag_value="requisites", help="The closure.")
+@click.option("--tree", "mode", flag_value="tree", help="The closure as a tree.")
+@json_option
+@global_options
+@pass_options
+def query(opts, paths, mode, as_json):
+    """Query the reference graph of store paths."""
+    if mode is None:
+        raise click.UsageError("give one of --references, --referrers, --requisites, --tree")
+    store = opts.store()
+    targets = [store.resolve(p)[0] for p in paths]
+    if mode == "tree":
+        if as_json:
+            emit_json([_tree_json(store, t) for t in targets])
+        else:
+            for t in targets:
+                _print_tree(store, t, "", True, set(), top=True)
+        return
+    if mode == "requisites":
+        result = store.closure(targets)
+    else:
+        seen = {}
+        for t in targets:
+            found = store.info(t).references if mode == "references" else store.referrers(t)
+            seen.update((p.hash_part, p) for p in found)
+        result = sorted(seen.values())
+    if as_json:
+        emit_json([{"path": store.logical(p), "physical": store.physical(p)} for p in result])
+    else:
+        for p in result:
+            click.echo(store.physical(p))
+
+
+def _print_tree(store, path, indent, last, seen, top=False):
+    branch = "" if top else ("└───" if last else "├───")
+    repeated = path.hash_part in seen
+    click.echo(f"{indent}{branch}{store.physical(path)}{' [...]' if repeated else ''}")
+    if repeated:
+        return
+    seen.add(path.hash_part)
+    refs = [r for r in store.info(path).references if r != path]
+    child_indent = indent if top else indent + ("    " if last else "│   ")
+    for i, ref in enumerate(refs):
+        _print_tree(store, ref, child_indent, i == len(refs) - 1, seen)
+
+
+def _tree_json(store, path, stack=()):
+    refs = [r for r in store.info(path).references if r != path and r not in stack]
+    return {"path": store.logical(path), "references": [_tree_json(store, r, stack + (path,)) for r in refs]}
+
+
+@click.command()
+@click.option("--check-contents", is_flag=True, help="Rehash every file of every valid path.")
+@click.option("--repair", is_flag=True, help="Fetch damaged paths again from substituters.")
+@json_option
+@global_options
+@pass_options
+def verify(opts, check_contents, repair, as_json):
+    """Check the database and (with --check-contents) every file; exit 4 on any problem."""
+    store = opts.store()
+    problems = store.verify(check_contents=check_contents)
+    if repair and problems:
+        from fimio.store.repair import repair_paths
+
+        problems = repair_paths(store, problems, opts)
+    if as_json:
+        emit_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
+    else:
+        for p in problems:
+            where = f"{p.path}/{p.file}" if p.file and p.file != "." else p.path
+            click.echo(f"{where}: {p.what}")
+        if not problems:
+            info(opts, f"verified {len(store.all_paths())} paths: no problems")
+    if problems:
+        raise IntegrityError(f"{len(problems)} problem(s) found in the store",
+                             "run 'fimio verify --repair' with a substituter" if not repair else None)

@@ -1,0 +1,143 @@
+"""Commands that put content into the store and read it back: add, cat, ls, dump, restore, hash."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import click
+
+from fimio.store.errors import NotFound, UsageError
+
+from .main import emit_json, global_options, json_option, pass_options
+from .render import path_json
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.option("--name", help="Store path name (default: the file's base name).")
+@json_option
+@global_options
+@pass_options
+def add(opts, path, name, as_json):
+    """Add a file or directory tree to the store, content-addressed; print its store path."""
+    store = opts.store()
+    info = store.add_path(path, name)
+    if as_json:
+        emit_json(path_json(store, info))
+    else:
+        click.echo(store.physical(info.path))
+
+
+def _open_sub(store, target):
+    path, sub = store.resolve(target)
+    physical = store.physical(path)
+    full = os.path.join(physical, sub) if sub else physical
+    # never let a sub-path climb out of the store path
+    if sub and not os.path.realpath(full).startswith(os.path.realpath(physical)):
+        raise UsageError(f"'{target}' leaves its store path")
+    if not os.path.lexists(full):
+        raise NotFound(f"'{target}' does not exist")
+    return full
+
+
+@click.command()
+@click.argument("target")
+@global_options
+@pass_options
+def cat(opts, target):
+    """Print a file of the store (STOREPATH or STOREPATH/SUB) to stdout."""
+    full = _open_sub(opts.store(), target)
+    if os.path.isdir(full):
+        raise UsageError(f"'{target}' is a directory", "use 'fimio ls'")
+    out = sys.stdout.buffer
+    with open(full, "rb") as f:
+        while chunk := f.read(1 << 20):
+            out.write(chunk)
+    out.flush()
+
+
+@click.command()
+@click.argument("target")
+@click.option("-R", "--recursive", is_flag=True, help="List the whole tree.")
+@click.option("-l", "--long", "long_", is_flag=True, help="Show type, mode and size.")
+@json_option
+@global_options
+@pass_options
+def ls(opts, target, recursive, long_, as_json):
+    """List a directory of the store."""
+    full = _open_sub(opts.store(), target)
+    entries = list(_walk(full, "", recursive))
+    if as_json:
+        emit_json([{"name": n, "type": t, "size": s, "target": tg} for n, t, s, tg in entries])
+        return
+    for name, kind, size, target_ in entries:
+        suffix = f" -> {target_}" if target_ is not None else ""
+        if long_:
+            click.echo(f"{kind:<10} {size:>12} {name}{suffix}")
+        else:
+            click.echo(f"{name}{suffix}")
+
+
+def _walk(path, prefix, recursive):
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        yield _entry(prefix or os.path.basename(path), path, st)
+        return
+    for name in sorted(os.listdir(path), key=os.fsencode):
+        child = os.path.join(path, name)
+        rel = f"{prefix}/{name}" if prefix else name
+        cst = os.lstat(child)
+        yield _entry(rel, child, cst)
+        if recursive and stat.S_ISDIR(cst.st_mode):
+            yield from _walk(child, rel, True)
+
+
+def _entry(name, path, st):
+    if stat.S_ISLNK(st.st_mode):
+        return name, "symlink", 0, os.readlink(path)
+    if stat.S_ISDIR(st.st_mode):
+        return name, "directory", 0, None
+    return name, "executable" if st.st_mode & 0o100 else "regular", st.st_size, None
+
+
+@click.command()
+@click.argument("target")
+@global_options
+@pass_options
+def dump(opts, target):
+    """Write the Nix archive (NAR) of a store path to stdout, byte-identical to `nix-store --dump`."""
+    from fimio.store import nar
+
+    full = _open_sub(opts.store(), target)
+    if sys.stdout.isatty():
+        raise UsageError("refusing to write a binary archive to a terminal", "redirect stdout")
+    sys.stdout.flush()
+    nar.dump(full, sys.stdout.buffer)
+    sys.stdout.buffer.flush()
+
+
+@click.command()
+@click.argument("dest", type=click.Path())
+@global_options
+def restore(dest):
+    """Unpack a NAR read from stdin into DEST (which must not exist)."""
+    from fimio.store import nar
+
+    nar.restore(sys.stdin.buffer, dest)
+
+
+@click.command(name="hash")
+@click.argument("path", type=click.Path())
+@json_option
+@global_options
+def hash_(path, as_json):
+    """Print the content digest of a file or tree without adding it."""
+    from fimio.store.tree import format_digest, scan, tree_size
+
+    node = scan(path)
+    if as_json:
+        emit_json({"path": path, "digest": format_digest(node.digest), "size": tree_size(node)})
+    else:
+        click.echo(format_digest(node.digest))

@@ -1,0 +1,575 @@
+"""The local store: materialised read-only paths, deduplicated file contents, the database.
+
+Layout under the physical root (``spec/local-store.md``)::
+
+    store/<hashpart>-<name>   materialised, read-only (mtime 1, 0444/0555)
+    store/.links/<b3hex>[x]   one inode per distinct (content, executable bit)
+    db/                       LMDB (see db.py)
+    tmp/                      work in progress (same filesystem: rename is atomic)
+    locks/                    per-path and global fcntl locks
+    gcroots/ temproots/ logs/
+
+A path is *valid* exactly when its record is in the database. Anything in ``store/``
+without a record is garbage left by a crash; it is never served and is removed by
+``verify``/``gc`` or replaced by the next writer of that path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import blake3
+
+from . import fsutil
+from .db import Database, dumps, loads
+from .errors import FimioError, IntegrityError, NotFound, UsageError
+from .paths import StorePath, check_name, is_hash_part, source_path, text_path
+from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, tree_size
+
+_SMALL_FILE = 8 << 20
+_CHUNK = 1 << 20
+
+
+@dataclass
+class PathInfo:
+    """What the database knows about one valid store path."""
+
+    path: StorePath
+    root: bytes  # root digest
+    size: int  # bytes of file content
+    references: list[StorePath] = field(default_factory=list)
+    deriver: str | None = None  # base name of the .drv that produced it
+    registered: float = 0.0
+    ca: str | None = None  # "source" / "text" for content-addressed paths, None for outputs
+    signatures: list[str] = field(default_factory=list)
+
+    def to_record(self) -> bytes:
+        return dumps(
+            {
+                "path": self.path.base,
+                "root": self.root.hex(),
+                "size": self.size,
+                "references": sorted(r.base for r in self.references),
+                "deriver": self.deriver,
+                "registered": self.registered,
+                "ca": self.ca,
+                "signatures": self.signatures,
+            }
+        )
+
+    @classmethod
+    def from_record(cls, data: bytes) -> "PathInfo":
+        r = loads(data)
+        return cls(
+            path=StorePath.parse(r["path"]),
+            root=bytes.fromhex(r["root"]),
+            size=r["size"],
+            references=[StorePath.parse(x) for x in r["references"]],
+            deriver=r.get("deriver"),
+            registered=r.get("registered", 0.0),
+            ca=r.get("ca"),
+            signatures=r.get("signatures", []),
+        )
+
+
+@dataclass
+class Problem:
+    """One finding of ``verify``: the store path, the file inside it (if any), what is wrong."""
+
+    path: str
+    what: str
+    file: str | None = None
+
+
+class LocalStore:
+    """A store on this machine. Open one with :meth:`open`; close it with :meth:`close`."""
+
+    def __init__(self, root: str, store_dir: str):
+        self.root = root
+        self.store_dir = store_dir
+        self.store = os.path.join(root, "store")
+        self.links = os.path.join(self.store, ".links")
+        self.tmp = os.path.join(root, "tmp")
+        self.locks = os.path.join(root, "locks")
+        for d in (self.store, self.links, self.tmp, self.locks, os.path.join(root, "gcroots"),
+                  os.path.join(root, "temproots"), os.path.join(root, "logs")):
+            os.makedirs(d, exist_ok=True)
+        self.db = Database(os.path.join(root, "db"), store_dir)
+
+    @classmethod
+    def open(cls, root: str | None = None, store_dir: str | None = None) -> "LocalStore":
+        """Open (creating if needed) the store at ``root`` with logical directory ``store_dir``."""
+        from .config import resolve_root, resolve_store_dir
+
+        root, store_dir = resolve_root(root), resolve_store_dir(store_dir)
+        try:
+            return cls(root, store_dir)
+        except PermissionError as e:
+            raise UsageError(f"cannot create the store at '{root}': {e.strerror}", "use --root") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- names -------------------------------------------------------------------------
+
+    def physical(self, path: StorePath) -> str:
+        return os.path.join(self.store, path.base)
+
+    def logical(self, path: StorePath) -> str:
+        return path.logical(self.store_dir)
+
+    def logical_base(self, base: str) -> str:
+        return f"{self.store_dir}/{base}"
+
+    def resolve(self, text: str, must_be_valid: bool = True) -> tuple[StorePath, str]:
+        """Parse a physical path, logical path, base name or bare hash part (each maybe with a
+        ``/sub/path`` suffix) into ``(StorePath, sub)``. NotFound if it is not valid here."""
+        rest = text
+        for prefix in (self.store + "/", self.store_dir + "/"):
+            if text.startswith(prefix):
+                rest = text[len(prefix):]
+                break
+        else:
+            if os.path.isabs(text):
+                real = os.path.realpath(text)
+                if real.startswith(self.store + "/"):
+                    rest = real[len(self.store) + 1:]
+                else:
+                    raise NotFound(f"'{text}' is not in the store", "give a store path or its hash part")
+        base, _, sub = rest.partition("/")
+        if is_hash_part(base):
+            info = self.query_hash(base)
+            if info is None:
+                raise NotFound(f"no valid store path with hash '{base}'")
+            return info.path, sub
+        path = StorePath.parse(base)
+        if must_be_valid and not self.is_valid(path):
+            raise NotFound(f"'{self.logical(path)}' is not valid in this store")
+        return path, sub
+
+    # ---- queries -----------------------------------------------------------------------
+
+    def query_hash(self, hash_part: str) -> PathInfo | None:
+        with self.db.read() as txn:
+            data = txn.get(hash_part.encode(), db=self.db.dbs["paths"])
+        return None if data is None else PathInfo.from_record(data)
+
+    def query(self, path: StorePath) -> PathInfo | None:
+        """The info of ``path`` if it is valid, else None."""
+        info = self.query_hash(path.hash_part)
+        return info if info is not None and info.path == path else None
+
+    def is_valid(self, path: StorePath) -> bool:
+        return self.query(path) is not None
+
+    def info(self, path: StorePath) -> PathInfo:
+        info = self.query(path)
+        if info is None:
+            raise NotFound(f"'{self.logical(path)}' is not valid in this store")
+        return info
+
+    def all_paths(self) -> list[PathInfo]:
+        with self.db.read() as txn:
+            return [PathInfo.from_record(v) for _, v in txn.cursor(db=self.db.dbs["paths"])]
+
+    def referrers(self, path: StorePath) -> list[StorePath]:
+        out = []
+        with self.db.read() as txn:
+            cur = txn.cursor(db=self.db.dbs["referrers"])
+            if cur.set_key(path.hash_part.encode()):
+                for value in cur.iternext_dup():
+                    info = self.query_hash(value.decode())
+                    if info is not None:
+                        out.append(info.path)
+        return sorted(out)
+
+    def closure(self, paths) -> list[StorePath]:
+        """Every path reachable from ``paths`` through references, ``paths`` included, sorted."""
+        seen: dict[str, StorePath] = {}
+        stack = list(paths)
+        with self.db.read() as txn:
+            pdb = self.db.dbs["paths"]
+            while stack:
+                p = stack.pop()
+                if p.hash_part in seen:
+                    continue
+                data = txn.get(p.hash_part.encode(), db=pdb)
+                if data is None:
+                    raise NotFound(f"'{self.logical(p)}' is not valid in this store")
+                seen[p.hash_part] = p
+                stack.extend(StorePath.parse(r) for r in loads(data)["references"])
+        return sorted(seen.values())
+
+    def load_tree(self, digest_or_info) -> Node:
+        """Rebuild the registered tree of a path (or a directory digest) from the database."""
+        if isinstance(digest_or_info, PathInfo):
+            return self._registered_root(digest_or_info)
+        with self.db.read() as txn:
+            return self._load_dir(txn, digest_or_info)
+
+    def _registered_root(self, info: PathInfo) -> Node:
+        with self.db.read() as txn:
+            if txn.get(info.root, db=self.db.dbs["trees"]) is not None:
+                return self._load_dir(txn, info.root)
+        # A single file or symlink: its node is recomputed from disk and must match.
+        node = scan(self.physical(info.path), on_file=self._hash_only)
+        if node.digest != info.root:
+            raise IntegrityError(f"'{self.logical(info.path)}' does not match its registered digest")
+        return node
+
+    def _load_dir(self, txn, digest: bytes) -> DirNode:
+        data = txn.get(digest, db=self.db.dbs["trees"])
+        if data is None:
+            raise IntegrityError(f"directory object {digest.hex()} is missing from the database")
+        node = DirNode()
+        for name, child in decode_dir(data, digest).items():
+            node.entries[name] = self._load_dir(txn, child) if isinstance(child, bytes) else child
+        return node
+
+    # ---- blobs -------------------------------------------------------------------------
+
+    def link_path(self, digest: bytes, executable: bool) -> str:
+        return os.path.join(self.links, digest.hex() + ("x" if executable else ""))
+
+    @staticmethod
+    def _hash_only(path: bytes, st) -> tuple[bytes, int]:
+        from .tree import hash_file
+
+        return hash_file(path)
+
+    def _tmp_name(self, tag: str) -> str:
+        return os.path.join(self.tmp, f"{tag}-{os.getpid()}-{os.urandom(6).hex()}")
+
+    def ingest_copy(self, src: bytes, st) -> tuple[bytes, int]:
+        """Copy one regular file's contents into ``.links`` (once per distinct content).
+
+        Reads the file exactly once; the digest is of the bytes actually stored.
+        """
+        executable = bool(st.st_mode & 0o100)
+        with open(src, "rb", buffering=0) as f:
+            if st.st_size <= _SMALL_FILE:
+                data = f.read()
+                digest = blake3.blake3(data).digest()
+                key = self.link_path(digest, executable)
+                if not os.path.exists(key):
+                    self._publish_blob(key, executable, lambda out: out.write(data))
+                return digest, len(data)
+            return self._ingest_stream(f, executable)
+
+    def _ingest_stream(self, f, executable: bool) -> tuple[bytes, int]:
+        tmp = self._tmp_name("blob")
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        size = 0
+        try:
+            with open(tmp, "xb") as out:
+                while chunk := f.read(_CHUNK):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            digest = hasher.digest()
+            self._finish_blob(tmp, self.link_path(digest, executable), executable)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return digest, size
+
+    def _publish_blob(self, key: str, executable: bool, write) -> None:
+        tmp = self._tmp_name("blob")
+        try:
+            with open(tmp, "xb") as out:
+                write(out)
+            self._finish_blob(tmp, key, executable)
+        except BaseException:
+            _unlink(tmp)
+            raise
+
+    @staticmethod
+    def _finish_blob(tmp: str, key: str, executable: bool) -> None:
+        os.chmod(tmp, 0o555 if executable else 0o444)
+        os.utime(tmp, (1, 1))
+        # rename over an identical blob another writer just published is harmless
+        os.rename(tmp, key)
+
+    def ingest_in_place(self, path: bytes, st) -> tuple[bytes, int]:
+        """Hash a file already under ``tmp/`` (a build output) and make it a hard link to its blob."""
+        executable = bool(st.st_mode & 0o100)
+        digest, size = self._hash_only(path, st)
+        key = self.link_path(digest, executable)
+        os.chmod(path, 0o555 if executable else 0o444)
+        os.utime(path, (1, 1))
+        try:
+            os.link(path, key)
+        except FileExistsError:
+            tmp = path + b".fimio-link"
+            try:
+                os.link(key, tmp)
+                os.rename(tmp, path)
+            except OSError as e:
+                if e.errno != errno.EMLINK:
+                    raise
+                _unlink(tmp)  # too many links: keep this file as its own copy
+        return digest, size
+
+    # ---- writing paths -----------------------------------------------------------------
+
+    @contextmanager
+    def lock_path(self, path: StorePath):
+        """Hold the per-path writer lock (blocking) for the ``with`` block."""
+        with fsutil.file_lock(os.path.join(self.locks, path.hash_part + ".lock")):
+            yield
+
+    def add_path(self, src: str, name: str | None = None) -> PathInfo:
+        """Add a file or tree to the store, content-addressed; return its info.
+
+        Raises UsageError for a missing/unreadable path, special files or an invalid name.
+        On a crash or kill, the path is either fully valid or absent.
+        """
+        name = check_name(name if name is not None else os.path.basename(os.path.abspath(src)))
+        node = self._scan_parallel(src)
+        path = source_path(self.store_dir, name, node.digest)
+        with self.lock_path(path):
+            existing = self.query(path)
+            if existing is not None:
+                return existing
+            tmp = self._tmp_name("add")
+            try:
+                self.materialise(node, tmp)
+                return self.commit(tmp, path, node, ca="source")
+            finally:
+                fsutil.remove_tree(tmp)
+
+    def add_text(self, name: str, data: bytes, references=()) -> PathInfo:
+        """Add a small text object (a ``.drv``) with the given references; return its info."""
+        digest = blake3.blake3(data).digest()
+        path = text_path(self.store_dir, name, digest, references)
+        info = self.query(path)
+        if info is not None:
+            return info
+        with self.lock_path(path):
+            info = self.query(path)
+            if info is not None:
+                return info
+            tmp = self._tmp_name("text")
+            try:
+                with open(tmp, "xb") as f:
+                    f.write(data)
+                st = os.stat(tmp)
+                self.ingest_in_place(os.fsencode(tmp), st)
+                node = FileNode(digest, len(data), False)
+                return self.commit(tmp, path, node, references=list(references), ca="text")
+            finally:
+                fsutil.remove_tree(tmp)
+
+    def _scan_parallel(self, src: str) -> Node:
+        # blake3 and file I/O release the GIL: two threads keep both cores busy.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = []
+
+            def on_file(p, st):
+                futures.append(pool.submit(self.ingest_copy, p, st))
+                return len(futures) - 1, 0
+
+            node = scan(src, on_file=on_file)
+            results = [f.result() for f in futures]
+        return _resolve_pending(node, results)
+
+    def materialise(self, node: Node, dest: str) -> None:
+        """Create ``node`` at ``dest`` from ``.links`` (hard links), normalised (mtime 1, read-only)."""
+        dest_b = os.fsencode(dest)
+        self._materialise(node, dest_b)
+
+    def _materialise(self, node: Node, dest: bytes) -> None:
+        if isinstance(node, FileNode):
+            key = self.link_path(node.blob, node.executable)
+            try:
+                os.link(key, dest)
+            except OSError as e:
+                if e.errno != errno.EMLINK:
+                    if e.errno == errno.ENOENT:
+                        raise IntegrityError(f"blob {node.blob.hex()} is missing from the store") from None
+                    raise
+                shutil.copy2(key, dest)
+        elif isinstance(node, SymlinkNode):
+            os.symlink(node.target, dest)
+            os.utime(dest, (1, 1), follow_symlinks=False)
+        else:
+            os.mkdir(dest, 0o755)
+            for name, child in node.entries.items():
+                self._materialise(child, dest + b"/" + name)
+            os.utime(dest, (1, 1))
+            os.chmod(dest, 0o555)
+
+    def commit(self, tmp: str, path: StorePath, node: Node, references=(), deriver=None,
+               ca=None, also=None) -> PathInfo:
+        """Make the normalised tree at ``tmp`` the valid store path ``path``.
+
+        The caller holds ``lock_path(path)``. Order: flush data, rename into ``store/``,
+        flush the directory, then one LMDB transaction registers the path (and runs
+        ``also(txn)`` for realisations/records in the same transaction). A kill before the
+        commit leaves at most an unregistered directory, which is garbage.
+        """
+        info = PathInfo(path, node.digest, tree_size(node), sorted(references), deriver, time.time(), ca)
+        dest = self.physical(path)
+        fsutil.syncfs(self.root)
+        if os.path.lexists(dest):
+            fsutil.remove_tree(dest)  # unregistered leftover of a crashed writer
+        os.rename(tmp, dest)
+        fsutil.fsync_dir(self.store)
+        with self.db.write() as txn:
+            self._put_info(txn, info, node)
+            if also is not None:
+                also(txn)
+        return info
+
+    def _put_info(self, txn, info: PathInfo, node: Node) -> None:
+        key = info.path.hash_part.encode()
+        txn.put(key, info.to_record(), db=self.db.dbs["paths"])
+        for ref in info.references:
+            txn.put(ref.hash_part.encode(), key, db=self.db.dbs["referrers"], dupdata=True)
+        tdb = self.db.dbs["trees"]
+        for d in iter_dirs(node):
+            txn.put(d.digest, d.encoding(), db=tdb, overwrite=False)
+
+    def register_existing(self, info: PathInfo, node: Node) -> None:
+        """Register an already materialised path (used by substitution and import)."""
+        with self.db.write() as txn:
+            self._put_info(txn, info, node)
+
+    def invalidate(self, txn, info: PathInfo) -> None:
+        """Remove a path's record (inside a write transaction); the caller deletes the files."""
+        key = info.path.hash_part.encode()
+        txn.delete(key, db=self.db.dbs["paths"])
+        for ref in info.references:
+            txn.delete(ref.hash_part.encode(), key, db=self.db.dbs["referrers"])
+        txn.delete(key, db=self.db.dbs["referrers"])
+
+    # ---- verification ------------------------------------------------------------------
+
+    def verify(self, check_contents: bool = False) -> list[Problem]:
+        """Check every valid path; with ``check_contents`` rehash every file.
+
+        Also removes garbage: unregistered entries in ``store/`` and leftovers in ``tmp/``
+        of processes that are gone. Returns the problems found (empty = clean).
+        """
+        problems: list[Problem] = []
+        infos = self.all_paths()
+        valid = {i.path.hash_part for i in infos}
+        for info in infos:
+            logical = self.logical(info.path)
+            for ref in info.references:
+                if ref.hash_part not in valid:
+                    problems.append(Problem(logical, f"references '{self.logical(ref)}', which is not valid"))
+            if not os.path.lexists(self.physical(info.path)):
+                problems.append(Problem(logical, "is registered but missing on disk"))
+                continue
+            if check_contents:
+                problems.extend(self._check_contents(info))
+        self._remove_garbage(valid)
+        return problems
+
+    def _check_contents(self, info: PathInfo) -> list[Problem]:
+        logical = self.logical(info.path)
+        try:
+            actual = scan(self.physical(info.path), on_file=self._hash_only)
+        except FimioError as e:
+            return [Problem(logical, f"cannot be read: {e.message}")]
+        if actual.digest == info.root:
+            return []
+        if not self._has_tree(info.root):  # a single file or symlink
+            return [Problem(logical, "contents do not match the registered digest")]
+        try:
+            expected = self.load_tree(info.root)
+        except IntegrityError as e:
+            return [Problem(logical, e.message)]
+        return [Problem(logical, what, f) for f, what in compare_trees(expected, actual)]
+
+    def _has_tree(self, digest: bytes) -> bool:
+        with self.db.read() as txn:
+            return txn.get(digest, db=self.db.dbs["trees"]) is not None
+
+    def _remove_garbage(self, valid: set[str]) -> None:
+        for entry in os.scandir(self.store):
+            if entry.name == ".links":
+                continue
+            hash_part = entry.name.partition("-")[0]
+            if hash_part in valid:
+                continue
+            lock = os.path.join(self.locks, hash_part + ".lock")
+            with fsutil.file_lock(lock, blocking=False) as taken:
+                # a writer holding the lock may be about to register it: leave it alone
+                if taken and self.query_hash(hash_part) is None:
+                    fsutil.remove_tree(entry.path)
+        for entry in os.scandir(self.tmp):
+            pid = _pid_of(entry.name)
+            if pid is not None and not _alive(pid):
+                fsutil.remove_tree(entry.path)
+
+
+def compare_trees(expected: Node, actual: Node, prefix: str = "") -> list[tuple[str, str]]:
+    """List ``(relative path, what differs)`` between two trees, cheaply skipping equal subtrees."""
+    here = prefix or "."
+    if expected.digest == actual.digest:
+        return []
+    if isinstance(expected, DirNode) and isinstance(actual, DirNode):
+        out = []
+        for name in sorted(set(expected.entries) | set(actual.entries)):
+            sub = (prefix + "/" if prefix else "") + os.fsdecode(name)
+            e, a = expected.entries.get(name), actual.entries.get(name)
+            if a is None:
+                out.append((sub, "is missing"))
+            elif e is None:
+                out.append((sub, "is unexpected (not in the registered tree)"))
+            else:
+                out.extend(compare_trees(e, a, sub))
+        return out
+    if isinstance(expected, FileNode) and isinstance(actual, FileNode):
+        if expected.blob != actual.blob or expected.size != actual.size:
+            return [(here, f"contents differ (expected {expected.size} bytes blake3:{expected.blob.hex()[:16]}…, "
+                           f"found {actual.size} bytes blake3:{actual.blob.hex()[:16]}…)")]
+        return [(here, "executable bit differs")]
+    if isinstance(expected, SymlinkNode) and isinstance(actual, SymlinkNode):
+        return [(here, f"symlink target differs ({expected.target!r} vs {actual.target!r})")]
+    return [(here, f"is a {_kind(actual)}, expected a {_kind(expected)}")]
+
+
+def _kind(node: Node) -> str:
+    return {FileNode: "file", SymlinkNode: "symlink", DirNode: "directory"}[type(node)]
+
+
+def _resolve_pending(node: Node, results: list[tuple[bytes, int]]) -> Node:
+    """Replace the placeholder file nodes of a parallel scan with their real digests."""
+    if isinstance(node, FileNode):
+        digest, size = results[node.blob]
+        return FileNode(digest, size, node.executable)
+    if isinstance(node, DirNode):
+        for name, child in node.entries.items():
+            node.entries[name] = _resolve_pending(child, results)
+    return node
+
+
+def _pid_of(name: str) -> int | None:
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

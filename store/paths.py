@@ -1,0 +1,102 @@
+"""Store paths: ``<store-dir>/<hashpart>-<name>``.
+
+The hash part is 32 characters of Nix's base-32 alphabet over the first 160 bits of
+blake3 of a typed fingerprint (``spec/store-paths.md``). Nothing here touches the disk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import blake3
+
+from .errors import UsageError
+
+NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
+HASH_PART_LEN = 32
+_NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
+_HASH_RE = re.compile(f"[{NIX_BASE32}]{{{HASH_PART_LEN}}}")
+DEFAULT_STORE_DIR = "/fimio/store"
+
+
+def nix_base32(data: bytes) -> str:
+    """Nix's base-32 encoding (least significant 5-bit group first, as ``nix-hash --to-base32``)."""
+    n = int.from_bytes(data, "little")
+    length = (len(data) * 8 + 4) // 5
+    return "".join(NIX_BASE32[(n >> (5 * i)) & 31] for i in reversed(range(length)))
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid store path name, else raise UsageError."""
+    if not name or len(name) > 211 or name.startswith(".") or not _NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"invalid store path name '{name}'",
+            "names use A-Z a-z 0-9 + - . _ ? = and do not start with '.'",
+        )
+    return name
+
+
+def check_store_dir(store_dir: str) -> str:
+    """Normalise and validate a logical store directory (absolute, no '..', no trailing '/')."""
+    if not store_dir.startswith("/") or "/../" in store_dir + "/" or "//" in store_dir:
+        raise UsageError(f"invalid store directory '{store_dir}'", "it must be an absolute, normal path")
+    return store_dir.rstrip("/") or "/"
+
+
+def is_hash_part(text: str) -> bool:
+    return bool(_HASH_RE.fullmatch(text))
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class StorePath:
+    """A store path's base name ``<hashpart>-<name>``, independent of the store directory."""
+
+    hash_part: str
+    name: str
+
+    @classmethod
+    def parse(cls, base: str) -> "StorePath":
+        """Parse ``<hashpart>-<name>``; UsageError if malformed."""
+        hash_part, sep, name = base.partition("-")
+        if not sep or not is_hash_part(hash_part):
+            raise UsageError(f"'{base}' is not a store path name", "expected <32-char hash>-<name>")
+        check_name(name)
+        return cls(hash_part, name)
+
+    @property
+    def base(self) -> str:
+        return f"{self.hash_part}-{self.name}"
+
+    def __str__(self) -> str:
+        return self.base
+
+    def logical(self, store_dir: str) -> str:
+        return f"{store_dir}/{self.base}"
+
+
+def fingerprint_hash(kind: str, store_dir: str, name: str, *parts: str) -> str:
+    """The hash part for a typed fingerprint ``fimio-path-1:<kind>:<store_dir>:<name>:<parts...>``."""
+    text = ":".join(("fimio-path-1", kind, store_dir, name, *parts))
+    return nix_base32(blake3.blake3(text.encode()).digest()[:20])
+
+
+def source_path(store_dir: str, name: str, root_digest: bytes, references=()) -> StorePath:
+    """The store path of content added by ``fimio add`` (content-addressed)."""
+    check_name(name)
+    refs = ",".join(sorted(str(r) for r in references))
+    return StorePath(fingerprint_hash("source", store_dir, name, root_digest.hex(), refs), name)
+
+
+def text_path(store_dir: str, name: str, content_digest: bytes, references=()) -> StorePath:
+    """The store path of a text object such as a ``.drv`` file (content-addressed)."""
+    check_name(name)
+    refs = ",".join(sorted(str(r) for r in references))
+    return StorePath(fingerprint_hash("text", store_dir, name, content_digest.hex(), refs), name)
+
+
+def output_path(store_dir: str, drv_name: str, drv_hash: str, output: str) -> StorePath:
+    """The input-addressed path of derivation output ``output`` (``<name>`` or ``<name>-<output>``)."""
+    name = drv_name if output == "out" else f"{drv_name}-{output}"
+    check_name(name)
+    return StorePath(fingerprint_hash("output", store_dir, name, drv_hash, output), name)

@@ -1,0 +1,274 @@
+"""The content model: blake3 blobs and a Merkle tree of file, symlink and directory nodes.
+
+See ``spec/tree.md`` for the normative encoding. In short:
+
+* a *blob* is a file's bytes; its digest is ``blake3(bytes)`` (what ``b3sum`` prints);
+* a *file node* is (blob digest, size, executable bit); a *symlink node* is its target;
+* a *directory* is its entries sorted by name bytes, encoded canonically; child
+  directories appear by digest, so identical subtrees are one object;
+* the *root digest* of a path is the digest of its root node.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+import blake3
+
+from .errors import IntegrityError, UsageError
+
+DIGEST_SIZE = 32
+MAX_NAME = 255
+MAX_TARGET = 4095
+
+_FILE_MAGIC = b"fimio-file-1\0"
+_LINK_MAGIC = b"fimio-link-1\0"
+_DIR_MAGIC = b"fimio-dir-1\0"
+
+KIND_FILE = 1
+KIND_SYMLINK = 2
+KIND_DIR = 3
+
+
+class TreeError(IntegrityError):
+    """A directory encoding that is malformed or does not match its digest."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileNode:
+    blob: bytes  # blake3 digest of the contents
+    size: int
+    executable: bool
+
+    def encode(self) -> bytes:
+        return bytes([KIND_FILE, 1 if self.executable else 0]) + struct.pack("<Q", self.size) + self.blob
+
+    @property
+    def digest(self) -> bytes:
+        return blake3.blake3(_FILE_MAGIC + self.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class SymlinkNode:
+    target: bytes
+
+    def encode(self) -> bytes:
+        return bytes([KIND_SYMLINK]) + struct.pack("<H", len(self.target)) + self.target
+
+    @property
+    def digest(self) -> bytes:
+        return blake3.blake3(_LINK_MAGIC + self.encode()).digest()
+
+
+@dataclass(slots=True)
+class DirNode:
+    """A directory: ``entries`` maps name bytes to child nodes. Treat as immutable once hashed."""
+
+    entries: dict[bytes, "Node"] = field(default_factory=dict)
+    _digest: bytes | None = None
+    _encoding: bytes | None = None
+
+    def encoding(self) -> bytes:
+        """The canonical directory encoding (spec/tree.md); child directories by digest."""
+        if self._encoding is None:
+            parts = [_DIR_MAGIC, struct.pack("<I", len(self.entries))]
+            for name in sorted(self.entries):
+                node = self.entries[name]
+                parts.append(struct.pack("<H", len(name)))
+                parts.append(name)
+                if isinstance(node, DirNode):
+                    parts.append(bytes([KIND_DIR]))
+                    parts.append(node.digest)
+                else:
+                    parts.append(node.encode())
+            self._encoding = b"".join(parts)
+        return self._encoding
+
+    @property
+    def digest(self) -> bytes:
+        if self._digest is None:
+            self._digest = blake3.blake3(self.encoding()).digest()
+        return self._digest
+
+
+Node = FileNode | SymlinkNode | DirNode
+
+
+def valid_name(name: bytes) -> bool:
+    """True if ``name`` may be a directory entry: not empty, '.', '..', no '/' or NUL, <= 255 bytes."""
+    return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name and len(name) <= MAX_NAME
+
+
+def decode_dir(data: bytes, expected_digest: bytes | None = None) -> dict[bytes, "Node | bytes"]:
+    """Decode a directory encoding into ``{name: node}``.
+
+    Child directories are returned as their 32-byte digest (``bytes``), to be resolved by the
+    caller. Raises TreeError on any malformation, or if ``expected_digest`` does not match.
+    """
+    if expected_digest is not None and blake3.blake3(data).digest() != expected_digest:
+        raise TreeError("directory object does not match its digest")
+    try:
+        if not data.startswith(_DIR_MAGIC):
+            raise TreeError("not a fimio directory encoding")
+        pos = len(_DIR_MAGIC)
+        (count,) = struct.unpack_from("<I", data, pos)
+        pos += 4
+        entries: dict[bytes, Node | bytes] = {}
+        previous = None
+        for _ in range(count):
+            (nlen,) = struct.unpack_from("<H", data, pos)
+            pos += 2
+            name = data[pos : pos + nlen]
+            pos += nlen
+            if len(name) != nlen:
+                raise TreeError("truncated directory encoding")
+            if not valid_name(name):
+                raise TreeError(f"invalid entry name {name!r} in directory object")
+            if previous is not None and name <= previous:
+                raise TreeError("directory entries not strictly sorted")
+            previous = name
+            kind = data[pos]
+            pos += 1
+            if kind == KIND_FILE:
+                flags = data[pos]
+                if flags > 1:
+                    raise TreeError("bad file flags")
+                (size,) = struct.unpack_from("<Q", data, pos + 1)
+                blob = data[pos + 9 : pos + 9 + DIGEST_SIZE]
+                if len(blob) != DIGEST_SIZE:
+                    raise TreeError("truncated directory encoding")
+                pos += 9 + DIGEST_SIZE
+                entries[name] = FileNode(blob, size, bool(flags))
+            elif kind == KIND_SYMLINK:
+                (tlen,) = struct.unpack_from("<H", data, pos)
+                target = data[pos + 2 : pos + 2 + tlen]
+                if len(target) != tlen or tlen == 0 or tlen > MAX_TARGET or b"\0" in target:
+                    raise TreeError("bad symlink target")
+                pos += 2 + tlen
+                entries[name] = SymlinkNode(target)
+            elif kind == KIND_DIR:
+                child = data[pos : pos + DIGEST_SIZE]
+                if len(child) != DIGEST_SIZE:
+                    raise TreeError("truncated directory encoding")
+                pos += DIGEST_SIZE
+                entries[name] = child
+            else:
+                raise TreeError(f"unknown node kind {kind}")
+        if pos != len(data):
+            raise TreeError("trailing bytes after directory encoding")
+        return entries
+    except (struct.error, IndexError):
+        raise TreeError("truncated directory encoding") from None
+
+
+def iter_dirs(node: Node):
+    """Yield every DirNode of a tree, children before parents."""
+    if isinstance(node, DirNode):
+        for child in node.entries.values():
+            yield from iter_dirs(child)
+        yield node
+
+
+def iter_files(node: Node, prefix: bytes = b""):
+    """Yield ``(relative path bytes, node)`` for every non-directory node (and the root if it is one)."""
+    if isinstance(node, DirNode):
+        for name in sorted(node.entries):
+            child = node.entries[name]
+            yield from iter_files(child, prefix + b"/" + name if prefix else name)
+    else:
+        yield prefix, node
+
+
+def tree_size(node: Node) -> int:
+    """Total size of the file contents in the tree."""
+    return sum(n.size for _, n in iter_files(node) if isinstance(n, FileNode))
+
+
+def hash_file(path: str | bytes, chunk: int = 1 << 20) -> tuple[bytes, int]:
+    """Return ``(blake3 digest, size)`` of a file, streaming in ``chunk``-sized reads."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if os.path.getsize(path) > (8 << 20) else blake3.blake3()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            data = f.read(chunk)
+            if not data:
+                break
+            h.update(data)
+            size += len(data)
+    return h.digest(), size
+
+
+def scan(path: str | os.PathLike, on_file=None) -> Node:
+    """Build the tree of the filesystem object at ``path`` (never following symlinks).
+
+    ``on_file(path_bytes, stat_result) -> (blob digest, size)`` hashes (and may store) each
+    regular file; the default only hashes. Raises UsageError for a missing path, an
+    unreadable file, an invalid name, or a socket/fifo/device anywhere in the tree.
+    """
+    on_file = on_file or (lambda p, st: hash_file(p))
+    root = os.fsencode(path)
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        raise UsageError(f"path '{os.fsdecode(root)}' does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read '{os.fsdecode(root)}': {e.strerror}") from None
+    return _scan_entry(root, st, on_file)
+
+
+def _scan_entry(path: bytes, st: os.stat_result, on_file) -> Node:
+    mode = st.st_mode
+    try:
+        if stat.S_ISREG(mode):
+            digest, size = on_file(path, st)
+            return FileNode(digest, size, bool(mode & 0o100))
+        if stat.S_ISLNK(mode):
+            target = os.readlink(path)
+            if len(target) > MAX_TARGET:
+                raise UsageError(f"symlink target too long at '{os.fsdecode(path)}'")
+            return SymlinkNode(target)
+        if stat.S_ISDIR(mode):
+            node = DirNode()
+            with os.scandir(path) as it:
+                children = [(e.name, e.path, e.stat(follow_symlinks=False)) for e in it]
+            for name, child_path, child_st in children:
+                if not valid_name(name):
+                    raise UsageError(f"invalid file name {name!r} in '{os.fsdecode(path)}'")
+                node.entries[name] = _scan_entry(child_path, child_st, on_file)
+            return node
+    except PermissionError:
+        raise UsageError(f"cannot read '{os.fsdecode(path)}': permission denied") from None
+    except FileNotFoundError:
+        raise UsageError(f"'{os.fsdecode(path)}' vanished while reading") from None
+    raise UsageError(
+        f"'{os.fsdecode(path)}' is a {_kind_name(mode)}; only files, directories and symlinks can be stored"
+    )
+
+
+def _kind_name(mode: int) -> str:
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    return "special file"
+
+
+def format_digest(digest: bytes) -> str:
+    return "blake3:" + digest.hex()
+
+
+def parse_digest(text: str) -> bytes:
+    """Parse ``blake3:<64 hex>`` (or bare hex) into 32 bytes; UsageError otherwise."""
+    hexpart = text[7:] if text.startswith("blake3:") else text
+    try:
+        raw = bytes.fromhex(hexpart)
+    except ValueError:
+        raw = b""
+    if len(raw) != DIGEST_SIZE:
+        raise UsageError(f"invalid digest '{text}'", "expected blake3:<64 hex digits>")
+    return raw
