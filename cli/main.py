@@ -22,19 +22,39 @@ COMMANDS = {
     "path-info": "query_cmds:path_info",
     "query": "query_cmds:query",
     "verify": "query_cmds:verify",
+    "instantiate": "build_cmds:instantiate",
+    "realise": "build_cmds:realise",
+    "log": "build_cmds:log",
+    "provenance": "build_cmds:provenance",
+    "why-depends": "build_cmds:why_depends",
+    "run": "build_cmds:run",
+    "gc": "gc_cmds:gc",
+    "roots": "gc_cmds:roots",
+    "diff": "diff_cmds:diff",
+    "key": "cache_cmds:key",
+    "push": "cache_cmds:push",
+    "copy": "cache_cmds:copy",
+    "serve": "cache_cmds:serve",
+    "challenge": "cache_cmds:challenge",
+    "prefetch": "offline_cmds:prefetch",
+    "export": "offline_cmds:export",
+    "import": "offline_cmds:import_",
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(COMMANDS)
+        return sorted(name for name in COMMANDS if self.get_command(ctx, name) is not None)
 
     def get_command(self, ctx, name):
         target = COMMANDS.get(name)
         if target is None:
             return None
         module, _, attr = target.partition(":")
-        return getattr(importlib.import_module(f"fimio.cli.{module}"), attr)
+        try:
+            return getattr(importlib.import_module(f"fimio.cli.{module}"), attr)
+        except (ImportError, AttributeError):
+            return None  # a command whose module is not part of this build
 
 
 class Options:
@@ -45,6 +65,15 @@ class Options:
         self.store_dir = None
         self.verbosity = 0
         self._store = None
+        self._config = None
+
+    def config(self):
+        """The config file's settings (FIMIO_CONFIG or XDG), read once."""
+        if self._config is None:
+            from fimio.store.config import load_config
+
+            self._config = load_config()
+        return self._config
 
     def store(self):
         """Open the store once per command."""
