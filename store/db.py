@@ -9,6 +9,7 @@ Sub-databases (keys and values are bytes; records are compact JSON):
 ``records``      ``<drv hash>!<time ns>`` -> build record
 ``checks``       ``<output hash part>!<time ns>`` -> reproducibility check record
 ``meta``         small settings (store directory, schema)
+``statcache``    host file stat signature -> content digest (host fingerprints)
 
 LMDB commits are durable (fsync) by default; a path becomes valid exactly when the write
 transaction that puts its ``paths`` record commits.
@@ -25,7 +26,7 @@ import lmdb
 from .errors import IntegrityError, UsageError
 
 SCHEMA = b"1"
-_DBS = ("paths", "referrers", "trees", "realisations", "records", "checks", "meta")
+_DBS = ("paths", "referrers", "trees", "realisations", "records", "checks", "meta", "statcache")
 
 
 def dumps(obj) -> bytes:

@@ -136,7 +136,7 @@ class LocalStore:
                 rest = text[len(prefix):]
                 break
         else:
-            if os.path.isabs(text):
+            if os.path.isabs(text) or os.path.lexists(text):
                 real = os.path.realpath(text)
                 if real.startswith(self.store + "/"):
                     rest = real[len(self.store) + 1:]
@@ -298,8 +298,12 @@ class LocalStore:
 
     def ingest_in_place(self, path: bytes, st) -> tuple[bytes, int]:
         """Hash a file already under ``tmp/`` (a build output) and make it a hard link to its blob."""
-        executable = bool(st.st_mode & 0o100)
         digest, size = self._hash_only(path, st)
+        self.adopt_file(path, digest, bool(st.st_mode & 0o100))
+        return digest, size
+
+    def adopt_file(self, path: bytes, digest: bytes, executable: bool) -> None:
+        """Normalise a file under ``tmp/`` whose digest is known and share its inode with ``.links``."""
         key = self.link_path(digest, executable)
         os.chmod(path, 0o555 if executable else 0o444)
         os.utime(path, (1, 1))
@@ -314,7 +318,6 @@ class LocalStore:
                 if e.errno != errno.EMLINK:
                     raise
                 _unlink(tmp)  # too many links: keep this file as its own copy
-        return digest, size
 
     # ---- writing paths -----------------------------------------------------------------
 
@@ -426,6 +429,26 @@ class LocalStore:
             if also is not None:
                 also(txn)
         return info
+
+    def commit_many(self, items, also=None) -> list[PathInfo]:
+        """Like :meth:`commit` for several paths (a derivation's outputs, which may refer to
+        each other) registered in one transaction. ``items``: ``(tmp, path, node, refs, deriver)``.
+        The caller holds every path's lock."""
+        fsutil.syncfs(self.root)
+        infos = []
+        for tmp, path, node, refs, deriver in items:
+            dest = self.physical(path)
+            if os.path.lexists(dest):
+                fsutil.remove_tree(dest)
+            os.rename(tmp, dest)
+            infos.append((PathInfo(path, node.digest, tree_size(node), sorted(refs), deriver, time.time()), node))
+        fsutil.fsync_dir(self.store)
+        with self.db.write() as txn:
+            for info, node in infos:
+                self._put_info(txn, info, node)
+            if also is not None:
+                also(txn)
+        return [info for info, _ in infos]
 
     def _put_info(self, txn, info: PathInfo, node: Node) -> None:
         key = info.path.hash_part.encode()

@@ -1,0 +1,286 @@
+"""Commands about derivations and builds: instantiate, realise, log, provenance, why-depends, run."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from fimio.store.errors import BuildError, NotFound, UsageError
+
+from .main import emit_json, global_options, info, json_option, pass_options
+
+
+@click.command()
+@click.argument("files", nargs=-1, required=True)
+@json_option
+@global_options
+@pass_options
+def instantiate(opts, files, as_json):
+    """Write the derivation graph of FILES into the store; print the .drv store paths."""
+    from fimio.store.instantiate import Graph
+
+    store = opts.store()
+    graph = Graph(store)
+    drvs = [graph.from_file(f) for f in files]
+    if as_json:
+        emit_json([_drv_json(store, d) for d in drvs])
+    else:
+        for d in drvs:
+            click.echo(store.physical(d.drv_path))
+
+
+def _drv_json(store, drv) -> dict:
+    return {
+        "drvPath": store.logical(drv.drv_path),
+        "physical": store.physical(drv.drv_path),
+        "drvHash": drv.drv_hash,
+        "outputs": {n: {"path": store.logical(p), "physical": store.physical(p)} for n, p in drv.output_paths().items()},
+    }
+
+
+class Progress:
+    """A one-line progress display on a terminal; silent on a pipe or with -q."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.running: dict[str, str] = {}
+        self.shown = False
+
+    def __call__(self, event, drv, counts):
+        if not self.enabled:
+            return
+        if event == "start":
+            self.running[drv.drv_path.base] = drv.name
+        else:
+            self.running.pop(drv.drv_path.base, None)
+        names = ", ".join(list(self.running.values())[:3])
+        line = f"[{counts['done']}/{counts['total']} built, {len(self.running)} running] {names}"
+        sys.stderr.write("\r\033[K" + line[:160])
+        sys.stderr.flush()
+        self.shown = True
+
+    def clear(self):
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _log_sink(drv, line: bytes) -> None:
+    sys.stderr.write(f"{drv.name}> {line.decode(errors='replace')}")
+    sys.stderr.flush()
+
+
+def open_substituters(opts, store, urls, no_substitute, offline):
+    """The substituters a realise may use (flags win over the config); None when there are none."""
+    if no_substitute:
+        return None
+    config = opts.config()
+    urls = list(urls) or list(config.substituters)
+    if not urls:
+        return None
+    from fimio.store.substitute import open_substituters as open_set
+
+    return open_set(store, config, urls, offline=offline)
+
+
+@click.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel builds [default: config 'jobs' or cores].")
+@click.option("--check", is_flag=True, help="Build again and compare bit for bit (exit 3 on a difference).")
+@click.option("--rounds", type=click.IntRange(min=1), help="With --check: build N times in all, compare every pair.")
+@click.option("--vary", is_flag=True, help="With --check: vary TZ, locale, umask, hostname, uid/gid, cores, env order, build dir between rounds.")
+@click.option("-K", "--keep-failed", is_flag=True, help="Keep the build directory of a failed build.")
+@click.option("--offline", is_flag=True, default=None, help="Never touch the network: local store and file:// substituters only.")
+@click.option("--substituter", "substituters", multiple=True, metavar="URL", help="A cache to substitute from (repeatable; replaces the config's list).")
+@click.option("--no-substitute", is_flag=True, help="Build everything that is not valid locally.")
+@click.option("-o", "--out-link", metavar="PATH", help="Out-link name [default: ./result].")
+@click.option("--no-out-link", is_flag=True, help="Do not create out-links (nor GC roots).")
+@json_option
+@global_options
+@pass_options
+def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, substituters, no_substitute,
+            out_link, no_out_link, as_json):
+    """Make every output of each TARGET valid, substituting or building; print the output paths.
+
+    TARGET is a derivation file (.toml), a .drv store path or its hash part.
+    """
+    from fimio.store.hostfp import HostFingerprinter
+    from fimio.store.realise import RealiseOptions, Realiser
+
+    if (rounds or vary) and not check:
+        check = True
+    config = opts.config()
+    offline = config.offline if offline is None else offline
+    store = opts.store()
+    progress = Progress(sys.stderr.isatty() and opts.verbosity >= 0 and opts.verbosity < 1)
+    options = RealiseOptions(
+        jobs=jobs or config.jobs or 0,
+        cores=config.cores,
+        keep_failed=keep_failed,
+        offline=offline,
+        substituters=open_substituters(opts, store, substituters, no_substitute, offline),
+        log_sink=_log_sink if opts.verbosity >= 1 else None,
+        progress=progress,
+    )
+    realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
+    try:
+        outcome = realiser.realise(list(targets))
+        checks = None
+        if check:
+            from fimio.store.check import check_targets
+
+            checks = check_targets(realiser, outcome, rounds or 2, vary)
+    except BuildError as e:
+        progress.clear()
+        tail = getattr(e, "log_tail", "")
+        if tail and options.log_sink is None and opts.verbosity >= 0:
+            click.echo(f"last {len(tail.splitlines())} log lines:", err=True)
+            click.echo("\n".join("  > " + line for line in tail.splitlines()), err=True)
+        raise
+    finally:
+        progress.clear()
+        realiser.close()
+    links = {} if no_out_link else _out_links(store, outcome, out_link)
+    if as_json:
+        emit_json({
+            "targets": [_drv_json(store, d) for d, _ in outcome.targets],
+            "built": [store.logical_base(b) for b in outcome.built],
+            "substituted": outcome.substituted,
+            "outLinks": links,
+            "checks": checks.to_json() if checks is not None else None,
+        })
+    else:
+        for _, outs in outcome.targets:
+            for p in outs.values():
+                click.echo(store.physical(p))
+        if outcome.built or outcome.substituted:
+            info(opts, f"built {len(outcome.built)}, substituted {len(outcome.substituted)}")
+        if checks is not None:
+            click.echo(checks.render(), err=True)
+    if checks is not None and not checks.ok:
+        from fimio.store.errors import NotReproducible
+
+        raise NotReproducible(checks.summary(), "see the report above; 'fimio diff' explains .check outputs")
+
+
+def _out_links(store, outcome, out_link) -> dict:
+    from fimio.store.roots import add_root
+
+    links = {}
+    base = out_link or "result"
+    for n, (_, outs) in enumerate(outcome.targets):
+        stem = base if n == 0 else f"{base}-{n + 1}"
+        for name, path in outs.items():
+            link = stem if name == "out" else f"{stem}-{name}"
+            links[add_root(store, link, path)] = store.logical(path)
+    return links
+
+
+def _drv_of(store, target: str):
+    """The derivation behind TARGET: a derivation file, a .drv path, or an output path."""
+    from fimio.store.instantiate import Graph
+
+    graph = Graph(store)
+    if target.endswith(".toml") or (os.path.isfile(target) and not os.path.realpath(target).startswith(store.store + "/")):
+        return graph.from_file(target)
+    path, _ = store.resolve(target)
+    if path.name.endswith(".drv"):
+        return graph.load(store.logical(path))
+    deriver = store.info(path).deriver
+    if deriver is None:
+        raise NotFound(f"'{store.logical(path)}' was not built by a derivation here")
+    return graph.load(store.logical_base(deriver))
+
+
+@click.command()
+@click.argument("target")
+@global_options
+@pass_options
+def log(opts, target):
+    """Print the build log of TARGET (a derivation file, .drv path or output path)."""
+    from fimio.store.realise import read_log
+
+    store = opts.store()
+    drv = _drv_of(store, target)
+    sys.stdout.buffer.write(read_log(store, drv.drv_hash))
+
+
+@click.command()
+@click.argument("target")
+@json_option
+@global_options
+@pass_options
+def provenance(opts, target, as_json):
+    """Show the build records of TARGET: host, kernel, CPU, versions, host fingerprints, times, result."""
+    from fimio.store.provenance import provenance_report
+
+    store = opts.store()
+    drv = _drv_of(store, target)
+    report = provenance_report(store, drv)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(report.render())
+
+
+@click.command(name="why-depends")
+@click.argument("a")
+@click.argument("b")
+@json_option
+@global_options
+@pass_options
+def why_depends(opts, a, b, as_json):
+    """Show the reference chain from store path A to store path B."""
+    store = opts.store()
+    pa, _ = store.resolve(a)
+    pb, _ = store.resolve(b)
+    parents = {pa: None}
+    queue = [pa]
+    while queue and pb not in parents:
+        cur = queue.pop(0)
+        for ref in store.info(cur).references:
+            if ref not in parents:
+                parents[ref] = cur
+                queue.append(ref)
+    if pb not in parents:
+        raise NotFound(f"'{store.logical(pa)}' does not depend on '{store.logical(pb)}'")
+    chain = [pb]
+    while parents[chain[-1]] is not None:
+        chain.append(parents[chain[-1]])
+    chain.reverse()
+    if as_json:
+        emit_json([store.logical(p) for p in chain])
+        return
+    for depth, p in enumerate(chain):
+        click.echo(("    " * (depth - 1) + "└───" if depth else "") + store.physical(p))
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@global_options
+@pass_options
+def run(opts, target, command):
+    """Run COMMAND with the store visible at its logical path (STOREPATH/bin first on PATH).
+
+    Example: fimio run <path> -- hello --version
+    """
+    import shutil
+
+    from fimio.store.sandbox import bwrap_path
+
+    store = opts.store()
+    path, _ = store.resolve(target)
+    logical = store.logical(path)
+    env = dict(os.environ)
+    env["PATH"] = f"{logical}/bin:" + env.get("PATH", "")
+    env["FIMIO_STORE"] = store.store_dir
+    argv = [bwrap_path(), "--dev-bind", "/", "/", "--ro-bind", store.store, store.store_dir,
+            "--chdir", os.getcwd(), "--die-with-parent", "--", *command]
+    if shutil.which(command[0]) is None and not command[0].startswith("/") and not os.path.exists(
+        os.path.join(store.physical(path), "bin", command[0])
+    ):
+        raise UsageError(f"command '{command[0]}' not found in {logical}/bin or on PATH")
+    os.execvpe(argv[0], argv, env)

@@ -1,0 +1,360 @@
+"""One build: run the builder in the sandbox, normalise its outputs, find their references.
+
+:func:`run_build` never registers anything: it leaves normalised outputs under the build's
+scratch directory and returns them, so the caller can register them (``realise``) or
+compare them with the registered ones (``--check``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import blake3
+
+from . import fsutil
+from .derivation import Derivation
+from .errors import BuildError, IntegrityError, NotFound
+from .paths import StorePath
+from .sandbox import SandboxSpec, builder_visible
+from .tree import DirNode, FileNode, Node, SymlinkNode
+
+SOURCE_DATE_EPOCH = "315532800"
+LOG_TAIL_LINES = 25
+_HASH_RUN = re.compile(rb"[0123456789abcdfghijklmnpqrsvwxyz]{32,}")
+
+
+@dataclass
+class Variation:
+    """What a build's environment may vary in without changing a reproducible output."""
+
+    tz: str = "UTC"
+    lang: str = "C.UTF-8"
+    umask: int = 0o022
+    hostname: str = "localhost"
+    uid: int = 1000
+    gid: int = 100
+    cores: int | None = None  # None: the configured value
+    env_order: str = "sorted"  # "sorted" | "reversed"
+    build_dir: str = "/build"
+    dir_order: str = "normal"  # "normal" | "reversed" (only where it can be arranged)
+
+    def changed_from(self, other: "Variation") -> list[str]:
+        return [f for f in self.__dataclass_fields__ if getattr(self, f) != getattr(other, f)]
+
+
+@dataclass
+class BuiltOutput:
+    name: str
+    path: StorePath
+    tmp: str  # normalised tree, ready to rename into the store
+    node: Node
+    references: list[StorePath]
+
+
+@dataclass
+class BuildResult:
+    drv: Derivation
+    outputs: dict[str, BuiltOutput]
+    record: dict
+    log: bytes
+    scratch: str
+    extra: dict = field(default_factory=dict)
+
+
+def build_env(drv: Derivation, input_paths: dict[str, str], cores: int,
+              variation: Variation) -> list[tuple[str, str]]:
+    """The builder's exact environment (contract), in the order ``variation`` asks for."""
+    env = dict(drv.env)
+    env.update(input_paths)
+    env.update(drv.outputs)
+    env.setdefault("PATH", "/path-not-set")
+    env.update({
+        "HOME": "/homeless-shelter",
+        "TMPDIR": variation.build_dir,
+        "TZ": variation.tz,
+        "LANG": variation.lang,
+        "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH,
+        "FIMIO_BUILD_CORES": str(variation.cores if variation.cores is not None else cores),
+        "FIMIO_STORE": drv.store_dir,
+    })
+    items = sorted(env.items())
+    return items[::-1] if variation.env_order == "reversed" else items
+
+
+class Builder:
+    """Runs builds for one store. Thread-safe: each build has its own scratch directory."""
+
+    def __init__(self, store, *, cores: int = 0, keep_failed: bool = False, log_sink=None, fingerprinter=None):
+        self.store = store
+        self.cores = cores or os.cpu_count() or 1
+        self.keep_failed = keep_failed
+        self.log_sink = log_sink  # callable(drv, bytes line) for -v, or None
+        self.fingerprinter = fingerprinter
+
+    def run_build(self, drv: Derivation, input_paths: dict[str, str], closure: list[StorePath],
+                  variation: Variation | None = None) -> BuildResult:
+        """Build ``drv`` once in a fresh sandbox. Raises BuildError (with ``log_tail``) on failure.
+
+        ``input_paths`` maps each input variable to the logical store path it stands for;
+        ``closure`` is the closure of those paths (what the sandbox binds).
+        """
+        variation = variation or Variation()
+        scratch = self.store._tmp_name("build")
+        os.makedirs(scratch)
+        scratch_store = os.path.join(scratch, "store")
+        build_dir = os.path.join(scratch, "build")
+        os.mkdir(scratch_store)
+        os.mkdir(build_dir)
+        os.chmod(scratch, 0o755)
+        closure_logical = [self.store.logical(p) for p in closure]
+        if not builder_visible(drv.builder, drv.host_paths, closure_logical):
+            raise BuildError(f"builder '{drv.builder}' of '{drv.name}' is not visible in the sandbox",
+                             "add it (or a directory holding it) to [sandbox] host_paths or to the inputs")
+        spec = SandboxSpec(
+            store_dir=self.store.store_dir,
+            scratch_store=scratch_store,
+            build_dir=build_dir,
+            closure=[(self.store.physical(p), lp) for p, lp in zip(closure, closure_logical)],
+            host_paths=drv.host_paths,
+            env=build_env(drv, input_paths, self.cores, variation),
+            builder=drv.builder,
+            args=drv.args,
+            hostname=variation.hostname,
+            uid=variation.uid,
+            gid=variation.gid,
+            build_mount=variation.build_dir,
+        )
+        record = self._base_record(drv, variation)
+        log_path = os.path.join(scratch, "log")
+        status, timed_out = self._run(spec, drv, log_path, variation)
+        record["end"] = time.time()
+        record["duration"] = round(record["end"] - record["start"], 6)
+        record["exitStatus"] = status
+        with open(log_path, "rb") as f:
+            log = f.read()
+        if timed_out or status != 0:
+            self._fail(drv, scratch, log, status, timed_out)
+        try:
+            outputs = self._collect(drv, scratch_store, closure)
+        except BuildError as e:
+            e.log_tail = _tail(log)
+            self._cleanup_failed(scratch, e)
+            raise
+        record["outputs"] = {n: {"path": o.path.base, "root": o.node.digest.hex()} for n, o in outputs.items()}
+        return BuildResult(drv, outputs, record, log, scratch)
+
+    def _base_record(self, drv: Derivation, variation: Variation) -> dict:
+        from . import __version__
+        from .hostfp import host_info
+
+        record = {
+            "drv": drv.drv_path.base,
+            "drvHash": drv.drv_hash,
+            "fimio": __version__,
+            "host": host_info(),
+            "start": time.time(),
+            "variation": {k: getattr(variation, k) for k in variation.__dataclass_fields__},
+        }
+        if self.fingerprinter is not None:
+            record["fingerprints"] = self.fingerprinter.fingerprint(drv.host_paths, drv.builder)
+        return record
+
+    def _run(self, spec: SandboxSpec, drv: Derivation, log_path: str, variation: Variation) -> tuple[int, bool]:
+        argv = spec.command()
+        old_umask = os.umask(variation.umask)  # inherited by bwrap and the builder
+        try:
+            with open(log_path, "wb") as log:
+                stream = self.log_sink is not None
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if stream else log,
+                    stderr=subprocess.STDOUT, env={}, start_new_session=True,
+                )
+        finally:
+            os.umask(old_umask)
+        pump = None
+        if stream:
+            pump = threading.Thread(target=self._pump, args=(proc.stdout, log_path, drv), daemon=True)
+            pump.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=drv.timeout or None)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            proc.wait()
+            raise
+        if pump is not None:
+            pump.join()
+        return proc.returncode, timed_out
+
+    def _pump(self, pipe, log_path: str, drv: Derivation) -> None:
+        with open(log_path, "ab") as log:
+            for line in iter(pipe.readline, b""):
+                log.write(line)
+                self.log_sink(drv, line)
+        pipe.close()
+
+    def _fail(self, drv: Derivation, scratch: str, log: bytes, status: int, timed_out: bool):
+        if timed_out:
+            err = BuildError(f"build of '{drv.drv_path.base}' timed out after {drv.timeout} s",
+                             "raise [sandbox] timeout, or 0 for none")
+        else:
+            how = f"was killed by signal {-status}" if status < 0 else f"failed with exit code {status}"
+            err = BuildError(f"builder for '{drv.drv_path.base}' {how}", f"see 'fimio log {drv.drv_path.hash_part}'")
+        err.log_tail = _tail(log)
+        err.drv = drv
+        err.log = log
+        self._cleanup_failed(scratch, err)
+        raise err
+
+    def _cleanup_failed(self, scratch: str, err: BuildError) -> None:
+        if self.keep_failed:
+            err.kept = scratch
+            err.message += f"; build directory kept at '{scratch}/build'"
+        else:
+            fsutil.remove_tree(scratch)
+
+    # ---- outputs ---------------------------------------------------------------------
+
+    def _collect(self, drv: Derivation, scratch_store: str, closure: list[StorePath]) -> dict[str, BuiltOutput]:
+        outputs = drv.output_paths()
+        candidates = {p.hash_part.encode(): p for p in closure}
+        candidates.update({p.hash_part.encode(): p for p in outputs.values()})
+        result = {}
+        for name, path in outputs.items():
+            tmp = os.path.join(scratch_store, path.base)
+            if not os.path.lexists(tmp):
+                raise BuildError(f"builder for '{drv.drv_path.base}' did not create output '{name}' (${name})")
+            found: set[bytes] = set()
+            node = self._normalise(os.fsencode(tmp), candidates, found)
+            refs = sorted(candidates[h] for h in found)
+            result[name] = BuiltOutput(name, path, tmp, node, refs)
+        return result
+
+    def _normalise(self, path: bytes, candidates, found: set) -> Node:
+        """Make the output canonical (mtime 1, 0444/0555, no setuid), hash it, scan references."""
+        st = os.lstat(path)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            target = os.readlink(path)
+            scan_refs(target, candidates, found)
+            os.utime(path, (1, 1), follow_symlinks=False)
+            return SymlinkNode(target)
+        if stat.S_ISREG(mode):
+            executable = bool(mode & 0o111)
+            digest, size = _hash_and_scan(path, candidates, found)
+            self.store.adopt_file(path, digest, executable)
+            return FileNode(digest, size, executable)
+        if stat.S_ISDIR(mode):
+            os.chmod(path, 0o755)
+            node = DirNode()
+            with os.scandir(path) as it:
+                names = [e.name for e in it]
+            for name in names:
+                node.entries[name] = self._normalise(path + b"/" + name, candidates, found)
+            os.utime(path, (1, 1))
+            os.chmod(path, 0o555)
+            return node
+        raise BuildError(f"output contains '{os.fsdecode(path)}', which is not a file, directory or symlink")
+
+
+def scan_refs(data: bytes, candidates, found: set) -> None:
+    """Add to ``found`` every candidate hash part that occurs in ``data``."""
+    for m in _HASH_RUN.finditer(data):
+        run = m.group()
+        if len(run) == 32:
+            if run in candidates:
+                found.add(run)
+        else:
+            for i in range(len(run) - 31):
+                if run[i:i + 32] in candidates:
+                    found.add(run[i:i + 32])
+
+
+def _hash_and_scan(path: bytes, candidates, found: set) -> tuple[bytes, int]:
+    hasher = blake3.blake3()
+    size = 0
+    tail = b""
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(4 << 20):
+            hasher.update(chunk)
+            size += len(chunk)
+            scan_refs(tail + chunk, candidates, found)
+            tail = chunk[-31:]
+    return hasher.digest(), size
+
+
+def _tail(log: bytes, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(log.decode(errors="replace").splitlines()[-lines:])
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---- fixed-output derivations ---------------------------------------------------------
+
+
+def fetch(store, drv: Derivation, offline: bool = False) -> BuildResult:
+    """Realise a fixed-output derivation: download its URL and check the declared hash.
+
+    The only network access fimio's builds have. Raises IntegrityError (exit 4) naming both
+    hashes on a mismatch, NotFound (exit 5) when offline or the URL cannot be fetched.
+    """
+    import hashlib
+    import urllib.error
+    import urllib.request
+
+    from .hostfp import host_info
+
+    url, declared = drv.fetch["url"], drv.fetch["hash"]
+    if offline:
+        raise NotFound(f"'{drv.name}' needs to be fetched from {url}, and fimio is offline",
+                       "run 'fimio prefetch' while online, or import a bundle")
+    algo, _, want = declared.partition(":")
+    hasher = hashlib.sha256() if algo == "sha256" else blake3.blake3()
+    (name, path), = drv.output_paths().items()
+    scratch = store._tmp_name("fetch")
+    os.makedirs(os.path.join(scratch, "store"))
+    tmp = os.path.join(scratch, "store", path.base)
+    start = time.time()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+            while chunk := resp.read(1 << 20):
+                hasher.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        fsutil.remove_tree(scratch)
+        reason = getattr(e, "reason", None) or e
+        raise NotFound(f"cannot fetch {url} for '{drv.name}': {reason}") from None
+    got = hasher.hexdigest()
+    if got != want:
+        fsutil.remove_tree(scratch)
+        raise IntegrityError(f"hash mismatch in fixed-output derivation '{drv.name}' from {url}: "
+                             f"declared {declared}, got {algo}:{got}", expected=declared, got=f"{algo}:{got}")
+    os.chmod(tmp, 0o444)
+    digest, size = _hash_and_scan(os.fsencode(tmp), {}, set())
+    store.adopt_file(os.fsencode(tmp), digest, False)
+    node = FileNode(digest, size, False)
+    end = time.time()
+    from . import __version__
+
+    record = {"drv": drv.drv_path.base, "drvHash": drv.drv_hash, "fimio": __version__, "host": host_info(),
+              "start": start, "end": end, "duration": round(end - start, 6), "exitStatus": 0,
+              "fetched": url, "outputs": {name: {"path": path.base, "root": node.digest.hex()}}}
+    out = BuiltOutput(name, path, tmp, node, [])
+    return BuildResult(drv, {name: out}, record, f"fetched {url}\n".encode(), scratch)

@@ -1,0 +1,144 @@
+"""Host fingerprints: a cheap, stat-cached digest of what a build borrows from the host.
+
+A build may read its ``[sandbox] host_paths`` (``/usr``, ``/bin``, ...). Walking ``/usr``
+on every realise costs seconds, so (``spec/sandbox.md``, "Host fingerprints"):
+
+* a host path that the package manager owns (``/usr``, ``/bin``, ``/lib*``, ``/sbin``,
+  ``/etc``, ``/opt`` on a dpkg system) is fingerprinted by the digest of dpkg's database
+  (``/var/lib/dpkg/status``: every installed package and version) plus the path's own
+  stat; this detects any package install, upgrade or removal, but not a file edited by
+  hand without the package manager;
+* any other host path is walked, and each file's content digest is cached by
+  (device, inode, size, mtime, ctime), so an unchanged tree costs one stat per entry;
+* the builder, when it is a host file, is hashed by content (stat-cached).
+
+Fingerprints never change what is built or the output paths; they go into build records
+so ``fimio diff`` can name the host path that changed between two builds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import blake3
+
+DPKG_STATUS = "/var/lib/dpkg/status"
+PACKAGE_MANAGED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+_WALK_LIMIT = 20000  # entries; past this a non-package path is summarised by stats only
+
+
+class HostFingerprinter:
+    """Computes fingerprints with a persistent stat cache kept in the store database."""
+
+    def __init__(self, db=None):
+        self.db = db
+        self._memo: dict[str, str] = {}
+
+    def _cached_file_digest(self, path: str, st: os.stat_result) -> str:
+        key = f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode()
+        if self.db is not None:
+            with self.db.read() as txn:
+                hit = txn.get(key, db=self.db.dbs["statcache"])
+            if hit is not None:
+                return hit.decode()
+        h = blake3.blake3()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        digest = h.hexdigest()
+        if self.db is not None:
+            with self.db.write() as txn:
+                txn.put(key, digest.encode(), db=self.db.dbs["statcache"])
+        return digest
+
+    def file(self, path: str) -> str:
+        """Content digest of a host file (following symlinks), or 'absent'."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return "absent"
+        if not stat.S_ISREG(st.st_mode):
+            return "not-a-file"
+        return "blake3:" + self._cached_file_digest(os.path.realpath(path), st)
+
+    def package_db(self) -> str:
+        if "dpkg" not in self._memo:
+            self._memo["dpkg"] = self.file(DPKG_STATUS)
+        return self._memo["dpkg"]
+
+    def path(self, host_path: str) -> dict:
+        """The fingerprint record of one host path."""
+        try:
+            st = os.lstat(host_path)
+        except OSError:
+            return {"kind": "absent"}
+        if stat.S_ISLNK(st.st_mode):
+            return {"kind": "symlink", "target": os.readlink(host_path)}
+        if stat.S_ISREG(st.st_mode):
+            return {"kind": "file", "digest": self.file(host_path)}
+        managed = any(host_path == p or host_path.startswith(p + "/") for p in PACKAGE_MANAGED)
+        if managed and os.path.exists(DPKG_STATUS):
+            return {"kind": "packages", "packages": self.package_db()}
+        return {"kind": "tree", "digest": self._walk_digest(host_path)}
+
+    def _walk_digest(self, root: str) -> str:
+        h = blake3.blake3()
+        count = 0
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                count += 1
+                try:
+                    st = os.lstat(p)
+                except OSError:
+                    continue
+                rel = os.path.relpath(p, root)
+                if stat.S_ISREG(st.st_mode):
+                    digest = self._cached_file_digest(p, st) if count <= _WALK_LIMIT else f"{st.st_size}:{st.st_mtime_ns}"
+                    h.update(f"f {rel} {st.st_mode & 0o111:o} {digest}\n".encode())
+                elif stat.S_ISLNK(st.st_mode):
+                    h.update(f"l {rel} {os.readlink(p)}\n".encode())
+        return "blake3:" + h.hexdigest()
+
+    def fingerprint(self, host_paths: list[str], builder: str) -> dict:
+        """Fingerprints of every host path and of the builder (if it is a host file)."""
+        record = {"hostPaths": {p: self.path(p) for p in host_paths}}
+        if builder.startswith("/"):
+            record["builder"] = {"path": builder, "digest": self.file(builder)}
+        return record
+
+
+def host_info() -> dict:
+    """Static facts about this machine for build records."""
+    uname = os.uname()
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    os_release = ""
+    try:
+        with open("/etc/os-release") as f:
+            fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+            os_release = fields.get("PRETTY_NAME", "").strip('"')
+    except OSError:
+        pass
+    return {
+        "hostname": uname.nodename,
+        "kernel": f"{uname.sysname} {uname.release}",
+        "machine": uname.machine,
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "os": os_release,
+    }
+
+
+def digest_json(obj) -> str:
+    return blake3.blake3(json.dumps(obj, sort_keys=True).encode()).hexdigest()

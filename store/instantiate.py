@@ -1,0 +1,160 @@
+"""Instantiation: derivation files -> sources in the store -> ``.drv`` files in the store.
+
+:class:`Graph` loads derivations from TOML files or from ``.drv`` store paths, memoises
+them by logical ``.drv`` path, and computes hashes modulo fixed-output inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .derivation import (
+    DEFAULT_HOST_PATHS,
+    Derivation,
+    Input,
+    assign_outputs,
+    hash_modulo,
+    host_system,
+    parse_drv_json,
+    read_toml,
+)
+from .errors import NotFound, UsageError
+from .paths import StorePath, check_name
+
+FETCH_BUILDER = "builtin:fetchurl"
+
+
+class Graph:
+    """The derivations reachable from some targets, by logical ``.drv`` path."""
+
+    def __init__(self, store):
+        self.store = store
+        self.drvs: dict[str, Derivation] = {}
+        self._by_file: dict[str, str] = {}
+        self._hashes: dict[str, str] = {}
+
+    # ---- loading ---------------------------------------------------------------------
+
+    def target(self, text: str) -> Derivation:
+        """A TARGET of `realise`: a derivation file, a ``.drv`` store path or its hash part."""
+        if text.endswith(".toml") or os.path.isfile(text) and not self._in_store(text):
+            return self.from_file(text)
+        path, _ = self.store.resolve(text)
+        if not path.name.endswith(".drv"):
+            raise UsageError(f"'{text}' is not a derivation", "give a .toml file or a .drv store path")
+        return self.load(self.store.logical(path))
+
+    def _in_store(self, text: str) -> bool:
+        real = os.path.realpath(text)
+        return real.startswith(self.store.store + "/")
+
+    def load(self, drv_logical: str) -> Derivation:
+        """Read a ``.drv`` from the store (memoised)."""
+        drv = self.drvs.get(drv_logical)
+        if drv is not None:
+            return drv
+        path = StorePath.parse(drv_logical.rsplit("/", 1)[1])
+        if not self.store.is_valid(path):
+            raise NotFound(f"derivation '{drv_logical}' is not in this store")
+        with open(self.store.physical(path), "rb") as f:
+            drv = parse_drv_json(f.read(), drv_logical, self.store.store_dir)
+        drv.drv_path = path
+        drv.drv_hash = hash_modulo(drv, self.drv_hash)
+        self.drvs[drv_logical] = drv
+        return drv
+
+    def drv_hash(self, drv_logical: str) -> str:
+        if drv_logical not in self._hashes:
+            self._hashes[drv_logical] = self.load(drv_logical).drv_hash
+        return self._hashes[drv_logical]
+
+    def from_file(self, file: str, stack: tuple[str, ...] = ()) -> Derivation:
+        """Instantiate a derivation file and everything it depends on."""
+        file = os.path.abspath(file)
+        if file in stack:
+            cycle = " -> ".join(os.path.relpath(f) for f in stack[stack.index(file):] + (file,))
+            raise UsageError(f"{os.path.relpath(stack[-1])}: dependency cycle: {cycle}")
+        if file in self._by_file:
+            return self.drvs[self._by_file[file]]
+        rd = read_toml(file)
+        d = rd.data
+        base = os.path.dirname(file)
+        inputs = {var: self._resolve_input(rd, var, spec, base, stack + (file,)) for var, spec in rd.inputs.items()}
+        fetch = d.get("fetch")
+        drv = Derivation(
+            name=d["name"],
+            system=d.get("system") or host_system(),
+            builder=FETCH_BUILDER if fetch else d["builder"],
+            args=list(d.get("args", [])),
+            env=dict(d.get("env", {})),
+            outputs={name: "" for name in (["out"] if fetch else d.get("outputs", ["out"]))},
+            inputs=inputs,
+            host_paths=list(d.get("sandbox", {}).get("host_paths", DEFAULT_HOST_PATHS)),
+            timeout=int(d.get("sandbox", {}).get("timeout", 0)),
+            fetch=dict(fetch) if fetch else None,
+            store_dir=self.store.store_dir,
+            source=file,
+        )
+        assign_outputs(drv, self.drv_hash)
+        refs = sorted(StorePath.parse(p.rsplit("/", 1)[1]) for p in {i.path for i in inputs.values()})
+        info = self.store.add_text(drv.name + ".drv", drv.canonical(), refs)
+        drv.drv_path = info.path
+        logical = self.store.logical(info.path)
+        self.drvs[logical] = drv
+        self._hashes[logical] = drv.drv_hash
+        self._by_file[file] = logical
+        return drv
+
+    def _resolve_input(self, rd, var, spec, base, stack) -> Input:
+        if "drv" in spec:
+            dep_file = os.path.join(base, spec["drv"])
+            if not os.path.exists(dep_file):
+                raise rd.error(f"input '{var}': derivation file '{spec['drv']}' does not exist", var, "inputs")
+            dep = self.from_file(dep_file, stack)
+            output = spec.get("output", "out")
+            if output not in dep.outputs:
+                raise rd.error(f"input '{var}': '{spec['drv']}' has no output '{output}'", var, "inputs",
+                               hint="outputs: " + ", ".join(dep.outputs))
+            return Input("drv", self.store.logical(dep.drv_path), output)
+        if "path" in spec:
+            src = os.path.join(base, spec["path"])
+            if not os.path.lexists(src):
+                raise rd.error(f"input '{var}': '{spec['path']}' does not exist", var, "inputs")
+            name = os.path.basename(os.path.normpath(src))
+            try:
+                check_name(name)
+            except UsageError:
+                name = "source"
+            try:
+                info = self.store.add_path(src, name)
+            except UsageError as e:
+                raise rd.error(f"input '{var}': {e.message}", var, "inputs") from None
+            return Input("src", self.store.logical(info.path))
+        text = spec["store"]
+        try:
+            path, sub = self.store.resolve(text)
+        except (UsageError, NotFound) as e:
+            raise rd.error(f"input '{var}': {e.message}", var, "inputs") from None
+        if sub:
+            raise rd.error(f"input '{var}': give a store path, not a file inside one", var, "inputs")
+        return Input("store", self.store.logical(path))
+
+    # ---- walking ---------------------------------------------------------------------
+
+    def closure(self, roots: list[Derivation]) -> list[Derivation]:
+        """All derivations reachable from ``roots``, dependencies before dependents."""
+        order: list[Derivation] = []
+        seen: set[str] = set()
+
+        def visit(drv: Derivation):
+            key = self.store.logical(drv.drv_path)
+            if key in seen:
+                return
+            seen.add(key)
+            for path in drv.input_drvs():
+                visit(self.load(path))
+            order.append(drv)
+
+        for r in roots:
+            visit(r)
+        return order

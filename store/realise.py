@@ -1,0 +1,283 @@
+"""Realisation: make every output of a derivation graph valid, substituting or building.
+
+Plan first (valid outputs are skipped; only what is missing is looked up in substituters;
+only what no one has is built), then build leaves first with up to ``jobs`` builds at a
+time. Each build holds its outputs' locks, so concurrent ``fimio realise`` processes build
+each output once: the others wait, then find it valid.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from . import build as buildmod
+from .db import dumps, loads
+from .derivation import Derivation
+from .errors import BuildError, NotFound
+from .instantiate import Graph
+from .paths import StorePath
+from .roots import TempRoots
+
+
+@dataclass
+class RealiseOptions:
+    jobs: int = 0  # 0: number of cores
+    cores: int = 0  # FIMIO_BUILD_CORES; 0: all
+    keep_failed: bool = False
+    offline: bool = False
+    substituters: list = field(default_factory=list)  # a SubstituterSet-like object, or empty
+    log_sink: object = None  # callable(drv, line) for live logs
+    progress: object = None  # callable(event, drv, counts)
+
+
+@dataclass
+class Outcome:
+    """What ``realise`` did: outputs per target, and which derivations it built or fetched."""
+
+    targets: list[tuple[Derivation, dict[str, StorePath]]]
+    built: list[str] = field(default_factory=list)
+    substituted: list[str] = field(default_factory=list)
+
+
+def resolve_outputs(store, target: str) -> list[tuple[str, str, StorePath]]:
+    """``(drv hash, output name, output path)`` for each output of a TARGET (file or .drv)."""
+    drv = Graph(store).target(target)
+    return [(drv.drv_hash, name, path) for name, path in drv.output_paths().items()]
+
+
+def input_paths(graph: Graph, drv: Derivation) -> dict[str, str]:
+    """Each input variable's logical store path (a derivation input: its output's path)."""
+    out = {}
+    for var, i in drv.inputs.items():
+        out[var] = graph.load(i.path).outputs[i.output] if i.kind == "drv" else i.path
+    return out
+
+
+def _base(logical: str) -> StorePath:
+    return StorePath.parse(logical.rsplit("/", 1)[1])
+
+
+class Realiser:
+    def __init__(self, store, options: RealiseOptions, fingerprinter=None):
+        self.store = store
+        self.options = options
+        self.graph = Graph(store)
+        self.builder = buildmod.Builder(
+            store, cores=options.cores, keep_failed=options.keep_failed, log_sink=options.log_sink,
+            fingerprinter=fingerprinter,
+        )
+        self._temp_roots: TempRoots | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def temp_roots(self) -> TempRoots:
+        if self._temp_roots is None:
+            self._temp_roots = TempRoots(self.store)
+        return self._temp_roots
+
+    def close(self) -> None:
+        if self._temp_roots is not None:
+            self._temp_roots.close()
+
+    # ---- planning ----------------------------------------------------------------------
+
+    def load_targets(self, targets: list[str]) -> list[Derivation]:
+        return [self.graph.target(t) for t in targets]
+
+    def missing_outputs(self, drv: Derivation) -> list[StorePath]:
+        return [p for p in drv.output_paths().values() if not self.store.is_valid(p)]
+
+    def plan(self, roots: list[Derivation]) -> list[Derivation]:
+        """The derivations that must be built, dependencies first (after substitution)."""
+        needed: dict[str, Derivation] = {}
+        self._protect(roots)
+        frontier = [d for d in roots if self.missing_outputs(d)]
+        while frontier:
+            self._substitute(frontier)
+            nxt = []
+            for drv in frontier:
+                key = drv.drv_path.base
+                if key in needed or not self.missing_outputs(drv):
+                    continue
+                needed[key] = drv
+                for path, outs in drv.input_drvs().items():
+                    dep = self.graph.load(path)
+                    if any(not self.store.is_valid(dep.output_paths()[o]) for o in outs):
+                        nxt.append(dep)
+                self._check_sources(drv)
+            frontier = nxt
+        order = self.graph.closure(list(needed.values()))
+        return [d for d in order if d.drv_path.base in needed]
+
+    def _protect(self, roots: list[Derivation]) -> None:
+        """Temp-root the whole graph (derivations, sources, outputs) before judging validity."""
+        paths = []
+        for drv in self.graph.closure(roots):
+            paths.append(drv.drv_path)
+            paths.extend(drv.output_paths().values())
+            paths.extend(_base(i.path) for i in drv.inputs.values() if i.kind != "drv")
+        self.temp_roots.add(paths)
+
+    def _check_sources(self, drv: Derivation) -> None:
+        paths = [_base(i.path) for i in drv.inputs.values() if i.kind != "drv"]
+        self.temp_roots.add(paths)
+        for p in paths:
+            if not self.store.is_valid(p):
+                raise NotFound(f"input '{self.store.logical(p)}' of '{drv.drv_path.base}' is missing",
+                               "re-instantiate from the derivation file, or fetch it from a cache")
+
+    def _substitute(self, drvs: list[Derivation]) -> None:
+        if not self.options.substituters:
+            return
+        wanted = [p for d in drvs for p in self.missing_outputs(d)]
+        if wanted:
+            got = self.options.substituters.substitute(wanted)
+            with self._lock:
+                self.substituted.extend(self.store.logical(p) for p in got)
+
+    # ---- building ----------------------------------------------------------------------
+
+    def realise(self, targets: list[str]) -> Outcome:
+        self.substituted: list[str] = []
+        roots = self.load_targets(targets)
+        todo = self.plan(roots)
+        built = self._build_all(todo)
+        outcome = Outcome([(d, d.output_paths()) for d in roots], built, self.substituted)
+        for d, outs in outcome.targets:
+            for p in outs.values():
+                if not self.store.is_valid(p):
+                    raise NotFound(f"output '{self.store.logical(p)}' of '{d.drv_path.base}' could not be realised")
+        return outcome
+
+    def _build_all(self, todo: list[Derivation]) -> list[str]:
+        if not todo:
+            return []
+        jobs = self.options.jobs or os.cpu_count() or 1
+        pending = {d.drv_path.base: d for d in todo}
+        deps = {
+            key: {self.graph.load(p).drv_path.base for p in d.input_drvs()} & pending.keys()
+            for key, d in pending.items()
+        }
+        done: set[str] = set()
+        built: list[str] = []
+        running = {}
+        failure: BaseException | None = None
+        counts = {"total": len(todo), "done": 0}
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while pending or running:
+                if failure is None:
+                    for key in [k for k in pending if deps[k] <= done][: max(0, jobs - len(running))]:
+                        drv = pending.pop(key)
+                        self._progress("start", drv, counts)
+                        running[pool.submit(self.realise_one, drv)] = drv
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    drv = running.pop(fut)
+                    try:
+                        if fut.result():
+                            built.append(drv.drv_path.base)
+                        done.add(drv.drv_path.base)
+                        counts["done"] += 1
+                        self._progress("done", drv, counts)
+                    except BaseException as e:  # stop scheduling; let running builds finish
+                        if failure is None:
+                            failure = e
+                        pending.clear()
+        if failure is not None:
+            raise failure
+        return built
+
+    def _progress(self, event: str, drv: Derivation, counts: dict) -> None:
+        if self.options.progress is not None:
+            self.options.progress(event, drv, counts)
+
+    def realise_one(self, drv: Derivation) -> bool:
+        """Make ``drv``'s outputs valid under their locks. True if this call built them."""
+        outputs = drv.output_paths()
+        with ExitStack() as stack:
+            for path in sorted(outputs.values()):
+                stack.enter_context(self.store.lock_path(path))
+            if not self.missing_outputs(drv):
+                return False  # another process built it while we waited
+            result = self.build(drv)
+            self.register(result)
+            return True
+
+    def build(self, drv: Derivation, variation=None):
+        """Run one build (or fetch) without registering it."""
+        if drv.is_fixed_output:
+            return buildmod.fetch(self.store, drv, offline=self.options.offline)
+        inputs = input_paths(self.graph, drv)
+        closure = self.store.closure(_base(p) for p in inputs.values())
+        self.temp_roots.add(closure)
+        try:
+            return self.builder.run_build(drv, inputs, closure, variation)
+        except BuildError as e:
+            if getattr(e, "log", None) is not None:
+                self.save_log(drv, e.log)
+            raise
+
+    def register(self, result) -> None:
+        """Register a build's outputs, realisations and build record in one transaction."""
+        drv = result.drv
+        items = [(o.tmp, o.path, o.node, o.references, drv.drv_path.base) for o in result.outputs.values()]
+
+        def also(txn):
+            db = self.store.db.dbs
+            for name, o in result.outputs.items():
+                txn.put(f"{drv.drv_hash}!{name}".encode(), dumps(realisation(drv, name, o.path, o.node.digest)),
+                        db=db["realisations"])
+            txn.put(f"{drv.drv_hash}!{time.time_ns()}".encode(), dumps(result.record), db=db["records"])
+
+        try:
+            self.store.commit_many(items, also=also)
+        finally:
+            from . import fsutil
+
+            fsutil.remove_tree(result.scratch)
+        self.save_log(drv, result.log)
+
+    def save_log(self, drv: Derivation, log: bytes) -> None:
+        import zstandard
+
+        from .fsutil import write_atomic
+
+        path = os.path.join(self.store.root, "logs", f"{drv.drv_hash}.log.zst")
+        write_atomic(path, zstandard.ZstdCompressor(level=3).compress(log))
+
+
+def realisation(drv: Derivation, output: str, path: StorePath, root: bytes) -> dict:
+    return {"drvHash": drv.drv_hash, "drv": drv.drv_path.base, "output": output,
+            "path": path.base, "root": root.hex(), "signatures": []}
+
+
+def build_records(store, drv_hash: str) -> list[dict]:
+    """Every build record of a derivation, oldest first."""
+    prefix = f"{drv_hash}!".encode()
+    out = []
+    with store.db.read() as txn:
+        cur = txn.cursor(db=store.db.dbs["records"])
+        if cur.set_range(prefix):
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                out.append(loads(value))
+    return out
+
+
+def read_log(store, drv_hash: str) -> bytes:
+    import zstandard
+
+    path = os.path.join(store.root, "logs", f"{drv_hash}.log.zst")
+    try:
+        with open(path, "rb") as f:
+            return zstandard.ZstdDecompressor().decompress(f.read(), max_output_size=1 << 31)
+    except FileNotFoundError:
+        raise NotFound("no build log for this derivation", "it was substituted, or never built here") from None

@@ -1,0 +1,134 @@
+"""GC roots: out-links, registered roots, and temporary roots of running processes.
+
+* ``$ROOT/gcroots/<name>``: symlinks. A link into ``store/`` roots that path; a link to
+  anything else (an out-link such as ``./result``) roots whatever that link points at,
+  as long as it still does (Nix's indirect roots).
+* ``$ROOT/temproots/<pid>``: one file per running process, listing (one base name per
+  line) the store paths it uses or is about to create, and flock-ed by that process for
+  its lifetime. GC honours the files whose lock is held.
+
+The GC lock (``locks/gc.lock``) makes "add a temp root, then check validity" atomic with
+respect to a collection: writers take it shared for that moment, GC takes it exclusive
+for its whole run, so a path is either seen as a temp root or found invalid afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+
+from . import fsutil
+from .paths import StorePath
+
+
+def gc_lock(store, exclusive: bool = False):
+    return fsutil.file_lock(os.path.join(store.locks, "gc.lock"), shared=not exclusive)
+
+
+class TempRoots:
+    """This process's temp-roots file. Open once per process; paths are appended, never removed."""
+
+    def __init__(self, store):
+        self.store = store
+        self.path = os.path.join(store.root, "temproots", str(os.getpid()))
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.added: set[str] = set()
+
+    def add(self, paths) -> None:
+        """Record ``paths`` as in use (under the shared GC lock, so a running GC sees them)."""
+        new = [p.base for p in paths if p.base not in self.added]
+        if not new:
+            return
+        with gc_lock(self.store):
+            os.write(self.fd, ("\n".join(new) + "\n").encode())
+        self.added.update(new)
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def live_temp_roots(store) -> set[str]:
+    """Base names listed by every process whose temp-roots file is still locked; removes stale files."""
+    out: set[str] = set()
+    directory = os.path.join(store.root, "temproots")
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if name == str(os.getpid()):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                # nobody holds it: the process is gone
+                os.unlink(path)
+                continue
+            except BlockingIOError:
+                pass
+            with os.fdopen(os.dup(fd)) as f:
+                out.update(line.strip() for line in f if line.strip())
+        finally:
+            os.close(fd)
+    return out
+
+
+def add_root(store, link: str, target: StorePath) -> str:
+    """Point the symlink ``link`` (e.g. ``./result``) at ``target`` and register it as a root."""
+    link = os.path.abspath(link)
+    physical = store.physical(target)
+    tmp = f"{link}.tmp-{os.getpid()}"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    os.symlink(physical, tmp)
+    os.replace(tmp, link)
+    reg = os.path.join(store.root, "gcroots", "auto-" + hashlib.sha256(link.encode()).hexdigest()[:32])
+    if os.path.realpath(reg) != link:
+        tmp = f"{reg}.tmp-{os.getpid()}"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        os.symlink(link, tmp)
+        os.replace(tmp, reg)
+    return link
+
+
+def list_roots(store) -> dict[str, StorePath]:
+    """``{root link: store path}`` for every live root; dangling registrations are removed."""
+    roots = {}
+    directory = os.path.join(store.root, "gcroots")
+    for name in sorted(os.listdir(directory)):
+        reg = os.path.join(directory, name)
+        if not os.path.islink(reg):
+            continue
+        link = os.readlink(reg)
+        target = link if link.startswith(store.store + "/") else None
+        if target is None:
+            try:
+                target = os.readlink(link)
+            except OSError:
+                os.unlink(reg)  # the out-link is gone: so is the root
+                continue
+            if not target.startswith(store.store + "/"):
+                os.unlink(reg)
+                continue
+            shown = link
+        else:
+            shown = reg
+        base = target[len(store.store) + 1:].split("/", 1)[0]
+        try:
+            path = StorePath.parse(base)
+        except Exception:
+            continue
+        roots[shown] = path
+    return roots

@@ -1,0 +1,84 @@
+"""The build sandbox: one ``bwrap`` process per build (``spec/sandbox.md``).
+
+Inside, a build sees exactly: its inputs' closures read-only at their logical store
+paths, its host paths read-only, a writable per-build store directory where it creates
+its outputs, ``/build`` as cwd, ``/proc``, a minimal ``/dev``, and the contract's
+environment. It runs in fresh user, mount, pid, network, ipc, uts and cgroup namespaces
+as uid 1000 / gid 100 with hostname ``localhost`` and no capabilities.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from .errors import BuildError
+
+BUILD_UID = 1000
+BUILD_GID = 100
+BUILD_DIR = "/build"
+
+
+def bwrap_path() -> str:
+    path = shutil.which("bwrap")
+    if path is None:
+        raise BuildError("bubblewrap (bwrap) is not installed", "apt-get install bubblewrap")
+    return path
+
+
+@dataclass
+class SandboxSpec:
+    """Everything one sandboxed build needs; ``command()`` turns it into a bwrap argv."""
+
+    store_dir: str
+    scratch_store: str  # physical dir bound read-write at store_dir; outputs appear here
+    build_dir: str  # physical dir bound at /build (or ``build_mount``)
+    closure: list[tuple[str, str]]  # (physical, logical) paths bound read-only
+    host_paths: list[str]
+    env: list[tuple[str, str]]  # in the order the build's environ should have them
+    builder: str
+    args: list[str]
+    hostname: str = "localhost"
+    uid: int = BUILD_UID
+    gid: int = BUILD_GID
+    build_mount: str = BUILD_DIR
+    extra: list[str] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        argv = [
+            bwrap_path(),
+            "--unshare-all", "--unshare-user",
+            "--die-with-parent", "--new-session",
+            "--uid", str(self.uid), "--gid", str(self.gid),
+            "--hostname", self.hostname,
+            "--clearenv",
+        ]
+        for host in self.host_paths:
+            if os.path.islink(host):
+                argv += ["--symlink", os.readlink(host), host]
+            elif os.path.exists(host):
+                argv += ["--ro-bind", host, host]
+        argv += ["--bind", self.scratch_store, self.store_dir]
+        for physical, logical in self.closure:
+            argv += ["--ro-bind", physical, logical]
+        argv += [
+            "--bind", self.build_dir, self.build_mount,
+            "--proc", "/proc", "--dev", "/dev",
+            "--chdir", self.build_mount,
+        ]
+        for key, value in self.env:
+            argv += ["--setenv", key, value]
+        argv += self.extra
+        argv += ["--", self.builder, *self.args]
+        return argv
+
+
+def builder_visible(builder: str, host_paths: list[str], closure_logical: list[str]) -> bool:
+    """Whether an absolute builder path will exist inside the sandbox."""
+    if not builder.startswith("/"):
+        return True  # resolved through PATH inside; the build reports it if missing
+    for prefix in [*host_paths, *closure_logical]:
+        if builder == prefix or builder.startswith(prefix.rstrip("/") + "/"):
+            return True
+    return False
