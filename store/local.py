@@ -101,6 +101,7 @@ class LocalStore:
                   os.path.join(root, "temproots"), os.path.join(root, "logs")):
             os.makedirs(d, exist_ok=True)
         self.db = Database(os.path.join(root, "db"), store_dir)
+        self.temp_roots = None  # a roots.TempRoots when this process must protect what it adds
 
     @classmethod
     def open(cls, root: str | None = None, store_dir: str | None = None) -> "LocalStore":
@@ -322,6 +323,17 @@ class LocalStore:
     # ---- writing paths -----------------------------------------------------------------
 
     @contextmanager
+    def writing(self):
+        """Hold the GC lock shared while publishing blobs and registering paths, so a
+        concurrent ``gc`` never deletes a blob between its publication and its use."""
+        with fsutil.file_lock(os.path.join(self.locks, "gc.lock"), shared=True):
+            yield
+
+    def _protect(self, path: StorePath) -> None:
+        if self.temp_roots is not None:
+            self.temp_roots.add([path])
+
+    @contextmanager
     def lock_path(self, path: StorePath):
         """Hold the per-path writer lock (blocking) for the ``with`` block."""
         with fsutil.file_lock(os.path.join(self.locks, path.hash_part + ".lock")):
@@ -334,8 +346,13 @@ class LocalStore:
         On a crash or kill, the path is either fully valid or absent.
         """
         name = check_name(name if name is not None else os.path.basename(os.path.abspath(src)))
+        with self.writing():
+            return self._add_path(src, name)
+
+    def _add_path(self, src: str, name: str) -> PathInfo:
         node = self._scan_parallel(src)
         path = source_path(self.store_dir, name, node.digest)
+        self._protect(path)
         with self.lock_path(path):
             existing = self.query(path)
             if existing is not None:
@@ -351,10 +368,11 @@ class LocalStore:
         """Add a small text object (a ``.drv``) with the given references; return its info."""
         digest = blake3.blake3(data).digest()
         path = text_path(self.store_dir, name, digest, references)
+        self._protect(path)
         info = self.query(path)
         if info is not None:
             return info
-        with self.lock_path(path):
+        with self.writing(), self.lock_path(path):
             info = self.query(path)
             if info is not None:
                 return info

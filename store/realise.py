@@ -78,6 +78,7 @@ class Realiser:
     def temp_roots(self) -> TempRoots:
         if self._temp_roots is None:
             self._temp_roots = TempRoots(self.store)
+            self.store.temp_roots = self._temp_roots
         return self._temp_roots
 
     def close(self) -> None:
@@ -87,6 +88,7 @@ class Realiser:
     # ---- planning ----------------------------------------------------------------------
 
     def load_targets(self, targets: list[str]) -> list[Derivation]:
+        self.temp_roots  # protect sources and .drv files from a concurrent GC as they are added
         return [self.graph.target(t) for t in targets]
 
     def missing_outputs(self, drv: Derivation) -> list[StorePath]:
@@ -237,7 +239,8 @@ class Realiser:
             txn.put(f"{drv.drv_hash}!{time.time_ns()}".encode(), dumps(result.record), db=db["records"])
 
         try:
-            self.store.commit_many(items, also=also)
+            with self.store.writing():
+                self.store.commit_many(items, also=also)
         finally:
             from . import fsutil
 

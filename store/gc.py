@@ -1,0 +1,110 @@
+"""Garbage collection: delete every valid path not reachable from a root.
+
+Roots are the registered roots (out-links, ``gcroots/``) and the temp roots of running
+processes (``roots.py``). Writers hold the GC lock shared while they publish blobs and
+register paths, and GC holds it exclusively for its whole run, so a collection never
+races a registration. Paths are invalidated referrers-first (so no valid path ever refers
+to an invalid one, even if GC is killed) and their files deleted after; unreferenced
+blobs in ``.links`` go last.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from . import fsutil
+from .paths import StorePath
+from .roots import gc_lock, list_roots, live_temp_roots
+
+
+@dataclass
+class GcResult:
+    deleted: list[str] = field(default_factory=list)  # logical paths
+    freed: int = 0  # bytes of file content no longer stored
+    kept: int = 0
+
+
+def reachable(store, roots) -> set[str]:
+    """Hash parts of every valid path reachable from ``roots`` (base names or StorePaths)."""
+    seen: set[str] = set()
+    stack = [r if isinstance(r, str) else r.base for r in roots]
+    while stack:
+        base = stack.pop()
+        hash_part = base.partition("-")[0]
+        if hash_part in seen:
+            continue
+        info = store.query_hash(hash_part)
+        if info is None:
+            continue
+        seen.add(hash_part)
+        stack.extend(r.base for r in info.references)
+    return seen
+
+
+def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcResult:
+    """Delete unreachable paths (or, with ``dry_run``, only list them)."""
+    result = GcResult()
+    with gc_lock(store, exclusive=True):
+        roots = list(list_roots(store).values()) + list(live_temp_roots(store))
+        alive = reachable(store, roots)
+        infos = {i.path.hash_part: i for i in store.all_paths()}
+        dead = {h: i for h, i in infos.items() if h not in alive}
+        result.kept = len(infos) - len(dead)
+        for info in _referrers_first(dead):
+            if max_freed is not None and result.freed >= max_freed:
+                break
+            result.deleted.append(store.logical(info.path))
+            result.freed += info.size
+            if dry_run:
+                continue
+            with store.db.write() as txn:
+                store.invalidate(txn, info)
+            fsutil.remove_tree(store.physical(info.path))
+        if not dry_run:
+            _remove_unused_blobs(store)
+    return result
+
+
+def _referrers_first(dead: dict) -> list:
+    """Order dead paths so every path comes after all (dead) paths that refer to it."""
+    order, done = [], set()
+    referrers: dict[str, list[str]] = {h: [] for h in dead}
+    for h, info in dead.items():
+        for ref in info.references:
+            if ref.hash_part in referrers and ref.hash_part != h:
+                referrers[ref.hash_part].append(h)
+
+    def visit(h, stack=()):
+        if h in done or h in stack:
+            return
+        for r in referrers[h]:
+            visit(r, stack + (h,))
+        done.add(h)
+        order.append(dead[h])
+
+    for h in sorted(dead):
+        visit(h)
+    return order
+
+
+def _remove_unused_blobs(store) -> int:
+    freed = 0
+    with os.scandir(store.links) as it:
+        for entry in it:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_nlink == 1:
+                os.unlink(entry.path)
+                freed += st.st_size
+    return freed
+
+
+def roots_report(store) -> dict[str, StorePath]:
+    """Registered roots and live temp roots, for ``fimio roots``."""
+    out = dict(list_roots(store))
+    for base in sorted(live_temp_roots(store)):
+        try:
+            out[f"(temp) {base}"] = StorePath.parse(base)
+        except Exception:
+            continue
+    return out
