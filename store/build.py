@@ -41,10 +41,14 @@ class Variation:
     hostname: str = "localhost"
     uid: int = 1000
     gid: int = 100
-    cores: int | None = None  # None: the configured value
+    cores: int | None = None  # None: the configured value, all CPUs; else also the CPU affinity
     env_order: str = "sorted"  # "sorted" | "reversed"
     build_dir: str = "/build"
-    dir_order: str = "normal"  # "normal" | "reversed" (only where it can be arranged)
+    # Where the build directory lives, which decides the order readdir() returns entries
+    # the build creates there: "fs" = a directory on the store's filesystem (ext4/xfs/btrfs:
+    # hash or b-tree order), "tmpfs" = a fresh tmpfs (reverse creation order on Linux 6.x).
+    # spec/reproducibility.md explains why this is the only directory-order lever bwrap 0.8 gives.
+    dir_order: str = "fs"
 
     def changed_from(self, other: "Variation") -> list[str]:
         return [f for f in self.__dataclass_fields__ if getattr(self, f) != getattr(other, f)]
@@ -131,6 +135,7 @@ class Builder:
             uid=variation.uid,
             gid=variation.gid,
             build_mount=variation.build_dir,
+            build_tmpfs=variation.dir_order == "tmpfs",
         )
         record = self._base_record(drv, variation)
         log_path = os.path.join(scratch, "log")
@@ -169,16 +174,22 @@ class Builder:
 
     def _run(self, spec: SandboxSpec, drv: Derivation, log_path: str, variation: Variation) -> tuple[int, bool]:
         argv = spec.command()
-        old_umask = os.umask(variation.umask)  # inherited by bwrap and the builder
+        # The umask is set in the child only (Popen(umask=)): os.umask() would be
+        # process-wide and race with parallel builds and store writes in other threads.
+        # A CPU-count variation narrows this thread's affinity, which fork() copies to the
+        # child (so nproc and sched_getaffinity inside agree with FIMIO_BUILD_CORES); the
+        # affinity is per thread, so other builds are unaffected, and restored at once.
+        saved_affinity = _narrow_affinity(variation.cores)
         try:
             with open(log_path, "wb") as log:
                 stream = self.log_sink is not None
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if stream else log,
-                    stderr=subprocess.STDOUT, env={}, start_new_session=True,
+                    stderr=subprocess.STDOUT, env={}, start_new_session=True, umask=variation.umask,
                 )
         finally:
-            os.umask(old_umask)
+            if saved_affinity is not None:
+                os.sched_setaffinity(0, saved_affinity)
         pump = None
         if stream:
             pump = threading.Thread(target=self._pump, args=(proc.stdout, log_path, drv), daemon=True)
@@ -293,6 +304,17 @@ def _hash_and_scan(path: bytes, candidates, found: set) -> tuple[bytes, int]:
             scan_refs(tail + chunk, candidates, found)
             tail = chunk[-31:]
     return hasher.digest(), size
+
+
+def _narrow_affinity(cores: int | None):
+    """Restrict the calling thread to its first ``cores`` CPUs; return the old set (None: unchanged)."""
+    if cores is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = os.sched_getaffinity(0)
+    if cores >= len(allowed):
+        return None
+    os.sched_setaffinity(0, sorted(allowed)[:max(1, cores)])
+    return allowed
 
 
 def _tail(log: bytes, lines: int = LOG_TAIL_LINES) -> str:

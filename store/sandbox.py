@@ -43,6 +43,7 @@ class SandboxSpec:
     uid: int = BUILD_UID
     gid: int = BUILD_GID
     build_mount: str = BUILD_DIR
+    build_tmpfs: bool = False  # a fresh tmpfs at build_mount instead of binding build_dir
     extra: list[str] = field(default_factory=list)
 
     def command(self) -> list[str]:
@@ -62,8 +63,11 @@ class SandboxSpec:
         argv += ["--bind", self.scratch_store, self.store_dir]
         for physical, logical in self.closure:
             argv += ["--ro-bind", physical, logical]
+        # A tmpfs build directory lists entries in another order than the store's
+        # filesystem does: the --vary directory-order lever (spec/reproducibility.md).
+        build = ["--tmpfs", self.build_mount] if self.build_tmpfs else ["--bind", self.build_dir, self.build_mount]
         argv += [
-            "--bind", self.build_dir, self.build_mount,
+            *build,
             "--proc", "/proc", "--dev", "/dev",
             "--chdir", self.build_mount,
         ]
@@ -82,3 +86,20 @@ def builder_visible(builder: str, host_paths: list[str], closure_logical: list[s
         if builder == prefix or builder.startswith(prefix.rstrip("/") + "/"):
             return True
     return False
+
+
+def fs_type(path: str) -> str:
+    """The filesystem type (``ext4``, ``tmpfs``...) holding ``path``, from /proc/self/mountinfo."""
+    path = os.path.realpath(path)
+    best, kind = "", "unknown"
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                mount = fields[4].replace("\\040", " ")
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+                    best, kind = mount, fields[sep + 1]
+    except (OSError, ValueError, IndexError):
+        pass
+    return kind
