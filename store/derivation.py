@@ -216,7 +216,7 @@ def read_toml(path: str) -> RawDerivation:
         raise DrvFileError(f"{path}:1: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
-        line = m.group(1) if m else "1"
+        line = m.group(1) if m else str(max(1, len(text.splitlines())))  # "at end of document"
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
         raise DrvFileError(f"{path}:{line}: invalid TOML: {msg}") from None
     rd = RawDerivation(path, text, data)

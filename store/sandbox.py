@@ -74,7 +74,7 @@ class SandboxSpec:
         for key, value in self.env:
             argv += ["--setenv", key, value]
         argv += self.extra
-        argv += ["--", self.builder, *self.args]
+        argv += ["--remount-ro", "/", "--", self.builder, *self.args]  # the sandbox root tmpfs: read-only
         return argv
 
 
