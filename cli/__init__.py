@@ -12,6 +12,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "realise":
+        from .fast import try_realise
+
+        code = try_realise(args)
+        if code is not None:
+            return code
     from fimio.store.errors import FimioError
 
     try:

@@ -6,10 +6,10 @@ Precedence (contract): command-line flag > environment variable > config/default
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .paths import DEFAULT_STORE_DIR, check_store_dir
+
+DEFAULT_STORE_DIR = "/fimio/store"
 
 _KEYS = {
     "substituters": list,
@@ -33,6 +33,8 @@ def resolve_root(flag: str | None = None) -> str:
 
 
 def resolve_store_dir(flag: str | None = None) -> str:
+    from .paths import check_store_dir  # lazy: keeps the no-op realise fast path light
+
     return check_store_dir(flag or os.environ.get("FIMIO_STORE_DIR") or DEFAULT_STORE_DIR)
 
 
@@ -43,16 +45,18 @@ def config_path() -> str:
     return os.path.join(base, "fimio", "config.toml")
 
 
-@dataclass
 class Config:
-    substituters: list[str] = field(default_factory=list)
-    trusted_public_keys: list[str] = field(default_factory=list)
-    secret_key_files: list[str] = field(default_factory=list)
-    require_sigs: bool = True
-    offline: bool = False
-    jobs: int = 0
-    cores: int = 0
-    tokens: dict[str, str] = field(default_factory=dict)
+    """The config file's settings; attributes are the keys with '-' spelled '_'."""
+
+    def __init__(self):
+        self.substituters: list[str] = []
+        self.trusted_public_keys: list[str] = []
+        self.secret_key_files: list[str] = []
+        self.require_sigs = True
+        self.offline = False
+        self.jobs = 0
+        self.cores = 0
+        self.tokens: dict[str, str] = {}
 
     def token_for(self, url: str) -> str | None:
         """The bearer token for an http(s) cache URL: FIMIO_TOKEN, else the longest matching prefix."""

@@ -10,6 +10,7 @@ Sub-databases (keys and values are bytes; records are compact JSON):
 ``checks``       ``<output hash part>!<time ns>`` -> reproducibility check record
 ``meta``         small settings (store directory, schema)
 ``statcache``    host file stat signature -> content digest (host fingerprints)
+``evalcache``    derivation file -> its ``.drv`` and the stat signatures of what it read
 
 LMDB commits are durable (fsync) by default; a path becomes valid exactly when the write
 transaction that puts its ``paths`` record commits.
@@ -26,7 +27,7 @@ import lmdb
 from .errors import IntegrityError, UsageError
 
 SCHEMA = b"1"
-_DBS = ("paths", "referrers", "trees", "realisations", "records", "checks", "meta", "statcache")
+_DBS = ("paths", "referrers", "trees", "realisations", "records", "checks", "meta", "statcache", "evalcache")
 
 
 def dumps(obj) -> bytes:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
-import shutil
 import stat
 from contextlib import contextmanager
 
@@ -15,6 +13,8 @@ _libc = None
 
 def syncfs(path: str) -> None:
     """Flush every dirty page of the filesystem holding ``path`` (one call instead of an fsync per file)."""
+    import ctypes
+
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
@@ -70,6 +70,8 @@ def remove_tree(path: str) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
+        import shutil
+
         make_writable(path)
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from . import evalcache
 from .derivation import (
     DEFAULT_HOST_PATHS,
     Derivation,
@@ -32,17 +33,39 @@ class Graph:
         self.drvs: dict[str, Derivation] = {}
         self._by_file: dict[str, str] = {}
         self._hashes: dict[str, str] = {}
+        self._sigs: dict[str, str] = {}  # file -> stat signature taken before reading it
+        self._deps: dict[str, set[str]] = {}  # derivation file -> every file its graph read
 
     # ---- loading ---------------------------------------------------------------------
 
     def target(self, text: str) -> Derivation:
         """A TARGET of `realise`: a derivation file, a ``.drv`` store path or its hash part."""
         if text.endswith(".toml") or os.path.isfile(text) and not self._in_store(text):
-            return self.from_file(text)
+            cached = self._cached(text)
+            return cached if cached is not None else self.from_file(text)
         path, _ = self.store.resolve(text)
         if not path.name.endswith(".drv"):
             raise UsageError(f"'{text}' is not a derivation", "give a .toml file or a .drv store path")
         return self.load(self.store.logical(path))
+
+    def _cached(self, file: str) -> Derivation | None:
+        with self.store.db.read() as txn:
+            value = txn.get(evalcache.cache_key(file, self.store.store_dir), db=self.store.db.dbs["evalcache"])
+        base = evalcache.lookup(value)
+        if base is None or not self.store.is_valid(StorePath.parse(base)):
+            return None
+        if self.store.temp_roots is not None:
+            self.store.temp_roots.add([StorePath.parse(base)])
+        return self.load(self.store.logical_base(base))
+
+    def _remember(self, file: str, drv: Derivation) -> None:
+        sigs = {p: self._sigs[p] for p in self._deps[file]}
+        with self.store.db.write() as txn:
+            txn.put(evalcache.cache_key(file, self.store.store_dir), evalcache.make_entry(drv.drv_path.base, sigs),
+                    db=self.store.db.dbs["evalcache"])
+
+    def _signature(self, path: str) -> None:
+        self._sigs.setdefault(path, evalcache.stat_signature(path))
 
     def _in_store(self, text: str) -> bool:
         real = os.path.realpath(text)
@@ -76,6 +99,8 @@ class Graph:
             raise UsageError(f"{os.path.relpath(stack[-1])}: dependency cycle: {cycle}")
         if file in self._by_file:
             return self.drvs[self._by_file[file]]
+        self._signature(file)
+        self._deps[file] = {file}
         rd = read_toml(file)
         d = rd.data
         base = os.path.dirname(file)
@@ -103,6 +128,8 @@ class Graph:
         self.drvs[logical] = drv
         self._hashes[logical] = drv.drv_hash
         self._by_file[file] = logical
+        if not stack:
+            self._remember(file, drv)
         return drv
 
     def _resolve_input(self, rd, var, spec, base, stack) -> Input:
@@ -111,6 +138,7 @@ class Graph:
             if not os.path.exists(dep_file):
                 raise rd.error(f"input '{var}': derivation file '{spec['drv']}' does not exist", var, "inputs")
             dep = self.from_file(dep_file, stack)
+            self._deps[stack[-1]] |= self._deps[os.path.abspath(dep_file)]
             output = spec.get("output", "out")
             if output not in dep.outputs:
                 raise rd.error(f"input '{var}': '{spec['drv']}' has no output '{output}'", var, "inputs",
@@ -125,6 +153,9 @@ class Graph:
                 check_name(name)
             except UsageError:
                 name = "source"
+            src = os.path.abspath(src)
+            self._signature(src)
+            self._deps[stack[-1]].add(src)
             try:
                 info = self.store.add_path(src, name)
             except UsageError as e:

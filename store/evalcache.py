@@ -1,0 +1,61 @@
+"""The evaluation cache: derivation file -> ``.drv`` path, valid while no file it read changed.
+
+Instantiating a TOML target means parsing TOML and hashing every source tree, which is
+most of a no-op ``fimio realise``. Each instantiation records the files it read — the
+derivation files of the whole graph and every ``path`` input — with a stat signature
+(device, inode, size, mtime, ctime of every entry, as git's index and ccache do). A later
+realise of the same file in the same store reuses the ``.drv`` path when every signature
+still matches; any change, anywhere, means a full instantiation.
+
+This module stays import-light: the fast path of ``fimio realise`` uses it before click.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+
+
+def stat_signature(path: str) -> str:
+    """A digest of the lstat of ``path`` and, for a directory, of every entry below it."""
+    h = hashlib.sha256()
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        try:
+            st = os.lstat(p)
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+            continue
+        h.update(f"{p}\0{st.st_mode}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                names = sorted(os.listdir(p))
+            except OSError:
+                h.update(b"unreadable\n")
+                continue
+            stack.extend(os.path.join(p, n) for n in reversed(names))
+    return h.hexdigest()
+
+
+def cache_key(file: str, store_dir: str) -> bytes:
+    return f"{store_dir}\0{os.path.abspath(file)}".encode()
+
+
+def make_entry(drv_base: str, signatures: dict[str, str]) -> bytes:
+    """``signatures`` must be taken *before* each file was read, so a change made while
+    instantiating invalidates the entry instead of hiding behind it."""
+    return json.dumps({"drv": drv_base, "deps": dict(sorted(signatures.items()))}).encode()
+
+
+def lookup(value: bytes | None) -> str | None:
+    """The cached ``.drv`` base name if every recorded file is unchanged, else None."""
+    if value is None:
+        return None
+    entry = json.loads(value)
+    for path, sig in entry["deps"].items():
+        if stat_signature(path) != sig:
+            return None
+    return entry["drv"]
