@@ -1,0 +1,147 @@
+"""Download the objects of chosen store paths and materialise them under ``tmp/``.
+
+Input: ``(backend, RemoteInfo)`` pairs whose infos were already verified (signature and
+shape). Everything fetched is checked before use: the manifest against its digest and
+the signed root digest and size, each pack against its manifest-implied header and each
+blob in it against its digest, each chunk against its digest and each large blob against
+its digest once assembled. Sizes are capped before decompression. Blobs the local store
+already has (either executable variant) are not downloaded.
+
+All work runs in phases on one thread pool (manifests, then packs and chunks, then
+materialisation), so nothing waits on a task of its own pool.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .. import fsutil
+from ..tree import DirNode, FileNode, Node
+from . import ingest, manifest, packing
+from .layout import object_key
+
+
+@dataclass
+class _Item:
+    backend: object
+    info: object  # RemoteInfo
+    manifest: manifest.Manifest | None = None
+    tmp: str | None = None
+
+
+@dataclass
+class FetchStats:
+    objects: int = 0
+    bytes: int = 0  # stored bytes downloaded
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, n: int) -> None:
+        with self.lock:
+            self.objects += 1
+            self.bytes += n
+
+
+def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None = None) -> list:
+    """Fetch and materialise ``pairs``; return ``[(tmp dir, RemoteInfo, node)]`` ready for
+    :func:`ingest.register`. On any error the tmp dirs made so far are removed and the
+    error (IntegrityError, RemoteError) propagates; blobs already published stay (they
+    are verified and content-addressed, hence harmless)."""
+    stats = stats if stats is not None else FetchStats()
+    items = [_Item(b, i) for b, i in pairs]
+    try:
+        list(pool.map(lambda it: _fetch_manifest(it, stats), items))
+        _fetch_blobs(store, items, pool, stats)
+        list(pool.map(lambda it: _materialise(store, it), items))
+    except BaseException:
+        for it in items:
+            if it.tmp:
+                fsutil.remove_tree(it.tmp)
+        raise
+    return [(it.tmp, it.info, it.manifest.root) for it in items]
+
+
+def _get(backend, key: str, raw_size: int, stats: FetchStats) -> bytes:
+    from ..errors import IntegrityError
+
+    data = backend.get(key, packing.compress_bound(raw_size))
+    if data is None:
+        raise IntegrityError(f"cache '{backend.url}' lacks '{key}', which a signed path needs",
+                             "the cache is incomplete or was damaged")
+    stats.add(len(data))
+    return packing.decompress(data, raw_size, key)
+
+
+def _fetch_manifest(item: _Item, stats: FetchStats) -> None:
+    info = item.info
+    key = object_key("trees", info.manifest)
+    raw = _get(item.backend, key, info.manifest_size, stats)
+    packing.check_digest(raw, info.manifest, key)
+    item.manifest = manifest.decode(raw, info.root, info.size, key)
+
+
+def _variants(node: Node, out: dict) -> None:
+    """Collect ``{blob digest: {executable variants used}}`` of a tree."""
+    if isinstance(node, DirNode):
+        for child in node.entries.values():
+            _variants(child, out)
+    elif isinstance(node, FileNode):
+        out.setdefault(node.blob, set()).add(node.executable)
+
+
+def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: FetchStats) -> None:
+    needed: dict[bytes, set] = {}
+    for it in items:
+        _variants(it.manifest.root, needed)
+    # what we already have, or can make from the other variant, is not downloaded
+    for digest, variants in list(needed.items()):
+        missing = {x for x in variants if not ingest.has_blob(store, digest, x)}
+        if len(missing) == 1 and ingest.copy_variant(store, digest, next(iter(missing))):
+            missing = set()
+        if missing:
+            needed[digest] = missing
+        else:
+            del needed[digest]
+    tasks, large_files, seen = [], [], set()
+    for it in items:
+        for p in it.manifest.packs:
+            want = [b for b in p.blobs if b[0] in needed and b[0] not in seen]
+            if want:
+                seen.update(b[0] for b in want)
+                tasks.append(("pack", it.backend, p, None, 0))
+        for blob in it.manifest.large:
+            if blob.digest in needed and blob.digest not in seen:
+                seen.add(blob.digest)
+                target = ingest.LargeBlobFile(store, blob.digest, blob.size)
+                large_files.append((target, needed[blob.digest]))
+                offset = 0
+                for c in blob.chunks:
+                    tasks.append(("chunk", it.backend, c, target, offset))
+                    offset += c.raw_size
+    try:
+        list(pool.map(lambda t: _run_task(store, t, needed, stats), tasks))
+        list(pool.map(lambda lf: lf[0].publish(lf[1]), large_files))
+    finally:
+        for target, _ in large_files:
+            target.close()
+
+
+def _run_task(store, task, needed, stats: FetchStats) -> None:
+    kind, backend, obj, target, offset = task
+    if kind == "pack":
+        key = object_key("packs", obj.digest)
+        raw = _get(backend, key, obj.raw_size, stats)
+        for digest, piece in packing.split_pack(raw, obj.blobs, key):
+            for executable in needed.get(digest, ()):
+                ingest.write_blob(store, digest, executable, piece)
+    else:
+        key = object_key("chunks", obj.digest)
+        raw = _get(backend, key, obj.raw_size, stats)
+        packing.check_digest(raw, obj.digest, key)
+        target.write_at(offset, raw)
+
+
+def _materialise(store, item: _Item) -> None:
+    item.tmp = ingest.tmp_name(store, "sub")
+    store.materialise(item.manifest.root, item.tmp)

@@ -1,0 +1,81 @@
+"""The ``file:///dir`` backend: the cache layout as plain files.
+
+Written with plain system calls rather than obstore's local store because the commit
+point needs durability ordering that obstore cannot express: objects are written to
+``.tmp/`` and published with ``link()`` (atomic, and it fails instead of overwriting), and
+``barrier()`` is one ``syncfs`` so that every object is on disk before an ``info/`` file
+that names it. A static file server (or ``fimio serve``) can serve the same directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from .. import fsutil
+from ..errors import RemoteError
+from .backend import Backend, too_big
+
+
+class FileBackend(Backend):
+    def __init__(self, url: str, root: str):
+        self.url = url
+        self.root = root
+        self._tmp = os.path.join(root, ".tmp")
+        self._made: set[str] = set()
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, key)
+
+    def get(self, key: str, max_size: int) -> bytes | None:
+        try:
+            with open(self._path(key), "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > max_size:
+                    raise too_big(self.url, key, size, max_size)
+                data = f.read(max_size + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except PermissionError:
+            raise RemoteError(f"cannot read '{key}' in cache '{self.url}': permission denied") from None
+        if len(data) > max_size:
+            raise too_big(self.url, key, len(data), max_size)
+        return data
+
+    def exists(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def missing(self, keys) -> set[str]:
+        return {k for k in keys if not os.path.exists(self._path(k))}
+
+    def put(self, key: str, data: bytes) -> bool:
+        final = self._path(key)
+        if os.path.exists(final):
+            return False
+        try:
+            self._mkdirs(os.path.dirname(final))
+            tmp = os.path.join(self._tmp, f"{os.getpid()}-{os.urandom(8).hex()}")
+            with open(tmp, "xb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, final)
+                return True
+            except FileExistsError:
+                return False  # a concurrent writer published the same content-addressed object
+            finally:
+                os.unlink(tmp)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise RemoteError(f"cannot write to cache '{self.url}': {e.strerror}") from None
+            raise
+
+    def _mkdirs(self, d: str) -> None:
+        if d in self._made:
+            return
+        os.makedirs(d, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
+        self._made.add(d)
+
+    def barrier(self) -> None:
+        if os.path.isdir(self.root):
+            fsutil.syncfs(self.root)

@@ -1,0 +1,163 @@
+"""Putting fetched content into the local store: blobs into ``.links``, paths registered atomically.
+
+Blobs are written under ``tmp/`` and renamed to their ``.links`` key (the same keying as
+``LocalStore.link_path``: ``<blake3 hex>`` plus ``x`` for the executable variant) only after
+their digest was checked, so ``.links`` never holds a wrong blob. Paths are materialised
+under ``tmp/`` and registered by :func:`register` -- all of them in one LMDB transaction,
+after one ``syncfs``: a kill at any point leaves each path either valid with its whole
+closure, or absent (an unregistered directory in ``store/`` is garbage that ``verify``
+removes).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import ExitStack
+
+import blake3
+
+from .. import fsutil
+from ..errors import IntegrityError
+from ..local import PathInfo
+
+
+def tmp_name(store, tag: str) -> str:
+    """A fresh name under ``tmp/`` carrying our pid (``verify`` removes those of dead processes)."""
+    return os.path.join(store.tmp, f"{tag}-{os.getpid()}-{os.urandom(6).hex()}")
+
+
+def has_blob(store, digest: bytes, executable: bool) -> bool:
+    return os.path.exists(store.link_path(digest, executable))
+
+
+def write_blob(store, digest: bytes, executable: bool, data) -> None:
+    """Publish verified ``data`` as the blob ``digest`` (the caller checked the digest)."""
+    key = store.link_path(digest, executable)
+    if os.path.exists(key):
+        return
+    tmp = tmp_name(store, "blob")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o555 if executable else 0o444)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.utime(fd, (1, 1))
+        finally:
+            os.close(fd)
+        os.rename(tmp, key)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def copy_variant(store, digest: bytes, executable: bool) -> bool:
+    """Make the ``executable`` variant of a blob from the other one, if that one exists."""
+    other = store.link_path(digest, not executable)
+    try:
+        with open(other, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return False
+    if blake3.blake3(data).digest() != digest:
+        raise IntegrityError(f"local blob {digest.hex()} is damaged", "run 'fimio verify --check-contents'")
+    write_blob(store, digest, executable, data)
+    return True
+
+
+class LargeBlobFile:
+    """A large blob assembled from chunks written at their offsets (possibly in parallel)."""
+
+    def __init__(self, store, digest: bytes, size: int):
+        self.store, self.digest, self.size = store, digest, size
+        self.path = tmp_name(store, "blob")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o444)
+        os.ftruncate(self.fd, size)
+
+    def write_at(self, offset: int, data) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def publish(self, variants) -> None:
+        """Check the whole blob's digest, then publish it as each ``executable`` variant."""
+        try:
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            pos = 0
+            while pos < self.size:
+                buf = os.pread(self.fd, min(8 << 20, self.size - pos), pos)
+                if not buf:
+                    break
+                h.update(buf)
+                pos += len(buf)
+            if h.digest() != self.digest:
+                raise IntegrityError(f"chunks of blob {self.digest.hex()[:16]}… do not add up to it",
+                                     "the cache is corrupt or hostile")
+            os.utime(self.fd, (1, 1))
+            variants = sorted(set(variants))
+            for i, executable in enumerate(variants):
+                key = self.store.link_path(self.digest, executable)
+                if os.path.exists(key):
+                    continue
+                if i == len(variants) - 1:
+                    os.fchmod(self.fd, 0o555 if executable else 0o444)
+                    os.rename(self.path, key)
+                else:
+                    with open(self.path, "rb") as f:
+                        write_blob(self.store, self.digest, executable, f.read())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            _unlink(self.path)
+
+
+def register(store, items, realisations=(), locks_held=()) -> list:
+    """Register materialised paths in one transaction; return the paths registered.
+
+    ``items``: ``(tmp dir, PathInfo-like remote info, node)``, in any order; every reference
+    must be valid already or among ``items``. ``realisations``: Realisation objects stored
+    too (an existing local realisation is never overwritten). Paths another process made
+    valid meanwhile are skipped and their tmp dirs removed. The caller must not hold the
+    per-path locks unless it lists those paths in ``locks_held``.
+    """
+    held = {p.hash_part if hasattr(p, "hash_part") else p for p in locks_held}
+    fsutil.syncfs(store.root)
+    done = []
+    with ExitStack() as stack:
+        for tmp, info, node in sorted(items, key=lambda x: x[1].path.hash_part):
+            if info.path.hash_part not in held:
+                stack.enter_context(store.lock_path(info.path))
+        infos = []
+        for tmp, remote, node in items:
+            if store.is_valid(remote.path):
+                fsutil.remove_tree(tmp)
+                continue
+            dest = store.physical(remote.path)
+            if os.path.lexists(dest):
+                fsutil.remove_tree(dest)  # unregistered leftover of a crashed writer
+            os.rename(tmp, dest)
+            local = PathInfo(remote.path, remote.root, remote.size, sorted(remote.references), remote.deriver,
+                             time.time(), remote.ca, sorted(remote.signatures))
+            infos.append((local, node))
+        fsutil.fsync_dir(store.store)
+        with store.db.write() as txn:
+            for local, node in infos:
+                store._put_info(txn, local, node)
+                done.append(local.path)
+            rdb = store.db.dbs["realisations"]
+            for r in realisations:
+                txn.put(f"{r.drv_hash}!{r.output}".encode(), r.to_local(), db=rdb, overwrite=False)
+    return done
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,281 @@
+"""Substitution: obtain store paths (with their closures) from caches, verified.
+
+Use::
+
+    subs = SubstituterSet.from_config(store, config)            # or SubstituterSet(store, urls, keys)
+    got = subs.substitute(paths)                                 # set of StorePath now valid
+    got = subs.substitute_outputs([(drv_hash, "out", path), …])  # + realisations recorded
+    subs.close()
+
+:meth:`SubstituterSet.substitute` takes the paths not yet valid, asks every substituter
+in parallel (one batched query per substituter and closure level), takes each path from
+the first substituter in priority order that holds a correctly signed record, fetches
+the whole closure (content checked against digests, sizes capped), materialises it under
+``tmp/`` and registers everything in one transaction. It returns the requested paths
+that are valid afterwards (already valid ones included); paths no substituter holds
+(or whose closure is incomplete everywhere) are simply absent from the result, so the
+caller builds them.
+
+Errors: IntegrityError (exit 4) when the only copies of a needed path are wrongly signed,
+unsigned while ``require_sigs``, or corrupt -- nothing is registered then. RemoteError
+(exit 6) when a substituter cannot be reached or refuses us (with ``on_error="skip"`` such
+a substituter is dropped and the error kept in ``errors`` instead). UsageError when a
+cache holds another store directory. The caller must not hold the per-path locks of the
+paths (pass ``locks_held`` for those it does hold).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import FimioError, IntegrityError, RemoteError, UsageError
+from ..paths import StorePath
+from .fetch import FetchStats, fetch_paths
+from .ingest import register
+from .keys import TrustedKeys
+from .layout import MAX_INFO, MAX_REALISATION, Realisation, RemoteInfo, info_key, realisation_key
+from .push import cache_params
+from .url import open_with_config
+
+
+class Substituter:
+    """One cache as a source: its backend and, once read, its parameters."""
+
+    def __init__(self, url: str, backend, priority: int):
+        self.url, self.backend, self.priority = url, backend, priority
+        self._checked = False
+        self.empty = False
+
+    def check(self, store_dir: str) -> None:
+        if not self._checked:
+            self.empty = cache_params(self.backend, store_dir, create=False) is None
+            self._checked = True
+
+
+class SubstituterSet:
+    """Several substituters in priority order (see the module docstring for the contract)."""
+
+    def __init__(self, store, urls, trusted_keys=(), require_sigs: bool = True, config=None,
+                 jobs: int = 16, on_error: str = "raise"):
+        self.store = store
+        self.trusted = trusted_keys if isinstance(trusted_keys, TrustedKeys) else TrustedKeys(trusted_keys)
+        self.require_sigs = require_sigs
+        self.on_error = on_error
+        self.errors: list[FimioError] = []
+        self.subs = [Substituter(u, open_with_config(u, config), i) for i, u in enumerate(dict.fromkeys(urls))]
+        self.pool = ThreadPoolExecutor(max_workers=max(2, jobs))
+        self.stats = FetchStats()
+
+    @classmethod
+    def from_config(cls, store, config, urls=None, **kw) -> "SubstituterSet":
+        """Substituters ``urls`` (default: the config's), trusting the config's keys."""
+        return cls(store, config.substituters if urls is None else urls, config.trusted_public_keys,
+                   config.require_sigs, config, **kw)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        for s in self.subs:
+            s.backend.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- querying ----------------------------------------------------------------------
+
+    def _live(self) -> list[Substituter]:
+        live = []
+        for s in list(self.subs):
+            try:
+                s.check(self.store.store_dir)
+            except RemoteError as e:
+                self._fail(s, e)
+                continue
+            if not s.empty:
+                live.append(s)
+        return live
+
+    def _fail(self, sub: Substituter, e: FimioError) -> None:
+        if self.on_error != "skip":
+            raise e
+        self.errors.append(e)
+        if sub in self.subs:
+            self.subs.remove(sub)
+
+    def _get_verified(self, sub: Substituter, key: str, cap: int, parse, fingerprint_of):
+        """GET and parse one record; returns the record, None if absent, or an IntegrityError.
+
+        ``parse(key, data, where)`` raises IntegrityError for a malformed or mismatched record."""
+        data = sub.backend.get(key, cap)
+        if data is None:
+            return None
+        where = f"{sub.url}/{key}"
+        try:
+            record = parse(key, data, where)
+        except IntegrityError as e:
+            return e
+        if self.require_sigs and self.trusted.verify(fingerprint_of(record), record.signatures) is None:
+            what = "no signature by a trusted key" if record.signatures else "no signature"
+            return IntegrityError(f"'{where}' has {what}",
+                                  "add the signer's public key to trusted-public-keys, or push with --key")
+        return record
+
+    def _query_sub(self, sub: Substituter, keys: list[str], cap: int, parse, fingerprint_of) -> dict:
+        try:
+            if sub.backend.smart:
+                absent = sub.backend.missing(keys)
+                keys = [k for k in keys if k not in absent]
+            results = self.pool.map(lambda k: self._get_verified(sub, k, cap, parse, fingerprint_of), keys)
+            return {k: r for k, r in zip(keys, results) if r is not None}
+        except RemoteError as e:
+            self._fail(sub, e)
+            return {}
+
+    def _query(self, keys: list[str], cap: int, parse, fingerprint_of) -> tuple[dict, dict]:
+        """Ask every live substituter for ``keys`` at once; ``({key: (sub, record)}, {key: error})``
+        where each key is taken from the first substituter, in priority order, with a good record."""
+        live = self._live()
+        if not keys or not live:
+            return {}, {}
+        with ThreadPoolExecutor(max_workers=len(live)) as outer:
+            answers = list(outer.map(lambda s: self._query_sub(s, keys, cap, parse, fingerprint_of), live))
+        found, refused = {}, {}
+        for key in keys:
+            for sub, answer in zip(live, answers):
+                r = answer.get(key)
+                if isinstance(r, IntegrityError):
+                    refused.setdefault(key, r)
+                elif r is not None:
+                    found[key] = (sub, r)
+                    break
+        return found, {k: e for k, e in refused.items() if k not in found}
+
+    def _parse_info(self, key: str, data: bytes, where: str) -> RemoteInfo:
+        return RemoteInfo.parse(data, self.store.store_dir, key[len("info/"):-len(".json")], where)
+
+    def _parse_realisation(self, key: str, data: bytes, where: str) -> Realisation:
+        drv_hash, _, output = key[len("realisations/"):-len(".json")].partition("!")
+        return Realisation.parse(data, self.store.store_dir, drv_hash, output, where)
+
+    def query(self, paths) -> dict[StorePath, tuple[Substituter, RemoteInfo]]:
+        """For each of ``paths``, the best substituter holding a valid signed info (closures
+        not checked); paths absent or only wrongly signed are left out."""
+        return self._query_infos(list(paths))[0]
+
+    def _query_infos(self, paths: list[StorePath]):
+        store_dir = self.store.store_dir
+        keys = {info_key(p.hash_part): p for p in paths}
+        found, refused = self._query(list(keys), MAX_INFO, self._parse_info, lambda r: r.fingerprint(store_dir))
+        return ({keys[k]: v for k, v in found.items()}, {keys[k]: e for k, e in refused.items()})
+
+    # ---- substituting ------------------------------------------------------------------
+
+    def substitute(self, paths, locks_held=()) -> set[StorePath]:
+        """Make ``paths`` valid from the substituters where possible; see the module docstring."""
+        return self._substitute(list(paths), [], locks_held)
+
+    def substitute_outputs(self, outputs, locks_held=()) -> set[StorePath]:
+        """Like :meth:`substitute` for derivation outputs ``[(drv hash, output, StorePath)]``:
+        the realisations are fetched (signed, and they must name these paths and agree
+        with the fetched root digests) and recorded in the local database with the paths."""
+        store_dir = self.store.store_dir
+        want = {realisation_key(h, o): (h, o, p) for h, o, p in outputs}
+        found, refused = self._query(list(want), MAX_REALISATION, self._parse_realisation,
+                                     lambda r: r.fingerprint(store_dir))
+        realisations = []
+        for key, (sub, r) in found.items():
+            if r.path != want[key][2]:
+                raise IntegrityError(f"cache '{sub.url}' claims output '{r.output}' of {r.drv_hash} is "
+                                     f"'{r.path.logical(store_dir)}', not '{want[key][2].logical(store_dir)}'",
+                                     "the cache is corrupt or hostile")
+            realisations.append(r)
+        return self._substitute([p for _, _, p in outputs], realisations, locks_held)
+
+    def _substitute(self, paths: list[StorePath], realisations: list[Realisation], locks_held) -> set[StorePath]:
+        store = self.store
+        wanted = list(dict.fromkeys(paths))
+        chosen: dict[StorePath, tuple] = {}
+        visited: set[StorePath] = set()
+        frontier = [p for p in wanted if not store.is_valid(p)]
+        refused_all: dict[StorePath, IntegrityError] = {}
+        while frontier:
+            visited.update(frontier)
+            found, refused = self._query_infos(frontier)
+            refused_all.update(refused)
+            nxt = []
+            for p in frontier:
+                if p in found:
+                    chosen[p] = found[p]
+                    for r in found[p][1].references:
+                        if r != p and r not in visited and not store.is_valid(r):
+                            visited.add(r)
+                            nxt.append(r)
+            frontier = nxt
+        complete = _complete(store, chosen)
+        # a needed path that only exists wrongly signed or corrupt is an alarm, not a miss
+        for p, e in refused_all.items():
+            if p not in chosen and _needed(p, wanted, chosen):
+                raise e
+        if complete:
+            pairs = [(chosen[p][0].backend, chosen[p][1]) for p in sorted(complete)]
+            items = fetch_paths(store, pairs, self.pool, self.stats)
+            roots = {info.path: info.root for _, info, _ in items}
+            good_realisations = []
+            for r in realisations:
+                root = roots.get(r.path)
+                if root is None:
+                    local = store.query(r.path)
+                    root = local.root if local is not None else None
+                if root is not None and root != r.root:
+                    raise IntegrityError(f"realisation of {r.drv_hash}!{r.output} disagrees with the fetched "
+                                         "path's digest", "the cache is inconsistent; try 'fimio challenge'")
+                if root is not None:
+                    good_realisations.append(r)
+            register(store, items, good_realisations, locks_held)
+        return {p for p in wanted if store.is_valid(p)}
+
+    # ---- realisations (for challenge) -------------------------------------------------
+
+    def realisations(self, drv_hash: str, output: str) -> list[tuple[str, Realisation | IntegrityError | None]]:
+        """What each substituter claims for one derivation output, in priority order:
+        ``(url, Realisation | IntegrityError (bad/untrusted record) | None (absent))``."""
+        store_dir = self.store.store_dir
+        key = realisation_key(drv_hash, output)
+        out = []
+        for sub in list(self.subs):
+            try:
+                sub.check(store_dir)
+                r = None if sub.empty else self._get_verified(
+                    sub, key, MAX_REALISATION, self._parse_realisation, lambda x: x.fingerprint(store_dir))
+            except RemoteError as e:
+                self._fail(sub, e)
+                continue
+            out.append((sub.url, r))
+        return out
+
+
+def _complete(store, chosen: dict) -> set[StorePath]:
+    """The chosen paths whose whole closure is valid locally or chosen."""
+    ok: dict[StorePath, bool] = {}
+
+    def check(p: StorePath, stack=()) -> bool:
+        if p in ok:
+            return ok[p]
+        if p not in chosen:
+            return store.is_valid(p)
+        ok[p] = True  # provisional, for self-references
+        good = all(r == p or check(r) for r in chosen[p][1].references)
+        ok[p] = good
+        return good
+
+    for p in chosen:
+        check(p)
+    return {p for p, good in ok.items() if good and p in chosen}
+
+
+def _needed(p: StorePath, wanted, chosen) -> bool:
+    if p in wanted:
+        return True
+    return any(p in info.references for _, info in chosen.values())
