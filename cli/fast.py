@@ -59,7 +59,6 @@ def try_realise(argv: list[str]) -> int | None:
 def _realise(opts, targets) -> int | None:
     import lmdb
 
-    from fimio.store import evalcache
     from fimio.store.config import resolve_root, resolve_store_dir
 
     root = resolve_root(opts.get("--root"))
@@ -78,7 +77,7 @@ def _realise(opts, targets) -> int | None:
             cache_db = env.open_db(b"evalcache", txn=txn, create=False)
             results = []
             for target in targets:
-                drv_base = _drv_base(txn, cache_db, paths_db, target, store, store_dir, evalcache)
+                drv_base = _drv_base(txn, cache_db, paths_db, target, store, store_dir)
                 if drv_base is None:
                     return None
                 with open(os.path.join(store, drv_base), "rb") as f:
@@ -116,8 +115,10 @@ def _realise(opts, targets) -> int | None:
     return 0
 
 
-def _drv_base(txn, cache_db, paths_db, target, store, store_dir, evalcache) -> str | None:
+def _drv_base(txn, cache_db, paths_db, target, store, store_dir) -> str | None:
     if target.endswith(".toml"):
+        from fimio.store import evalcache
+
         return evalcache.lookup(txn.get(evalcache.cache_key(target, store_dir), db=cache_db))
     for prefix in (store + "/", store_dir + "/"):
         if target.startswith(prefix):

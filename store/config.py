@@ -32,9 +32,14 @@ def resolve_root(flag: str | None = None) -> str:
     return os.path.abspath(flag or os.environ.get("FIMIO_ROOT") or default_root())
 
 
-def resolve_store_dir(flag: str | None = None) -> str:
-    from .paths import check_store_dir  # lazy: keeps the no-op realise fast path light
+def check_store_dir(store_dir: str) -> str:
+    """Normalise and validate a logical store directory (absolute, no '..', no trailing '/')."""
+    if not store_dir.startswith("/") or "/../" in store_dir + "/" or "//" in store_dir:
+        raise UsageError(f"invalid store directory '{store_dir}'", "it must be an absolute, normal path")
+    return store_dir.rstrip("/") or "/"
 
+
+def resolve_store_dir(flag: str | None = None) -> str:
     return check_store_dir(flag or os.environ.get("FIMIO_STORE_DIR") or DEFAULT_STORE_DIR)
 
 

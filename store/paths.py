@@ -37,13 +37,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def check_store_dir(store_dir: str) -> str:
-    """Normalise and validate a logical store directory (absolute, no '..', no trailing '/')."""
-    if not store_dir.startswith("/") or "/../" in store_dir + "/" or "//" in store_dir:
-        raise UsageError(f"invalid store directory '{store_dir}'", "it must be an absolute, normal path")
-    return store_dir.rstrip("/") or "/"
-
-
 def is_hash_part(text: str) -> bool:
     return bool(_HASH_RE.fullmatch(text))
 
