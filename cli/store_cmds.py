@@ -23,7 +23,12 @@ from .render import path_json
 def add(opts, path, name, as_json):
     """Add a file or directory tree to the store, content-addressed; print its store path."""
     store = opts.store()
-    info = store.add_path(path, name)
+    try:
+        info = store.add_path(path, name)
+    except PermissionError as e:
+        # files are read on worker threads, outside scan()'s own PermissionError mapping
+        where = os.fsdecode(e.filename) if e.filename is not None else path
+        raise UsageError(f"cannot read '{where}': permission denied") from None
     if as_json:
         emit_json(path_json(store, info))
     else:

@@ -1,0 +1,343 @@
+"""The store commands through the real ``fimio`` console script.
+
+add, cat, ls, dump/restore (checked byte for byte against Nix), hash, path-info, query,
+verify, and the bad-input cases of the contract (one ``fimio: error:`` line, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import socket
+import stat
+import subprocess
+
+import pytest
+
+from conftest import STORE_DIR, assert_one_error_line, nix_available
+from fimio.store.local import LocalStore
+from fimio.store.tree import format_digest, scan
+
+
+def make_pkg(path: pathlib.Path) -> pathlib.Path:
+    (path / "bin").mkdir(parents=True)
+    (path / "share" / "doc").mkdir(parents=True)
+    (path / "share" / "empty").mkdir()
+    (path / "bin" / "hello").write_bytes(b"#!/bin/sh\necho hello\n")
+    os.chmod(path / "bin" / "hello", 0o755)
+    (path / "share" / "doc" / "README").write_text("read me\n")
+    (path / "data.bin").write_bytes(bytes(range(256)) * 64)
+    os.symlink("bin/hello", path / "run")
+    return path
+
+
+def open_store(cli) -> LocalStore:
+    return LocalStore(str(cli.root), STORE_DIR)
+
+
+def registered(cli) -> tuple[set[str], set[str]]:
+    """(valid base names, entries of store/ other than .links)."""
+    s = open_store(cli)
+    try:
+        return {i.path.base for i in s.all_paths()}, {e for e in os.listdir(s.store) if e != ".links"}
+    finally:
+        s.close()
+
+
+# ---- add / cat / ls / hash -------------------------------------------------------------
+
+def test_add_prints_physical_path(cli, tmp_path):
+    src = make_pkg(tmp_path / "pkg")
+    out = cli.out("add", src)
+    assert len(out.splitlines()) == 1
+    assert out.startswith(str(cli.physical_store) + "/") and out.endswith("-pkg")
+    assert os.path.isdir(out) and scan(out).digest == scan(src).digest
+    # adding again prints the same path; --name renames
+    assert cli.out("add", src) == out
+    named = cli.out("add", "--name", "hello-1.0", src)
+    assert named.endswith("-hello-1.0") and named != out
+
+
+def test_add_json(cli, tmp_path):
+    src = make_pkg(tmp_path / "pkg")
+    rec = json.loads(cli.out("add", "--json", src))
+    base = os.path.basename(rec["physical"])
+    assert rec["path"] == f"{STORE_DIR}/{base}"
+    assert rec["physical"] == str(cli.physical_store / base)
+    assert rec["digest"] == format_digest(scan(src).digest)
+    assert rec["hash"] == base[:32] and rec["name"] == "pkg" and rec["references"] == []
+    assert rec["size"] == len(b"#!/bin/sh\necho hello\n") + 8 + 256 * 64
+
+
+def test_hash_equals_add_digest(cli, tmp_path):
+    src = make_pkg(tmp_path / "pkg")
+    digest = cli.out("hash", src)
+    assert digest == format_digest(scan(src).digest)
+    assert json.loads(cli.out("add", "--json", src))["digest"] == digest
+    assert json.loads(cli.out("hash", "--json", src))["digest"] == digest
+    # hash adds nothing
+    f = tmp_path / "lonely"
+    f.write_text("x")
+    cli.out("hash", f)
+    assert all(not b.endswith("-lonely") for b in registered(cli)[0])
+
+
+def test_cat(cli, tmp_path):
+    src = make_pkg(tmp_path / "pkg")
+    p = cli.out("add", src)
+    assert cli.out("cat", f"{p}/share/doc/README") == "read me"
+    base = os.path.basename(p)
+    assert cli("cat", f"{STORE_DIR}/{base}/bin/hello", check=0).stdout == "#!/bin/sh\necho hello\n"
+    assert cli("cat", f"{base[:32]}/data.bin", check=0, text=False).stdout == bytes(range(256)) * 64
+    assert cli("cat", f"{p}/run", check=0).stdout == "#!/bin/sh\necho hello\n"  # follows a link inside
+    f = tmp_path / "single.txt"
+    f.write_bytes(b"single file\n")
+    assert cli("cat", cli.out("add", f), check=0).stdout == "single file\n"
+    assert_one_error_line(cli("cat", p), 2, "directory")
+    assert_one_error_line(cli("cat", f"{p}/nope"), 5, "nope")
+    assert_one_error_line(cli("cat", "0" * 32), 5)
+
+
+def test_ls(cli, tmp_path):
+    p = cli.out("add", make_pkg(tmp_path / "pkg"))
+    assert cli.out("ls", p).splitlines() == ["bin", "data.bin", "run -> bin/hello", "share"]
+    assert cli.out("ls", "-R", p).splitlines() == [
+        "bin", "bin/hello", "data.bin", "run -> bin/hello",
+        "share", "share/doc", "share/doc/README", "share/empty",
+    ]
+    assert cli.out("ls", f"{p}/share").splitlines() == ["doc", "empty"]
+    entries = {e["name"]: e for e in json.loads(cli.out("ls", "-R", "--json", p))}
+    assert entries["bin/hello"]["type"] == "executable"
+    assert entries["data.bin"] == {"name": "data.bin", "type": "regular", "size": 256 * 64, "target": None}
+    assert entries["run"]["target"] == "bin/hello"
+
+
+# ---- dump / restore against Nix ---------------------------------------------------------
+
+@pytest.mark.nix
+def test_dump_is_byte_identical_to_nix_over_the_corpus(cli, tmp_path):
+    nix_available("nix-store")
+    from treecorpus import make_corpus
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    samples = make_corpus(corpus)
+    assert len(samples) >= 10
+    for sample in samples:
+        p = cli.out("add", sample)
+        ours = cli("dump", p, check=0, text=False).stdout
+        # Nix agrees with us on the original tree...
+        nix_src = subprocess.run(["nix-store", "--dump", str(sample)], check=True, capture_output=True).stdout
+        assert ours == nix_src, sample.name
+        # ...and restoring our NAR with Nix and dumping it again gives the same bytes
+        dest = tmp_path / "nix-restored" / sample.name
+        dest.parent.mkdir(exist_ok=True)
+        subprocess.run(["nix-store", "--restore", str(dest)], input=ours, check=True)
+        again = subprocess.run(["nix-store", "--dump", str(dest)], check=True, capture_output=True).stdout
+        assert again == ours, sample.name
+        # and our restore of it hashes to the digest add printed
+        mine = tmp_path / "fimio-restored" / sample.name
+        mine.parent.mkdir(exist_ok=True)
+        cli("restore", mine, input=ours, check=0)
+        assert cli.out("hash", mine) == json.loads(cli.out("path-info", "--json", p))[0]["digest"], sample.name
+
+
+def test_restore_from_stdin(cli, tmp_path):
+    src = make_pkg(tmp_path / "pkg")
+    p = cli.out("add", src)
+    nar = cli("dump", f"{os.path.basename(p)[:32]}", check=0, text=False).stdout
+    assert nar.startswith(b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1")
+    dest = tmp_path / "out"
+    cli("restore", dest, input=nar, check=0)
+    assert scan(dest).digest == scan(src).digest
+    assert os.readlink(dest / "run") == "bin/hello"
+    assert os.stat(dest / "bin" / "hello").st_mode & 0o100
+    # a sub-path dumps alone
+    sub = cli("dump", f"{p}/share/doc/README", check=0, text=False).stdout
+    cli("restore", tmp_path / "readme", input=sub, check=0)
+    assert (tmp_path / "readme").read_text() == "read me\n"
+
+
+# ---- path-info / query ------------------------------------------------------------------
+
+def _graph(cli, tmp_path):
+    """lib (a tree) <- mid (text) <- top (text); returns physical paths."""
+    lib = cli.out("add", make_pkg(tmp_path / "lib"))
+    s = open_store(cli)
+    try:
+        lib_p = s.resolve(lib)[0]
+        mid = s.add_text("mid.txt", b"uses " + s.logical(lib_p).encode(), [lib_p]).path
+        top = s.add_text("top.txt", b"uses mid and lib", [mid, lib_p]).path
+        return lib, s.physical(mid), s.physical(top)
+    finally:
+        s.close()
+
+
+def test_path_info(cli, tmp_path):
+    lib, mid, top = _graph(cli, tmp_path)
+    lib_size = len(b"#!/bin/sh\necho hello\n") + 8 + 256 * 64
+    mid_size = len(b"uses " + STORE_DIR.encode()) + 1 + len(os.path.basename(lib))
+    top_size = len(b"uses mid and lib")
+    assert cli.out("path-info", top) == f"{top}\t{top_size}"
+    assert cli.out("path-info", "-S", top) == f"{top}\t{top_size}\t{top_size + mid_size + lib_size}"
+    lines = cli.out("path-info", "-r", top).splitlines()
+    assert [line.split("\t")[0] for line in lines] == sorted([lib, mid, top], key=os.path.basename)
+    [rec] = json.loads(cli.out("path-info", "--json", "-S", top))
+    assert rec["closureSize"] == top_size + mid_size + lib_size
+    assert sorted(rec["references"]) == sorted(f"{STORE_DIR}/{os.path.basename(x)}" for x in (lib, mid))
+    assert rec["physical"] == top and rec["ca"] == "text"
+    assert len(json.loads(cli.out("path-info", "--json", "-r", top))) == 3
+    # logical path and hash part are accepted too
+    assert cli.out("path-info", f"{STORE_DIR}/{os.path.basename(mid)}").split("\t")[0] == mid
+    assert cli.out("path-info", os.path.basename(lib)[:32]).split("\t")[0] == lib
+    assert_one_error_line(cli("path-info", "0" * 32), 5)
+
+
+def test_query(cli, tmp_path):
+    lib, mid, top = _graph(cli, tmp_path)
+    by_base = lambda *ps: sorted(ps, key=os.path.basename)  # noqa: E731
+    assert cli.out("query", "--references", top).splitlines() == by_base(lib, mid)
+    assert cli.out("query", "--references", lib) == ""
+    assert cli.out("query", "--referrers", lib).splitlines() == by_base(mid, top)
+    assert cli.out("query", "--referrers", top) == ""
+    assert cli.out("query", "--requisites", top).splitlines() == by_base(lib, mid, top)
+    assert cli.out("query", "--requisites", mid).splitlines() == by_base(lib, mid)
+    tree = cli.out("query", "--tree", top).splitlines()
+    assert tree[0] == top and len(tree) == 4  # top, its two refs, and lib again under mid
+    assert any(line.endswith(lib) or line.endswith(f"{lib} [...]") for line in tree[1:])
+    assert {line.lstrip("│├└─ ").removesuffix(" [...]") for line in tree} == {lib, mid, top}
+    [t] = json.loads(cli.out("query", "--tree", "--json", top))
+    assert t["path"] == f"{STORE_DIR}/{os.path.basename(top)}" and len(t["references"]) == 2
+    reqs = json.loads(cli.out("query", "--requisites", "--json", top))
+    assert {r["physical"] for r in reqs} == {lib, mid, top}
+    assert_one_error_line(cli("query", top), 2)
+
+
+# ---- verify -----------------------------------------------------------------------------
+
+def test_verify_clean_store(cli, tmp_path):
+    _graph(cli, tmp_path)
+    proc = cli("verify", "--check-contents", check=0)
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    cli("verify", check=0)
+    assert json.loads(cli.out("verify", "--json"))["ok"] is True
+
+
+def test_verify_finds_a_flipped_byte(cli, tmp_path):
+    p = pathlib.Path(cli.out("add", make_pkg(tmp_path / "pkg")))
+    victim = p / "data.bin"
+    mode = stat.S_IMODE(os.stat(victim).st_mode)
+    os.chmod(victim, mode | stat.S_IWUSR)
+    with open(victim, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.chmod(victim, mode)
+    cli("verify", check=0)  # without --check-contents nothing is rehashed
+    proc = cli("verify", "--check-contents")
+    assert_one_error_line(proc, 4)
+    logical = f"{STORE_DIR}/{p.name}"
+    assert f"{logical}/data.bin: contents differ" in proc.stdout
+    assert len(proc.stdout.splitlines()) == 1
+    problems = json.loads(cli("verify", "--check-contents", "--json", check=4).stdout)["problems"]
+    assert [x["file"] for x in problems] == ["data.bin"]
+
+
+def test_verify_finds_a_deleted_file(cli, tmp_path):
+    p = pathlib.Path(cli.out("add", make_pkg(tmp_path / "pkg")))
+    d = p / "share" / "doc"
+    os.chmod(d, 0o755)
+    os.unlink(d / "README")
+    os.chmod(d, 0o555)
+    proc = cli("verify", "--check-contents")
+    assert_one_error_line(proc, 4)
+    assert f"{STORE_DIR}/{p.name}/share/doc/README: is missing" in proc.stdout.splitlines()
+
+
+def test_verify_finds_a_deleted_path(cli, tmp_path):
+    p = pathlib.Path(cli.out("add", make_pkg(tmp_path / "pkg")))
+    os.chmod(p, 0o755)
+    shutil.rmtree(p, ignore_errors=False, onerror=lambda f, path, e: (os.chmod(os.path.dirname(path), 0o755), f(path)))
+    proc = cli("verify")
+    assert_one_error_line(proc, 4)
+    assert f"{STORE_DIR}/{p.name}: is registered but missing on disk" in proc.stdout
+
+
+# ---- bad input (contract acceptance 6) ---------------------------------------------------
+
+def test_add_nonexistent_path(cli, tmp_path):
+    proc = cli("add", tmp_path / "does-not-exist")
+    assert_one_error_line(proc, 2, "does-not-exist")
+    assert proc.stdout == ""
+    assert_one_error_line(cli("hash", tmp_path / "does-not-exist"), 2, "does-not-exist")
+
+
+def _drop_root_read_bypass() -> list[str]:
+    """A command prefix under which root is subject to file permissions like anyone else."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root and setpriv is not installed: cannot make a file unreadable")
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", "--bounding-set", caps, "--inh-caps", caps]
+
+
+@pytest.mark.parametrize("what", ["file", "directory"])
+def test_add_unreadable(cli, tmp_path, what):
+    prefix = _drop_root_read_bypass()
+    src = make_pkg(tmp_path / "pkg")
+    victim = src / "share" / "doc" / ("README" if what == "file" else "")
+    victim = victim if what == "file" else src / "share" / "doc"
+    os.chmod(victim, 0)
+    try:
+        if subprocess.run([*prefix, "cat" if what == "file" else "ls", str(victim)],
+                          capture_output=True).returncode == 0:
+            pytest.skip("this environment can read a mode-000 file even with the capabilities dropped")
+        before = registered(cli)
+        proc = cli("add", src, prefix=prefix)
+        assert_one_error_line(proc, 2, str(victim.relative_to(tmp_path)), "permission denied")
+        assert proc.stdout == ""
+        assert registered(cli) == before == (set(), set())
+    finally:
+        os.chmod(victim, 0o755)
+
+
+def test_add_tree_with_a_socket(cli, tmp_path):
+    first = cli.out("add", make_pkg(tmp_path / "first"))
+    before = registered(cli)
+    assert before == ({os.path.basename(first)}, {os.path.basename(first)})
+    src = make_pkg(tmp_path / "pkg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(src / "share" / "control.sock"))
+    try:
+        proc = cli("add", src)
+    finally:
+        sock.close()
+    assert_one_error_line(proc, 2, "control.sock", "socket")
+    assert proc.stdout == ""
+    assert registered(cli) == before
+    assert cli.out("path-info", "-r", first).split("\t")[0] == first
+    cli("verify", "--check-contents", check=0)
+
+
+@pytest.mark.parametrize("name", [".hidden", "a b", "", "x/y", "é"])
+def test_add_invalid_name(cli, tmp_path, name):
+    src = make_pkg(tmp_path / "pkg")
+    proc = cli("add", "--name", name, src)
+    assert_one_error_line(proc, 2, "invalid store path name")
+    assert proc.stdout == "" and registered(cli) == (set(), set())
+
+
+def test_add_invalid_default_name_needs_name(cli, tmp_path):
+    src = make_pkg(tmp_path / "my package")
+    assert_one_error_line(cli("add", src), 2, "my package")
+    assert cli.out("add", "--name", "my-package", src).endswith("-my-package")
+
+
+def test_bad_flag_and_bad_store_path(cli, tmp_path):
+    assert_one_error_line(cli("add", "--no-such-flag", tmp_path), 2)
+    assert_one_error_line(cli("ls", "not-a-store-path"), 2)
+    assert_one_error_line(cli("cat", str(tmp_path)), 5, str(tmp_path))
