@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import fsutil
 from ..errors import FimioError, IntegrityError, RemoteError, UsageError
 from ..paths import StorePath
 from .fetch import FetchStats, fetch_paths
@@ -218,9 +219,16 @@ class SubstituterSet:
         for p, e in refused_all.items():
             if p not in chosen and _needed(p, wanted, chosen):
                 raise e
-        if complete:
+        if complete or realisations:
             pairs = [(chosen[p][0].backend, chosen[p][1]) for p in sorted(complete)]
-            items = fetch_paths(store, pairs, self.pool, self.stats)
+            with _writing(store):
+                self._fetch_and_register(pairs, realisations, locks_held)
+        return {p for p in wanted if store.is_valid(p)}
+
+    def _fetch_and_register(self, pairs, realisations, locks_held) -> None:
+        store = self.store
+        items = fetch_paths(store, pairs, self.pool, self.stats) if pairs else []
+        try:
             roots = {info.path: info.root for _, info, _ in items}
             good_realisations = []
             for r in realisations:
@@ -234,7 +242,19 @@ class SubstituterSet:
                 if root is not None:
                     good_realisations.append(r)
             register(store, items, good_realisations, locks_held)
-        return {p for p in wanted if store.is_valid(p)}
+        except BaseException:
+            for tmp, _, _ in items:
+                fsutil.remove_tree(tmp)
+            raise
+
+    def lookup_hash(self, hash_part: str) -> StorePath | None:
+        """The store path with this hash part that the first substituter holding it names."""
+        found, refused = self._query_infos([StorePath(hash_part, "x")])
+        for (sub, info) in found.values():
+            return info.path
+        for e in refused.values():
+            raise e
+        return None
 
     # ---- realisations (for challenge) -------------------------------------------------
 
@@ -254,6 +274,14 @@ class SubstituterSet:
                 continue
             out.append((sub.url, r))
         return out
+
+
+def _writing(store):
+    """The store's shared GC lock (a concurrent ``gc`` must not delete fresh blobs), if any."""
+    import contextlib
+
+    writing = getattr(store, "writing", None)
+    return writing() if writing is not None else contextlib.nullcontext()
 
 
 def _complete(store, chosen: dict) -> set[StorePath]:

@@ -1,0 +1,327 @@
+"""``fimio serve``: the cache over HTTP (``spec/cache.md`` §Server).
+
+* ``GET``/``HEAD /<key>``: the same URL space as the static layout. The object's existence
+  and size are established before any header is sent, so a 200 is never started that
+  cannot be finished; bodies are streamed (``sendfile`` for ``file://`` caches).
+* ``POST /_api/v1/missing`` ``{"keys": [...]}`` -> ``{"missing": [...]}`` (at most 100,000 keys).
+* ``PUT /<key>`` with a write token: bounded size; content-addressed objects (``trees/``,
+  ``chunks/``, ``packs/``) are checked against their address before they are published;
+  an ``info/`` file is refused (409) unless its manifest is already there, and is published
+  only after everything uploaded before it is durable. Objects are never overwritten: a
+  PUT of an existing key answers 200 and changes nothing.
+* Tokens file: one ``TOKEN read`` or ``TOKEN write`` per line (``#`` comments); ``write``
+  implies ``read``. Without a tokens file the server is read-only for everyone; with one,
+  reads need a token unless ``anonymous_read``. 401 = no/unknown token, 403 = wrong scope.
+* SIGTERM/SIGINT: stop accepting, finish requests in flight, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hmac
+import json
+import os
+import re
+import signal
+import sys
+
+from aiohttp import web
+
+from .. import fsutil
+from ..errors import IntegrityError, RemoteError, UsageError
+from . import packing
+from .layout import CACHE_INFO_KEY, MAX_MANIFEST, MAX_OBJECT
+
+_KEY_RE = re.compile(
+    r"fimio-cache\.json"
+    r"|info/[0-9a-df-np-sv-z]{32}\.json"
+    r"|realisations/[0-9a-z]{16,128}![A-Za-z0-9+\-._?=]{1,64}\.json"
+    r"|(?:trees|chunks|packs)/[0-9a-f]{2}/[0-9a-f]{64}\.zst"
+    r"|logs/[0-9a-z]{16,128}\.zst"
+    r"|records/[0-9a-z]{16,128}/[0-9A-Za-z_.-]{1,64}\.json"
+)
+MAX_KEYS = 100_000
+MAX_QUERY_BODY = 16 << 20
+
+
+def load_tokens(path: str) -> dict[str, str]:
+    """Parse a tokens file into ``{token: "read"|"write"}``; UsageError on a bad line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read tokens file '{path}': {e.strerror}") from None
+    tokens = {}
+    for n, line in enumerate(lines, 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or parts[1] not in ("read", "write") or len(parts[0]) < 8:
+            raise UsageError(f"{path}:{n}: expected 'TOKEN read' or 'TOKEN write' (tokens of 8+ characters)")
+        tokens[parts[0]] = parts[1]
+    return tokens
+
+
+class CacheServer:
+    def __init__(self, cache_url: str, tokens: dict[str, str] | None = None, anonymous_read: bool = False,
+                 max_upload: int = 256 << 20):
+        from .url import open_backend, parse_cache_url
+
+        self.url = parse_cache_url(cache_url)
+        self.root = self.url.location if self.url.scheme == "file" else None
+        self.backend = None if self.root else open_backend(self.url)
+        self.tokens = tokens
+        self.anonymous_read = anonymous_read or tokens is None
+        self.max_upload = max_upload
+        if self.root:
+            os.makedirs(os.path.join(self.root, ".tmp"), exist_ok=True)
+
+    # ---- auth -------------------------------------------------------------------------
+
+    def _scope(self, request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Bearer ") or not self.tokens:
+            return None
+        given = header[7:].strip()
+        for token, scope in self.tokens.items():
+            if hmac.compare_digest(token.encode(), given.encode()):
+                return scope
+        return None
+
+    def _require(self, request, want: str) -> None:
+        if want == "read" and self.anonymous_read:
+            return
+        if self.tokens is None:
+            raise web.HTTPForbidden(text="this cache is read-only (the server was started without --tokens)\n")
+        scope = self._scope(request)
+        if scope is None:
+            raise web.HTTPUnauthorized(text="a bearer token is required\n", headers={"WWW-Authenticate": "Bearer"})
+        if want == "write" and scope != "write":
+            raise web.HTTPForbidden(text="this token may only read\n")
+
+    # ---- handlers ---------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_QUERY_BODY, middlewares=[_errors])
+        app.router.add_post("/_api/v1/missing", self.missing)
+        app.router.add_get("/{key:.+}", self.get)  # also answers HEAD
+        app.router.add_route("PUT", "/{key:.+}", self.put)
+        return app
+
+    async def get(self, request):
+        self._require(request, "read")
+        key = _key(request)
+        if self.root:
+            path = os.path.join(self.root, key)
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                raise web.HTTPNotFound() from None
+            return web.FileResponse(path, headers={"Content-Type": _ctype(key)}) if st.st_size else web.Response(
+                body=b"", content_type=_ctype(key))
+        import obstore
+
+        try:
+            result = await obstore.get_async(self.backend.store, key)
+        except FileNotFoundError:
+            raise web.HTTPNotFound() from None
+        size = result.meta["size"]
+        resp = web.StreamResponse(headers={"Content-Type": _ctype(key)})
+        resp.content_length = size
+        await resp.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in result.stream(min_chunk_size=1 << 20):
+                await resp.write(bytes(chunk))
+        await resp.write_eof()
+        return resp
+
+    async def missing(self, request):
+        self._require(request, "read")
+        try:
+            body = await request.json()
+            keys = body["keys"]
+            if not isinstance(keys, list) or len(keys) > MAX_KEYS or not all(isinstance(k, str) for k in keys):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise web.HTTPBadRequest(text=f'expected {{"keys": [at most {MAX_KEYS} strings]}}\n') from None
+        if self.root:
+            loop = asyncio.get_running_loop()
+            absent = await loop.run_in_executor(None, self._missing_files, keys)
+        else:
+            absent = await self._missing_remote(keys)
+        return web.json_response({"missing": absent})
+
+    def _missing_files(self, keys) -> list[str]:
+        root = self.root
+        return [k for k in keys if not _KEY_RE.fullmatch(k) or not os.path.exists(os.path.join(root, k))]
+
+    async def _missing_remote(self, keys) -> list[str]:
+        import obstore
+
+        sem = asyncio.Semaphore(32)
+
+        async def absent(k):
+            if not _KEY_RE.fullmatch(k):
+                return True
+            async with sem:
+                try:
+                    await obstore.head_async(self.backend.store, k)
+                    return False
+                except FileNotFoundError:
+                    return True
+
+        flags = await asyncio.gather(*(absent(k) for k in keys))
+        return [k for k, f in zip(keys, flags) if f]
+
+    async def put(self, request):
+        self._require(request, "write")
+        key = _key(request)
+        length = request.content_length
+        if length is None:
+            raise web.HTTPLengthRequired(text="Content-Length is required\n")
+        if length > self.max_upload:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.max_upload, actual_size=length)
+        data = await request.content.readexactly(length) if length else b""
+        loop = asyncio.get_running_loop()
+        try:
+            created = await loop.run_in_executor(None, self._store_object, key, data)
+        except IntegrityError as e:
+            raise web.HTTPBadRequest(text=f"{e.message}\n") from None
+        return web.Response(status=201 if created else 200)
+
+    def _store_object(self, key: str, data: bytes) -> bool:
+        """Check and publish one uploaded object (runs in a worker thread)."""
+        _check_upload(key, data)
+        if key.startswith("info/"):
+            manifest = _manifest_key(data)
+            if manifest is None:
+                raise IntegrityError("an info file needs a manifest digest")
+            if not self._exists(manifest):
+                raise web.HTTPConflict(text=f"upload '{manifest}' before the info that names it\n")
+        if self.root is None:
+            return self.backend.put(key, data)
+        final = os.path.join(self.root, key)
+        if os.path.exists(final):
+            return False
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        tmp = os.path.join(self.root, ".tmp", f"{os.getpid()}-{os.urandom(8).hex()}")
+        with open(tmp, "xb") as f:
+            f.write(data)
+            if key.startswith(("info/", "realisations/")):
+                os.fsync(f.fileno())
+        try:
+            if key.startswith("info/"):
+                fsutil.syncfs(self.root)  # every object uploaded before is durable first
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _exists(self, key: str) -> bool:
+        if self.root:
+            return os.path.exists(os.path.join(self.root, key))
+        return self.backend.exists(key)
+
+
+def _key(request) -> str:
+    key = request.match_info["key"]
+    if not _KEY_RE.fullmatch(key):
+        raise web.HTTPNotFound()
+    return key
+
+
+def _ctype(key: str) -> str:
+    return "application/json" if key.endswith(".json") else "application/zstd"
+
+
+def _manifest_key(data: bytes) -> str | None:
+    try:
+        digest = json.loads(data)["manifest"]["digest"]
+        hexpart = digest[7:] if digest.startswith("blake3:") else digest
+        bytes.fromhex(hexpart)
+        return f"trees/{hexpart[:2]}/{hexpart}.zst" if len(hexpart) == 64 else None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _check_upload(key: str, data: bytes) -> None:
+    """Refuse content that does not match its address (a bad object would stay forever)."""
+    if key.endswith(".json"):
+        try:
+            if not isinstance(json.loads(data), dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise IntegrityError(f"'{key}' is not a JSON object") from None
+        return
+    kind = key.split("/", 1)[0]
+    if kind not in ("trees", "chunks", "packs"):
+        return
+    import zstandard
+
+    try:
+        raw_size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError:
+        raise IntegrityError(f"'{key}' is not a zstd frame") from None
+    limit = MAX_MANIFEST if kind == "trees" else MAX_OBJECT
+    if raw_size < 0 or raw_size > limit:
+        raise IntegrityError(f"'{key}' has no or too large a content size")
+    raw = packing.decompress(data, raw_size, key)
+    digest = bytes.fromhex(key.rsplit("/", 1)[1][:64])
+    if kind == "packs":
+        blobs = packing.parse_pack(raw, key)
+        if packing.pack_id(blobs) != digest:
+            raise IntegrityError(f"'{key}' does not match its address")
+    else:
+        packing.check_digest(raw, digest, key)
+
+
+@web.middleware
+async def _errors(request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except (RemoteError, OSError) as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise web.HTTPInsufficientStorage(text="the cache is out of space\n") from None
+        print(f"fimio serve: {request.method} {request.path}: {e}", file=sys.stderr, flush=True)
+        raise web.HTTPBadGateway(text="the cache's storage failed\n") from None
+    except Exception as e:  # never leak internals over HTTP
+        print(f"fimio serve: {request.method} {request.path}: internal error: {e!r}", file=sys.stderr, flush=True)
+        raise web.HTTPInternalServerError(text="internal error\n") from None
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"bad --listen '{text}'", "expected HOST:PORT, e.g. 127.0.0.1:8080 or [::1]:8080")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def run(server: CacheServer, host: str, port: int, ready=None) -> None:
+    """Serve until SIGTERM/SIGINT. ``ready(url)`` is called once the socket listens."""
+
+    async def main():
+        runner = web.AppRunner(server.app(), handle_signals=False, access_log=None, shutdown_timeout=10)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        bound = site._server.sockets[0].getsockname()[1]
+        if ready:
+            ready(f"http://{'[' + host + ']' if ':' in host else host}:{bound}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
