@@ -29,6 +29,8 @@ def run(argv: list[str] | None = None) -> int:
         result = cli.main(args=argv, prog_name="fimio", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except FimioError as e:
+        for line in e.details:
+            print(f"  {line}", file=sys.stderr)
         _fail(e.message, e.hint)
         return e.exit_code
     except click.exceptions.Exit as e:

@@ -73,16 +73,24 @@ def _log_sink(drv, line: bytes) -> None:
 
 
 def open_substituters(opts, store, urls, no_substitute, offline):
-    """The substituters a realise may use (flags win over the config); None when there are none."""
+    """The substituters a realise may use (flags win over the config); None when there are none.
+
+    Offline, only ``file://`` caches are used: no network connection is ever attempted.
+    """
     if no_substitute:
         return None
     config = opts.config()
     urls = list(urls) or list(config.substituters)
+    if offline:
+        skipped = [u for u in urls if not u.startswith("file://")]
+        if skipped:
+            info(opts, f"offline: not using {', '.join(skipped)}")
+        urls = [u for u in urls if u.startswith("file://")]
     if not urls:
         return None
-    from fimio.store.substitute import open_substituters as open_set
+    from fimio.store.cache.substitute import SubstituterSet
 
-    return open_set(store, config, urls, offline=offline)
+    return SubstituterSet.from_config(store, config, urls=urls, on_error="skip")
 
 
 @click.command()
@@ -125,6 +133,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
         progress=progress,
     )
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
+    realiser.warn = lambda message: info(opts, f"warning: {message}")
     try:
         outcome = realiser.realise(list(targets))
         checks = None
@@ -142,6 +151,10 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
     finally:
         progress.clear()
         realiser.close()
+        if options.substituters is not None:
+            for err in options.substituters.errors:
+                info(opts, f"warning: {err.message}")
+            options.substituters.close()
     links = {} if no_out_link else _out_links(store, outcome, out_link)
     if as_json:
         emit_json({

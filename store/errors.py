@@ -14,10 +14,11 @@ class FimioError(Exception):
     exit_code = 2
     default_hint: str | None = None
 
-    def __init__(self, message: str, hint: str | None = None):
+    def __init__(self, message: str, hint: str | None = None, details: list[str] | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint if hint is not None else self.default_hint
+        self.details = details or []  # extra lines (e.g. each missing item), shown before the error
 
     def __str__(self) -> str:
         return self.message

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import build as buildmod
 from .db import dumps, loads
 from .derivation import Derivation
-from .errors import BuildError, NotFound
+from .errors import BuildError, IntegrityError, NotFound
 from .instantiate import Graph
 from .paths import StorePath
 from .roots import TempRoots
@@ -73,6 +73,8 @@ class Realiser:
         )
         self._temp_roots: TempRoots | None = None
         self._lock = threading.Lock()
+        self.substituted: list[str] = []
+        self.warn = lambda message: None  # the CLI shows these on stderr
 
     @property
     def temp_roots(self) -> TempRoots:
@@ -111,10 +113,26 @@ class Realiser:
                     dep = self.graph.load(path)
                     if any(not self.store.is_valid(dep.output_paths()[o]) for o in outs):
                         nxt.append(dep)
-                self._check_sources(drv)
             frontier = nxt
+        self._check_obtainable(list(needed.values()))
         order = self.graph.closure(list(needed.values()))
         return [d for d in order if d.drv_path.base in needed]
+
+    def _check_obtainable(self, needed: list[Derivation]) -> None:
+        """Fail early, naming every item, when something needed cannot be had here."""
+        missing = []
+        for drv in needed:
+            for i in drv.inputs.values():
+                if i.kind != "drv" and not self.store.is_valid(_base(i.path)):
+                    missing.append(f"{i.path}: source of {drv.drv_path.base}, not in the store")
+            if drv.is_fixed_output and self.options.offline:
+                missing.append(f"{drv.outputs['out']}: fixed-output derivation {drv.drv_path.base} "
+                               f"was never fetched ({drv.fetch['url']})")
+        if missing:
+            where = "offline" if self.options.offline else "here"
+            raise NotFound(f"{len(missing)} item(s) needed for this realise cannot be obtained {where}",
+                           "run 'fimio prefetch' while online, or import a bundle" if self.options.offline
+                           else "re-instantiate from the derivation files", details=sorted(set(missing)))
 
     def _protect(self, roots: list[Derivation]) -> None:
         """Temp-root the whole graph (derivations, sources, outputs) before judging validity."""
@@ -125,27 +143,28 @@ class Realiser:
             paths.extend(_base(i.path) for i in drv.inputs.values() if i.kind != "drv")
         self.temp_roots.add(paths)
 
-    def _check_sources(self, drv: Derivation) -> None:
-        paths = [_base(i.path) for i in drv.inputs.values() if i.kind != "drv"]
-        self.temp_roots.add(paths)
-        for p in paths:
-            if not self.store.is_valid(p):
-                raise NotFound(f"input '{self.store.logical(p)}' of '{drv.drv_path.base}' is missing",
-                               "re-instantiate from the derivation file, or fetch it from a cache")
-
     def _substitute(self, drvs: list[Derivation]) -> None:
+        """Fetch what the substituters have of ``drvs``' missing outputs (one batched query).
+
+        A cache whose copy fails verification is not trusted, and the output is built
+        instead; the refusal is reported as a warning."""
         if not self.options.substituters:
             return
-        wanted = [p for d in drvs for p in self.missing_outputs(d)]
-        if wanted:
-            got = self.options.substituters.substitute(wanted)
-            with self._lock:
-                self.substituted.extend(self.store.logical(p) for p in got)
+        wanted = [(d.drv_hash, name, path) for d in drvs for name, path in d.output_paths().items()
+                  if not self.store.is_valid(path)]
+        if not wanted:
+            return
+        try:
+            got = self.options.substituters.substitute_outputs(wanted)
+        except IntegrityError as e:
+            self.warn(f"{e.message}; building instead")
+            return
+        with self._lock:
+            self.substituted.extend(self.store.logical(p) for _, _, p in wanted if p in got)
 
     # ---- building ----------------------------------------------------------------------
 
     def realise(self, targets: list[str]) -> Outcome:
-        self.substituted: list[str] = []
         roots = self.load_targets(targets)
         todo = self.plan(roots)
         built = self._build_all(todo)
