@@ -177,8 +177,8 @@ def _line_of(text: str, key: str, table: str | None = None) -> int:
             current = stripped.strip("[] ")
             if current == table:
                 table_line = n
-            elif table and current.replace('"', "").replace(" ", "") == f"{table}.{key}":
-                return n  # a sub-table such as [inputs.src]
+            elif current.replace('"', "").replace(" ", "") == (f"{table}.{key}" if table else key):
+                return n  # a table header: [inputs.src] for an input, [inputs] for a top-level key
         elif current == table and pattern.match(line):
             return n
     return table_line or 1
