@@ -17,10 +17,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import blake3
+
 from .. import fsutil
 from ..tree import DirNode, FileNode, Node
 from . import ingest, manifest, packing
 from .layout import object_key
+
+
+_EMPTY = b"empty"  # a key that is no digest
+_EMPTY_DIGEST = blake3.blake3(b"").digest()
 
 
 @dataclass
@@ -88,12 +94,18 @@ def _variants(node: Node, out: dict) -> None:
             _variants(child, out)
     elif isinstance(node, FileNode):
         out.setdefault(node.blob, set()).add(node.executable)
+        if node.size == 0:
+            out.setdefault(_EMPTY, set())  # marks: the tree has empty files
 
 
 def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: FetchStats) -> None:
     needed: dict[bytes, set] = {}
     for it in items:
         _variants(it.manifest.root, needed)
+    if needed.pop(_EMPTY, None) is not None:
+        # empty files are in no pack: their blob is made here
+        for executable in needed.pop(_EMPTY_DIGEST, ()):
+            ingest.write_blob(store, _EMPTY_DIGEST, executable, b"")
     # what we already have, or can make from the other variant, is not downloaded
     for digest, variants in list(needed.items()):
         missing = {x for x in variants if not ingest.has_blob(store, digest, x)}
