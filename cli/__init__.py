@@ -54,7 +54,7 @@ def run(argv: list[str] | None = None) -> int:
     except OSError as e:
         if os.environ.get("FIMIO_DEBUG") == "1":
             raise
-        where = f" '{e.filename}'" if e.filename else ""
+        where = f" '{os.fsdecode(e.filename)}'" if e.filename else ""
         _fail(f"{e.strerror or e}{where}", "check free space and permissions of the store root")
         return 1
 

@@ -34,7 +34,8 @@ def resolve_root(flag: str | None = None) -> str:
 
 def check_store_dir(store_dir: str) -> str:
     """Normalise and validate a logical store directory (absolute, no '..', no trailing '/')."""
-    if not store_dir.startswith("/") or "/../" in store_dir + "/" or "//" in store_dir:
+    parts = store_dir.split("/")[1:]
+    if not store_dir.startswith("/") or "//" in store_dir or any(p in (".", "..") for p in parts):
         raise UsageError(f"invalid store directory '{store_dir}'", "it must be an absolute, normal path")
     return store_dir.rstrip("/") or "/"
 
