@@ -103,6 +103,7 @@ class _Checker:
         self.just_built = baseline_source == "built by this realise"
         self.kept: dict[str, dict[str, StorePath]] = {}  # output -> digest -> .check path
         self.started = time.time()
+        self.round_records: dict[int, dict] = {}
 
     def run(self) -> DrvCheck:
         drv, e = self.drv, self.entry
@@ -141,6 +142,8 @@ class _Checker:
         finally:
             fsutil.remove_tree(result.scratch)
         self._save_record(record)
+        if k is not None:
+            self.round_records[k] = record
         return digests
 
     def _run(self, v: Variation, purpose: str, k: int | None):
@@ -188,6 +191,10 @@ class _Checker:
         rounds = self.entry.rounds
         base = rounds[0].digests
         first = next(r for r in rounds[1:] if r.digests != base)
+        changed_host, ids = self._host_changes(self.round_records.get(first.number) or {})
+        if changed_host:
+            return Cause("host-changed", "the host changed since the registered output was built: "
+                         + "; ".join(changed_host) + f" (see 'fimio diff {ids[0]} {ids[1]}')")
         if not self.plan.vary or not first.varied:
             return self._nondeterministic("non-deterministic (no variation applied): builds under the same conditions differ")
         control = self._build(DEFAULT, "control")
@@ -220,6 +227,37 @@ class _Checker:
             return Cause("variation", f"the output depends on the {names}", named, values)
         return Cause("combination", "no single variation changes the output, all of them together do: "
                      + ", ".join(changed), changed, values)
+
+    def _host_changes(self, record: dict) -> tuple[list[str], tuple[str, str]]:
+        """What differs between the host of the registered build (its record) and ``record``:
+        host-path and builder fingerprints, fimio version (empty when unknown or equal); and
+        the two records' ids for ``fimio diff``."""
+        from .diff import describe_fingerprint, record_id
+        from .realise import build_records
+
+        roots = {n: i.root.hex() for n, i in self.infos.items()}
+        registered, ids = None, ["?", "?"]
+        records = build_records(self.store, self.drv.drv_hash)
+        for i in range(len(records) - 1, -1, -1):
+            r = records[i]
+            if registered is None and r.get("purpose", "build") == "build" and \
+                    {n: o.get("root") for n, o in (r.get("outputs") or {}).items()} == roots:
+                registered, ids[0] = r, record_id(self.drv, i)
+            if r.get("start") == record.get("start") and r.get("purpose") == record.get("purpose"):
+                ids[1] = record_id(self.drv, i)
+        if registered is None or not record:
+            return [], tuple(ids)
+        out = []
+        old, new = registered.get("fingerprints") or {}, record.get("fingerprints") or {}
+        for p in sorted(set(old.get("hostPaths") or {}) | set(new.get("hostPaths") or {})):
+            x, y = (old.get("hostPaths") or {}).get(p), (new.get("hostPaths") or {}).get(p)
+            if x != y:
+                out.append(f"host path {p} ({describe_fingerprint(x)} -> {describe_fingerprint(y)})")
+        if old.get("builder") != new.get("builder") and old.get("builder") and new.get("builder"):
+            out.append(f"builder {new['builder'].get('path')}")
+        if registered.get("fimio") != record.get("fimio"):
+            out.append(f"fimio {registered.get('fimio')} -> {record.get('fimio')}")
+        return out, tuple(ids)
 
     def _nondeterministic(self, text: str) -> Cause:
         if not self.just_built:

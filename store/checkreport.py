@@ -41,7 +41,8 @@ class Cause:
     ``kind``: ``variation`` (the named variations each change the output on their own),
     ``combination`` (only all of them together do), ``non-deterministic`` (builds under
     identical conditions differ), ``registered-differs`` (every build here agrees, the
-    registered output, built earlier or elsewhere, does not).
+    registered output, built earlier or elsewhere, does not), ``host-changed`` (the build
+    records show the host paths, builder or fimio version changed since the registered build).
     """
 
     kind: str

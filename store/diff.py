@@ -184,7 +184,8 @@ def record_id(drv, index: int) -> str:
 def diff(store, graph, a: Operand, b: Operand) -> DiffReport:
     """Explain the differences between two operands of the same sort."""
     if a.sort != b.sort:
-        raise UsageError(f"cannot compare a {a.sort} with a {b.sort}",
+        article = {"derivation": "a derivation", "output": "an output", "record": "a build record"}
+        raise UsageError(f"cannot compare {article[a.sort]} with {article[b.sort]}",
                          "give two derivations, two outputs, or two build records (<drv hash>@<n>)")
     differ = _Differ(store, graph)
     if a.sort == "derivation":
@@ -394,7 +395,7 @@ class _Differ:
         for p in sorted(set(ha) | set(hb)):
             x, y = ha.get(p), hb.get(p)
             if x != y:
-                out.append(Finding("hostPath", f"host path {p}", f"host path {p} changed: {_fp(x)} vs {_fp(y)}", x, y))
+                out.append(Finding("hostPath", f"host path {p}", f"host path {p} changed: {describe_fingerprint(x)} vs {describe_fingerprint(y)}", x, y))
         ba, bb = fa.get("builder"), fb.get("builder")
         if ba != bb and ba is not None and bb is not None:
             out.append(Finding("builder", f"builder {ba.get('path')}", f"builder {ba.get('path')} changed: "
@@ -490,7 +491,8 @@ def _short(value) -> str:
     return text if len(text) <= _SHOW else text[: _SHOW - 1] + "…"
 
 
-def _fp(x) -> str:
+def describe_fingerprint(x) -> str:
+    """A host-path fingerprint record (hostfp.py) in a few words."""
     if x is None:
         return "not listed"
     kind = x.get("kind")

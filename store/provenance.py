@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .check import check_records
 from .checkreport import show_value
-from .diff import record_id
+from .diff import describe_fingerprint, record_id
 from .realise import build_records
 
 
@@ -118,7 +118,7 @@ class ProvenanceReport:
         lines.append("      host       " + host_line)
         lines.append("      variation  " + varied)
         for p, fp in (fps.get("hostPaths") or {}).items():
-            lines.append(f"      host path  {p}: {_fp(fp)}")
+            lines.append(f"      host path  {p}: {describe_fingerprint(fp)}")
         if fps.get("builder"):
             lines.append(f"      builder    {fps['builder'].get('path')}: {str(fps['builder'].get('digest'))[:30]}…")
         for n, o in (r.get("outputs") or {}).items():
@@ -146,17 +146,6 @@ def _roots(r: dict) -> dict:
 
 def _outputs_key(r: dict) -> str:
     return repr(sorted(_roots(r).items()))
-
-
-def _fp(fp: dict) -> str:
-    kind = fp.get("kind")
-    if kind == "packages":
-        return f"package database {str(fp.get('packages'))[:30]}…"
-    if kind in ("tree", "file"):
-        return f"{kind} {str(fp.get('digest'))[:30]}…"
-    if kind == "symlink":
-        return f"symlink -> {fp.get('target')}"
-    return str(kind)
 
 
 def _iso(t) -> str:
