@@ -1,0 +1,506 @@
+"""The build sandbox (spec/sandbox.md), proved with real builds through ``fimio realise``.
+
+No network, no undeclared host paths, no store path outside the input closure (not even
+by exact name), no writes outside ``$out`` and ``/build``, exactly the contract's
+environment, logical paths only, fixed identity, timeouts, failures with their log tail,
+fixed-output fetches checked against their hash, and nothing registered after a failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import pathlib
+import random
+import shutil
+import socket
+import stat
+import threading
+import time
+
+import pytest
+
+from conftest import STORE_DIR, assert_one_error_line
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+GREETING = (EXAMPLES / "fetch" / "files" / "greeting.txt").read_bytes()
+
+
+# ---- helpers shared with test_realise.py and test_gc.py ----------------------------------
+
+def toml_str(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def write_drv(path, name, script="", *, builder="/bin/sh", args=None, env=None, inputs=None,
+              outputs=None, sandbox=None, path_env=True) -> pathlib.Path:
+    """Write a derivation file; ``script`` becomes ``args = ["-c", script]`` for /bin/sh."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"name = {toml_str(name)}", f"builder = {toml_str(builder)}"]
+    args = ["-c", script] if args is None else args
+    lines.append("args = [" + ", ".join(toml_str(a) for a in args) + "]")
+    if outputs:
+        lines.append("outputs = [" + ", ".join(toml_str(o) for o in outputs) + "]")
+    env = dict(env or {})
+    if path_env:
+        env.setdefault("PATH", "/usr/bin:/bin")
+    lines.append("[env]")
+    lines += [f"{k} = {toml_str(v)}" for k, v in env.items()]
+    lines.append("[inputs]")
+    for var, spec in (inputs or {}).items():
+        lines.append(f"{var} = {{ " + ", ".join(f"{k} = {toml_str(str(v))}" for k, v in spec.items()) + " }")
+    if sandbox:
+        lines.append("[sandbox]")
+        for k, v in sandbox.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def realise_json(cli, *args, check=0, **kw) -> dict:
+    return json.loads(cli("realise", "--json", "--no-out-link", *args, check=check, **kw).stdout)
+
+
+def out_of(result: dict, output: str = "out", target: int = 0) -> tuple[str, str]:
+    """(logical, physical) path of an output in ``realise --json``."""
+    o = result["targets"][target]["outputs"][output]
+    return o["path"], o["physical"]
+
+
+def outputs_of(cli, f) -> dict:
+    """{output: logical path} of a derivation file, without building it."""
+    (rec,) = json.loads(cli.out("instantiate", "--json", f))
+    return {n: o["path"] for n, o in rec["outputs"].items()}
+
+
+class FileServer:
+    """A static HTTP server on a free loopback port, counting the requests it answers."""
+
+    def __init__(self, directory):
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                outer.requests.append(self.path)
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def fetch_example_copy(dest: pathlib.Path, url: str) -> pathlib.Path:
+    """A copy of examples/fetch with fetch.toml's URL replaced by ``url``; returns the dir."""
+    shutil.copytree(EXAMPLES / "fetch", dest)
+    f = dest / "fetch.toml"
+    text = f.read_text()
+    assert "http://127.0.0.1:8765/greeting.txt" in text
+    f.write_text(text.replace("http://127.0.0.1:8765/greeting.txt", url))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def file_server():
+    srv = FileServer(EXAMPLES / "fetch" / "files")
+    yield srv
+    srv.close()
+
+
+def not_registered(cli, *logical_paths):
+    for p in logical_paths:
+        assert_one_error_line(cli("path-info", p), 5, "not valid")
+        assert not (cli.physical_store / os.path.basename(p)).exists()
+
+
+# ---- isolation ------------------------------------------------------------------------
+
+NET_PROBE = r"""
+import os, socket, sys
+port = int(sys.argv[1])
+lines = []
+for host in sys.argv[2:]:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        lines.append(f"{host} CONNECTED")
+    except OSError as e:
+        lines.append(f"{host} failed {type(e).__name__}")
+with open("/proc/net/dev") as f:
+    lines.append("interfaces " + " ".join(sorted(l.split(":")[0].strip() for l in f if ":" in l)))
+open(os.environ["out"], "w").write("\n".join(lines) + "\n")
+"""
+
+
+def _outward_ip() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 9))  # no packet is sent; this only picks a route
+            ip = s.getsockname()[0]
+        return None if ip.startswith("127.") else ip
+    except OSError:
+        return None
+
+
+def test_no_network(cli, tmp_path):
+    server = socket.socket()
+    server.bind(("0.0.0.0", 0))
+    server.listen(8)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        hosts = ["127.0.0.1"] + ([ip] if (ip := _outward_ip()) else [])
+        f = write_drv(tmp_path / "net.toml", "net", builder="/usr/bin/python3",
+                      args=["-I", "-c", NET_PROBE, str(port), *hosts])
+        r = realise_json(cli, f)
+        report = pathlib.Path(out_of(r)[1]).read_text().splitlines()
+        for host in hosts:
+            assert f"{host} failed" in " ".join(report), report
+        assert "CONNECTED" not in " ".join(report)
+        assert report[-1] == "interfaces lo"  # a fresh network namespace: loopback only
+        with pytest.raises(BlockingIOError):
+            server.accept()  # the server saw no connection
+        # control: the server does accept connections from outside the sandbox
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+        time.sleep(0.05)
+        server.accept()[0].close()
+    finally:
+        server.close()
+
+
+def test_undeclared_host_paths_are_absent(cli, tmp_path):
+    (tmp_path / "marker").write_text("host file\n")
+    probe = ["/etc/passwd", "/etc", "/root", "/home", "/var", "/tmp", "/opt", "/srv",
+             str(tmp_path), str(tmp_path / "marker"), str(cli.root), "/etc/alternatives"]
+    f = write_drv(tmp_path / "hp.toml", "host-paths", """
+        for p in $PROBE; do
+          if [ -e "$p" ] || [ -L "$p" ]; then echo "visible $p"; else echo "absent $p"; fi
+        done > $out
+        for p in /usr /bin /lib /lib64; do
+          if [ -L "$p" ]; then echo "symlink $p $(readlink $p)"; elif [ -d "$p" ]; then echo "dir $p"; fi
+        done >> $out
+        echo "usr-writable $(touch /usr/.probe 2>/dev/null && echo yes || echo no)" >> $out
+        """, env={"PROBE": " ".join(probe)})
+    lines = pathlib.Path(out_of(realise_json(cli, f))[1]).read_text().splitlines()
+    for p in probe:
+        assert f"absent {p}" in lines, lines
+    assert "usr-writable no" in lines
+    for p in ("/usr", "/bin", "/lib", "/lib64"):
+        if os.path.islink(p):  # a host symlink is recreated as the same symlink
+            assert f"symlink {p} {os.readlink(p)}" in lines
+        elif os.path.isdir(p):
+            assert f"dir {p}" in lines
+    # a declared host path becomes visible (and only then)
+    if os.path.isdir("/etc/alternatives"):
+        g = write_drv(tmp_path / "hp2.toml", "host-paths-2", 'ls -d /etc/alternatives /etc/passwd > $out 2>&1 || true',
+                      sandbox={"host_paths": ["/usr", "/bin", "/lib", "/lib64", "/etc/alternatives"]})
+        text = pathlib.Path(out_of(realise_json(cli, g))[1]).read_text()
+        assert "/etc/alternatives\n" in text and "No such file" in text
+
+
+def test_store_paths_outside_the_closure_are_unreachable_even_by_name(cli, tmp_path):
+    (tmp_path / "secret").write_text("top secret\n")
+    secret_phys = cli.out("add", tmp_path / "secret")
+    secret = f"{STORE_DIR}/{os.path.basename(secret_phys)}"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "file").write_text("in the closure\n")
+    write_drv(tmp_path / "dep.toml", "dep", "echo $data > $out", inputs={"data": {"path": "data"}})
+    f = write_drv(tmp_path / "probe.toml", "probe", """
+        ls -a /fimio/store > /build/listing
+        if cat $SECRET > /build/s 2>/dev/null; then echo "secret READ"; else echo "secret unreachable"; fi > /build/r
+        if [ -e $SECRET ]; then echo "secret EXISTS"; fi >> /build/r
+        if [ -e $PHYS ]; then echo "physical EXISTS"; fi >> /build/r
+        echo "dep $(cat $dep)" >> /build/r
+        echo "via-reference $(cat $(cat $dep)/file)" >> /build/r
+        mkdir $out && cp /build/listing /build/r $out/
+        """, env={"SECRET": secret, "PHYS": secret_phys}, inputs={"dep": {"drv": "dep.toml"}})
+    r = realise_json(cli, f)
+    out = pathlib.Path(out_of(r)[1])
+    dep_out = outputs_of(cli, tmp_path / "dep.toml")["out"]
+    data_src = (out / "r").read_text().split("dep ")[1].split("\n")[0]
+    result = (out / "r").read_text().splitlines()
+    assert result[0] == "secret unreachable"
+    assert "secret EXISTS" not in result and "physical EXISTS" not in result
+    assert "via-reference in the closure" in result  # the input's references are in the closure
+    # the store directory lists exactly the input closure
+    listing = set((out / "listing").read_text().split()) - {".", ".."}
+    assert listing == {os.path.basename(dep_out), os.path.basename(data_src)}
+    # and the secret's hash part, though written into the output, is not a reference
+    refs = json.loads(cli.out("path-info", "--json", out))[0]["references"]
+    assert secret not in refs
+
+
+def test_writes_outside_out_and_build_fail(cli, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "f").write_text("source\n")
+    f = write_drv(tmp_path / "w.toml", "writes", """
+        try() { if ( echo x > "$1" ) 2>/dev/null; then echo "WROTE $1"; else echo "denied $1"; fi; }
+        try /usr/probe; try /probe; try /fimio/probe; try $s/probe; try $s/f; try /etc/probe; try /proc/probe
+        try /build/probe; try /fimio/store/stray-file
+        mkdir -p $out; echo ok > $out/ok && echo "WROTE \\$out"
+        """, inputs={"s": {"path": "s"}})
+    out = pathlib.Path(out_of(realise_json(cli, f))[1])
+    log = cli.out("log", f).splitlines()
+    for p in (" /usr/probe", " /probe", " /fimio/probe", "-s/probe", "-s/f", " /etc/probe", " /proc/probe"):
+        assert any(line.startswith("denied") and line.endswith(p) for line in log), (p, log)
+    assert "WROTE /build/probe" in log and "WROTE $out" in log
+    assert (out / "ok").read_text() == "ok\n"
+    # the scratch store is private to the build: nothing but the outputs leaves it
+    assert "WROTE /fimio/store/stray-file" in log
+    assert not (cli.physical_store / "stray-file").exists()
+    assert (tmp_path / "s" / "f").read_text() == "source\n"
+    src = json.loads(cli.out("path-info", "--json", "-r", out))
+    assert all(not os.path.exists(os.path.join(i["physical"], "probe")) for i in src)
+
+
+def _environ(path) -> dict:
+    data = pathlib.Path(path).read_bytes()
+    items = [kv.split("=", 1) for kv in data.decode().split("\0") if kv]
+    return dict(items), [k for k, _ in items]
+
+
+def test_environment_is_exactly_the_contracts(cli, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_text("a")
+    write_drv(tmp_path / "dep.toml", "dep", "echo dep > $out")
+    # /proc/$$/environ is what bwrap passed to the builder, before the shell adds PWD
+    f = write_drv(tmp_path / "env.toml", "env", "/usr/bin/cat /proc/$$/environ > $out; /usr/bin/mkdir $dev",
+                  outputs=["out", "dev"], env={"GREETING": "hello world", "EMPTY": ""},
+                  inputs={"src": {"path": "src"}, "dep": {"drv": "dep.toml"}})
+    r = realise_json(cli, f)
+    env, order = _environ(out_of(r)[1])
+    dep_out = outputs_of(cli, tmp_path / "dep.toml")["out"]
+    src = json.loads(pathlib.Path(r["targets"][0]["physical"]).read_bytes())["inputs"]["src"]["src"]
+    assert env == {
+        "PATH": "/usr/bin:/bin",
+        "GREETING": "hello world",
+        "EMPTY": "",
+        "src": src,
+        "dep": dep_out,
+        "out": out_of(r)[0],
+        "dev": out_of(r, "dev")[0],
+        "HOME": "/homeless-shelter",
+        "TMPDIR": "/build",
+        "TZ": "UTC",
+        "LANG": "C.UTF-8",
+        "SOURCE_DATE_EPOCH": "315532800",
+        "FIMIO_BUILD_CORES": str(os.cpu_count()),
+        "FIMIO_STORE": STORE_DIR,
+        "PWD": "/build",  # set by bwrap itself after --chdir (spec/sandbox.md)
+    }
+    assert [k for k in order if k != "PWD"] == sorted(set(order) - {"PWD"})  # sorted (spec/sandbox.md)
+    # without [env] PATH the builder gets a PATH that finds nothing
+    g = write_drv(tmp_path / "nopath.toml", "nopath", "/usr/bin/cat /proc/$$/environ > $out", path_env=False)
+    env2, _ = _environ(out_of(realise_json(cli, g))[1])
+    assert env2["PATH"] == "/path-not-set"
+    assert set(env2) == {"PATH", "PWD", "out", "HOME", "TMPDIR", "TZ", "LANG", "SOURCE_DATE_EPOCH",
+                         "FIMIO_BUILD_CORES", "FIMIO_STORE"}
+
+
+def test_identity_and_logical_paths(cli, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a").write_text("a\n")
+    f = write_drv(tmp_path / "id.toml", "identity", """
+        mkdir $out
+        {
+          echo "uid $(id -u) gid $(id -g) groups $(id -G)"
+          echo "hostname $(cat /proc/sys/kernel/hostname) $(uname -n)"
+          echo "cwd $(pwd) $(pwd -P)"
+          echo "src $src $(realpath $src) $(cat $src/a)"
+          echo "out $(realpath $out)"
+          ls -la /fimio/store / /build
+          env
+        } > $out/report
+        """, inputs={"src": {"path": "src"}})
+    r = realise_json(cli, f)
+    text = (pathlib.Path(out_of(r)[1]) / "report").read_text()
+    lines = text.splitlines()
+    assert "uid 1000 gid 100 groups 100" in lines
+    assert "hostname localhost localhost" in lines
+    assert "cwd /build /build" in lines
+    src = [line for line in lines if line.startswith("src ")][0].split()
+    assert src[1] == src[2] and src[1].startswith(STORE_DIR + "/") and src[3] == "a"
+    assert f"out {out_of(r)[0]}" in lines
+    # the physical root appears nowhere the build looked (env, paths, listings)
+    assert str(cli.root) not in text and str(tmp_path) not in text
+
+
+# ---- failures ---------------------------------------------------------------------------
+
+def _processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                if marker.encode() in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+def test_timeout_kills_the_build(cli, tmp_path):
+    marker = f"{random.randint(100, 999)}.{random.randint(1000, 9999)}"
+    f = write_drv(tmp_path / "slow.toml", "slow", f"echo started; (sleep {marker}; echo late) & sleep {marker}",
+                  sandbox={"timeout": 1})
+    out = outputs_of(cli, f)["out"]
+    start = time.monotonic()
+    proc = cli("realise", "--no-out-link", f)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 1, proc.stderr
+    assert elapsed < 15
+    err = proc.stderr.splitlines()
+    assert err[-1].startswith("fimio: error: build of ") and "timed out after 1 s" in err[-1]
+    assert "Traceback" not in proc.stderr
+    assert "  > started" in err  # the log tail
+    deadline = time.monotonic() + 5
+    while _processes_with(f"sleep\0{marker}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_with(f"sleep\0{marker}") == []  # the whole process tree is gone
+    not_registered(cli, out)
+
+
+def test_failing_builder(cli, tmp_path):
+    f = write_drv(tmp_path / "fail.toml", "fail", 'mkdir $out; for i in $(seq 1 30); do echo "line-$i"; done; exit 3')
+    out = outputs_of(cli, f)["out"]
+    proc = cli("realise", "--no-out-link", f)
+    assert proc.returncode == 1
+    err = proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr
+    assert [e for e in err if e.startswith("fimio: error:")] == [err[-1]]
+    assert "failed with exit code 3" in err[-1] and "fimio log" in err[-1]
+    assert "last 25 log lines:" in err
+    assert "  > line-30" in err and "  > line-6" in err and "  > line-5" not in err
+    not_registered(cli, out)
+    # the full log of the failed build is kept
+    assert cli.out("log", f).splitlines() == [f"line-{i}" for i in range(1, 31)]
+    # no leftovers in tmp/ (the build directory is removed without --keep-failed)
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == []
+
+
+@pytest.mark.parametrize("script,needle", [
+    ("echo no output", "did not create output 'out'"),
+    ("mkdir $out && /usr/bin/mkfifo $out/pipe", "not a file, directory or symlink"),
+    ("kill -9 $$", "exit code 137"),  # bwrap reports a killed builder as 128 + signal
+], ids=["no-output", "fifo-in-output", "killed"])
+def test_other_build_failures(cli, tmp_path, script, needle):
+    f = write_drv(tmp_path / "x.toml", "x", script)
+    out = outputs_of(cli, f)["out"]
+    proc = cli("realise", "--no-out-link", f)
+    assert proc.returncode == 1, proc.stderr
+    assert needle in proc.stderr.splitlines()[-1]
+    not_registered(cli, out)
+
+
+def test_builder_outside_the_sandbox(cli, tmp_path):
+    f = write_drv(tmp_path / "b.toml", "b", builder="/opt/tool/run", args=[])
+    proc = cli("realise", "--no-out-link", f)
+    assert_one_error_line(proc, 1, "'/opt/tool/run'", "not visible in the sandbox")
+
+
+# ---- outputs: normalisation and references ----------------------------------------------
+
+def test_outputs_are_normalised(cli, tmp_path):
+    f = write_drv(tmp_path / "n.toml", "norm", """
+        mkdir -p $out/sub/empty
+        echo data > $out/file; chmod 4600 $out/file
+        echo '#!/bin/sh' > $out/tool; chmod 6711 $out/tool
+        chmod 0700 $out/sub; chmod 1777 $out/sub/empty
+        ln -s file $out/link
+        touch -d '2001-02-03 04:05:06' $out/file $out/tool
+        """)
+    out = pathlib.Path(out_of(realise_json(cli, f))[1])
+    modes = {}
+    for dirpath, dirnames, filenames in os.walk(out):
+        for name in [".", *dirnames, *filenames]:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            assert st.st_mtime == 1, p
+            modes[os.path.relpath(p, out)] = stat.S_IMODE(st.st_mode) if not stat.S_ISLNK(st.st_mode) else "link"
+    assert modes == {".": 0o555, "sub": 0o555, "sub/empty": 0o555, "file": 0o444, "tool": 0o555, "link": "link"}
+    assert os.stat(out).st_uid == os.getuid()
+    assert os.readlink(out / "link") == "file"
+
+
+def test_references_are_found_by_scanning(cli, tmp_path):
+    write_drv(tmp_path / "a.toml", "a", "echo a > $out")
+    write_drv(tmp_path / "b.toml", "b", "echo b > $out")
+    f = write_drv(tmp_path / "c.toml", "c", """
+        mkdir $out $dev
+        echo "uses $a" > $out/config
+        printf 'binary\\000%s\\000' "$out" > $dev/self-and-out
+        printf '%s' "$dev" | rev > $out/reversed-dev-not-a-reference
+        """, outputs=["out", "dev"], inputs={"a": {"drv": "a.toml"}, "b": {"drv": "b.toml"}})
+    r = realise_json(cli, f)
+    a_out = outputs_of(cli, tmp_path / "a.toml")["out"]
+    info = {i["path"]: i for i in json.loads(cli.out("path-info", "--json", out_of(r)[1], out_of(r, "dev")[1]))}
+    assert info[out_of(r)[0]]["references"] == [a_out]  # b is an input but not referenced
+    assert info[out_of(r, "dev")[0]]["references"] == [out_of(r)[0]]
+    assert info[out_of(r)[0]]["deriver"] == r["targets"][0]["drvPath"]
+
+
+# ---- fixed-output derivations -------------------------------------------------------------
+
+def test_fixed_output_fetch(cli, tmp_path, file_server):
+    original = outputs_of(cli, EXAMPLES / "fetch" / "fetch.toml")["out"]
+    d = fetch_example_copy(tmp_path / "fetch", f"{file_server.url}/greeting.txt")
+    before = len(file_server.requests)
+    r = realise_json(cli, d / "fetch.toml")
+    logical, physical = out_of(r)
+    assert logical == original  # the URL is not part of the output path
+    assert pathlib.Path(physical).read_bytes() == GREETING
+    assert stat.S_IMODE(os.stat(physical).st_mode) == 0o444
+    assert file_server.requests[before:] == ["/greeting.txt"]
+    # another URL for the same content: same output path, already valid, not fetched again
+    e = fetch_example_copy(tmp_path / "fetch2", f"http://localhost:{file_server.port}/greeting.txt?mirror=2")
+    r2 = realise_json(cli, e / "fetch.toml")
+    assert out_of(r2)[0] == logical and r2["built"] == []
+    assert r2["targets"][0]["drvPath"] != r["targets"][0]["drvPath"]
+    assert len(file_server.requests) == before + 1
+    # the consumer sees the fetched file through its input
+    r3 = realise_json(cli, d / "use.toml")
+    assert pathlib.Path(out_of(r3)[1]).read_text() == GREETING.decode().upper()
+    assert r3["built"] == [r3["targets"][0]["drvPath"]]
+    # a blake3 declaration of the same content is another fixed-output path
+    import blake3
+    b3 = d / "b3.toml"
+    b3.write_text((d / "fetch.toml").read_text().replace(
+        f"sha256:{hashlib.sha256(GREETING).hexdigest()}", f"blake3:{blake3.blake3(GREETING).hexdigest()}"))
+    r4 = realise_json(cli, b3)
+    assert out_of(r4)[0] != logical and pathlib.Path(out_of(r4)[1]).read_bytes() == GREETING
+
+
+def test_fixed_output_hash_mismatch(cli, tmp_path, file_server):
+    d = fetch_example_copy(tmp_path / "fetch", f"{file_server.url}/greeting.txt")
+    f = d / "fetch.toml"
+    declared = "sha256:" + hashlib.sha256(b"something else").hexdigest()
+    f.write_text(f.read_text().replace("sha256:" + hashlib.sha256(GREETING).hexdigest(), declared))
+    out = outputs_of(cli, f)["out"]
+    proc = cli("realise", "--no-out-link", f)
+    line = assert_one_error_line(proc, 4, "hash mismatch", declared)
+    assert "sha256:" + hashlib.sha256(GREETING).hexdigest() in line
+    not_registered(cli, out)
+    # nor is the consumer built
+    use_out = outputs_of(cli, d / "use.toml")["out"]
+    assert cli("realise", "--no-out-link", d / "use.toml").returncode == 4
+    not_registered(cli, use_out)
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith(("fetch-", "build-"))] == []
+
+
+def test_fixed_output_unreachable_url(cli, tmp_path, file_server):
+    d = fetch_example_copy(tmp_path / "fetch", f"{file_server.url}/no-such-file.txt")
+    out = outputs_of(cli, d / "fetch.toml")["out"]
+    assert_one_error_line(cli("realise", "--no-out-link", d / "fetch.toml"), 5, "cannot fetch")
+    not_registered(cli, out)
