@@ -1,0 +1,221 @@
+"""Shared pieces of the benchmark harness: running commands, timing, rows, the table.
+
+Nothing here knows about a particular benchmark group; groups (``store_bench.py``, later
+``realise``, ``cache``, ``bundle``) build :class:`Row` objects with the helpers below.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+
+# ---- running commands -------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One run of one command: wall time, peak RSS of that child, its exit status and stdout."""
+
+    seconds: float
+    maxrss_bytes: int
+    returncode: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    cpu_seconds: float = 0.0  # user + system time of the child
+
+
+class CommandFailed(RuntimeError):
+    pass
+
+
+def run_cmd(argv: list[str], env: dict | None = None, stdout=subprocess.PIPE, check: bool = True,
+            cwd: str | None = None) -> Sample:
+    """Run ``argv`` and measure it: wall-clock seconds and the child's own ``ru_maxrss``.
+
+    ``os.wait4`` gives the resource usage of exactly this child (not the aggregate of every
+    child ever waited for, as ``RUSAGE_CHILDREN`` would), so peak RSS is per command.
+    ``stdout`` may be ``subprocess.PIPE`` (captured), ``subprocess.DEVNULL`` or a file object.
+    """
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, env=env, stdout=stdout, stderr=subprocess.PIPE, cwd=cwd)
+    out = b""
+    if stdout is subprocess.PIPE:
+        out = p.stdout.read()
+        p.stdout.close()
+    err = p.stderr.read()
+    p.stderr.close()
+    _, status, ru = os.wait4(p.pid, 0)
+    seconds = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)  # tell Popen the child is reaped
+    s = Sample(seconds, ru.ru_maxrss * 1024, p.returncode, out, err, ru.ru_utime + ru.ru_stime)
+    if check and p.returncode != 0:
+        raise CommandFailed(f"{' '.join(argv)} exited {p.returncode}: {err.decode(errors='replace')[-2000:]}")
+    return s
+
+
+def fimio_argv() -> list[str]:
+    """How to start fimio: the console script if it is installed next to this Python, else ``-m``."""
+    script = os.path.join(os.path.dirname(sys.executable), "fimio")
+    if os.access(script, os.X_OK):
+        return [script]
+    found = shutil.which("fimio")
+    return [found] if found else [sys.executable, "-m", "fimio.cli"]
+
+
+def fimio_env(root: str) -> dict:
+    env = dict(os.environ)
+    env["FIMIO_ROOT"] = root
+    env.pop("FIMIO_DEBUG", None)
+    return env
+
+
+def have_nix() -> bool:
+    return shutil.which("nix-store") is not None
+
+
+def settle() -> None:
+    """Write back every dirty page before a timed run (untimed), so that one tool never pays
+    for flushing what the previous command (or tree generation) left in the page cache."""
+    os.sync()
+
+
+def remove_tree(path: str) -> None:
+    """Delete a tree even when a store made it read-only."""
+    if not os.path.lexists(path):
+        return
+    for dirpath, dirnames, _ in os.walk(path):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                try:
+                    os.chmod(p, 0o755)
+                except OSError:
+                    pass
+    try:
+        os.chmod(path, 0o755)
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table.
+
+    ``kind`` says how to read the numbers: ``time`` (seconds; lower is better; ratio =
+    fimio/peer), ``rate`` (bytes/s; higher is better; ratio = fimio/peer), ``bytes``
+    (peak memory; lower is better). ``target`` is a human string; ``met`` whether it holds
+    (None when it cannot be judged, e.g. no peer).
+    """
+
+    work: str
+    kind: str
+    fimio: float | None
+    peer: float | None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    fimio_samples: list[float] = field(default_factory=list)
+    peer_samples: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float | None:
+        if self.fimio is None or not self.peer:
+            return None
+        return self.fimio / self.peer
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt_value(kind: str, v: float | None) -> str:
+    if v is None:
+        return "–"
+    if kind == "time":
+        return f"{v * 1000:.0f} ms" if v < 1 else f"{v:.2f} s"
+    if kind == "rate":
+        return f"{v / 1e9:.2f} GB/s"
+    if kind == "bytes":
+        return f"{v / 1e6:.0f} MB"
+    return f"{v:g}"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| work | fimio | peer | ratio | target |", "| --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        ratio = "–" if r.ratio is None else f"{r.ratio:.2f}×"
+        verdict = {True: " ✓", False: " ✗ MISSED", None: ""}[r.met]
+        lines.append(f"| {r.work} | {fmt_value(r.kind, r.fimio)} | {fmt_value(r.kind, r.peer)} | {ratio} | "
+                     f"{r.target}{verdict} |")
+    return "\n".join(lines)
+
+
+def row_json(r: Row) -> dict:
+    d = asdict(r)
+    d["ratio"] = r.ratio
+    return d
+
+
+def machine_info() -> dict:
+    import platform
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if have_nix():
+        try:
+            info["nix"] = subprocess.run(["nix-store", "--version"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
+    try:
+        info["fimio_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                              text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        pass
+    return info
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- deletions --------------------------------------------------------------------------
+
+# On ext4 without a journal, inodes freed in the last 60 s (300 s while their inode-table
+# block is dirty) are skipped by the allocator, one by one: after deleting a large tree,
+# every file creation is slower for a while, whichever tool creates it. Groups therefore
+# delete scratch trees only after their timed runs, record when, and the next group waits.
+QUIET_AFTER_DELETE = 65.0
+
+
+def note_deletion(workdir: str) -> None:
+    """Record that a large deletion just finished (after a sync, so inode tables are clean)."""
+    os.sync()
+    with open(os.path.join(workdir, "last-delete"), "w") as f:
+        f.write(f"{time.time()}\n")
+
+
+def wait_after_deletion(workdir: str, quiet: float = QUIET_AFTER_DELETE) -> None:
+    """Sleep until ``quiet`` seconds have passed since the last recorded large deletion."""
+    try:
+        with open(os.path.join(workdir, "last-delete")) as f:
+            last = float(f.read().strip())
+    except (OSError, ValueError):
+        return
+    left = last + quiet - time.time()
+    if left > 0:
+        log(f"waiting {left:.0f} s after the last large deletion (freed inodes slow down file creation)")
+        time.sleep(left)
