@@ -111,8 +111,18 @@ class HostFingerprinter:
         return record
 
 
+_HOST_INFO: dict | None = None
+
+
 def host_info() -> dict:
-    """Static facts about this machine for build records."""
+    """Static facts about this machine for build records (read once per process)."""
+    global _HOST_INFO
+    if _HOST_INFO is None:
+        _HOST_INFO = _read_host_info()
+    return dict(_HOST_INFO)
+
+
+def _read_host_info() -> dict:
     uname = os.uname()
     cpu = "unknown"
     try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import blake3
+
 from . import evalcache
 from .derivation import (
     DEFAULT_HOST_PATHS,
@@ -20,7 +22,7 @@ from .derivation import (
     read_toml,
 )
 from .errors import NotFound, UsageError
-from .paths import StorePath, check_name
+from .paths import StorePath, check_name, text_path
 
 FETCH_BUILDER = "builtin:fetchurl"
 
@@ -35,6 +37,7 @@ class Graph:
         self._hashes: dict[str, str] = {}
         self._sigs: dict[str, str] = {}  # file -> stat signature taken before reading it
         self._deps: dict[str, set[str]] = {}  # derivation file -> every file its graph read
+        self._pending: list[tuple[str, bytes, list]] = []  # .drv files to write, dependencies first
 
     # ---- loading ---------------------------------------------------------------------
 
@@ -122,13 +125,16 @@ class Graph:
         )
         assign_outputs(drv, self.drv_hash)
         refs = sorted(StorePath.parse(p.rsplit("/", 1)[1]) for p in {i.path for i in inputs.values()})
-        info = self.store.add_text(drv.name + ".drv", drv.canonical(), refs)
-        drv.drv_path = info.path
-        logical = self.store.logical(info.path)
+        data = drv.canonical()
+        drv.drv_path = text_path(self.store.store_dir, drv.name + ".drv", blake3.blake3(data).digest(), refs)
+        self._pending.append((drv.name + ".drv", data, refs))
+        logical = self.store.logical(drv.drv_path)
         self.drvs[logical] = drv
         self._hashes[logical] = drv.drv_hash
         self._by_file[file] = logical
-        if not stack:
+        if not stack:  # the whole graph is known: write every new .drv in one commit
+            self.store.add_texts(self._pending)
+            self._pending.clear()
             self._remember(file, drv)
         return drv
 

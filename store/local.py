@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import blake3
@@ -366,26 +366,40 @@ class LocalStore:
 
     def add_text(self, name: str, data: bytes, references=()) -> PathInfo:
         """Add a small text object (a ``.drv``) with the given references; return its info."""
-        digest = blake3.blake3(data).digest()
-        path = text_path(self.store_dir, name, digest, references)
-        self._protect(path)
-        info = self.query(path)
-        if info is not None:
-            return info
-        with self.writing(), self.lock_path(path):
-            info = self.query(path)
-            if info is not None:
-                return info
-            tmp = self._tmp_name("text")
+        return self.add_texts([(name, data, references)])[0]
+
+    def add_texts(self, items) -> list[PathInfo]:
+        """Add text objects ``(name, data, references)`` in one durable commit (a whole
+        derivation graph's ``.drv`` files at once); references among them are allowed."""
+        wanted = []
+        for name, data, refs in items:
+            digest = blake3.blake3(data).digest()
+            path = text_path(self.store_dir, name, digest, refs)
+            self._protect(path)
+            wanted.append((path, data, digest, sorted(refs)))
+        if all(self.is_valid(w[0]) for w in wanted):
+            return [self.info(w[0]) for w in wanted]
+        with ExitStack() as stack:
+            stack.enter_context(self.writing())
+            for path in sorted({w[0] for w in wanted}):
+                stack.enter_context(self.lock_path(path))
+            todo, seen, tmps = [], set(), []
             try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                st = os.stat(tmp)
-                self.ingest_in_place(os.fsencode(tmp), st)
-                node = FileNode(digest, len(data), False)
-                return self.commit(tmp, path, node, references=list(references), ca="text")
+                for path, data, digest, refs in wanted:
+                    if path in seen or self.is_valid(path):
+                        continue
+                    seen.add(path)
+                    tmp = self._tmp_name("text")
+                    tmps.append(tmp)
+                    with open(tmp, "xb") as f:
+                        f.write(data)
+                    self.adopt_file(os.fsencode(tmp), digest, False)
+                    todo.append((tmp, path, FileNode(digest, len(data), False), refs, None, "text"))
+                self.commit_many(todo)
             finally:
-                fsutil.remove_tree(tmp)
+                for tmp in tmps:
+                    fsutil.remove_tree(tmp)
+        return [self.info(w[0]) for w in wanted]
 
     def _scan_parallel(self, src: str) -> Node:
         # blake3 and file I/O release the GIL: two threads keep both cores busy.
@@ -485,7 +499,8 @@ class LocalStore:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        fsutil.fsync_dir(self.links)
+        # .links needs no fsync: it only indexes inodes that the store path's own
+        # (fsynced) names keep alive; a lost index entry costs dedup, never data.
 
     def _put_info(self, txn, info: PathInfo, node: Node) -> None:
         key = info.path.hash_part.encode()

@@ -91,6 +91,12 @@ class Realiser:
 
     def load_targets(self, targets: list[str]) -> list[Derivation]:
         self.temp_roots  # protect sources and .drv files from a concurrent GC as they are added
+        if self.options.substituters:
+            # a .drv target that is not valid here comes from the substituters with its closure
+            # (input derivations, sources): what an offline rebuild from a prefetched cache needs
+            from .prefetch import substitute_drv_targets
+
+            substitute_drv_targets(self.store, self.options.substituters, targets)
         return [self.graph.target(t) for t in targets]
 
     def missing_outputs(self, drv: Derivation) -> list[StorePath]:
@@ -161,6 +167,11 @@ class Realiser:
             return
         with self._lock:
             self.substituted.extend(self.store.logical(p) for _, _, p in wanted if p in got)
+
+    def realise_drvs(self, drvs: list[Derivation]) -> list[str]:
+        """Make every output of the loaded ``drvs`` valid (substituting, else building what they
+        need); return the ``.drv`` base names built. Used by ``prefetch`` for fixed outputs."""
+        return self._build_all(self.plan(drvs))
 
     # ---- building ----------------------------------------------------------------------
 
@@ -272,7 +283,8 @@ class Realiser:
         from .fsutil import write_atomic
 
         path = os.path.join(self.store.root, "logs", f"{drv.drv_hash}.log.zst")
-        write_atomic(path, zstandard.ZstdCompressor(level=3).compress(log))
+        # no fsync: a log lost to a power cut costs nothing the store relies on
+        write_atomic(path, zstandard.ZstdCompressor(level=3).compress(log), durable=False)
 
 
 def realisation(drv: Derivation, output: str, path: StorePath, root: bytes) -> dict:
