@@ -16,12 +16,11 @@ from .derivation import (
     Derivation,
     Input,
     assign_outputs,
-    hash_modulo,
     host_system,
     parse_drv_json,
     read_toml,
 )
-from .errors import NotFound, UsageError
+from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath, check_name, text_path
 
 FETCH_BUILDER = "builtin:fetchurl"
@@ -85,7 +84,12 @@ class Graph:
         with open(self.store.physical(path), "rb") as f:
             drv = parse_drv_json(f.read(), drv_logical, self.store.store_dir)
         drv.drv_path = path
-        drv.drv_hash = hash_modulo(drv, self.drv_hash)
+        claimed = dict(drv.outputs)
+        assign_outputs(drv, self.drv_hash)  # sets drv_hash and the outputs it implies
+        if claimed != drv.outputs:
+            # a .drv from elsewhere (a cache, a bundle) must not claim another build's outputs
+            raise IntegrityError(f"derivation '{drv_logical}' names output paths its contents do not hash to",
+                                 "the .drv file was forged or corrupted", expected=drv.outputs, got=claimed)
         self.drvs[drv_logical] = drv
         return drv
 
@@ -143,6 +147,9 @@ class Graph:
             dep_file = os.path.join(base, spec["drv"])
             if not os.path.exists(dep_file):
                 raise rd.error(f"input '{var}': derivation file '{spec['drv']}' does not exist", var, "inputs")
+            if os.path.abspath(dep_file) in stack:
+                chain = stack[stack.index(os.path.abspath(dep_file)):] + (os.path.abspath(dep_file),)
+                raise rd.error("dependency cycle: " + " -> ".join(os.path.basename(f) for f in chain), var, "inputs")
             dep = self.from_file(dep_file, stack)
             self._deps[stack[-1]] |= self._deps[os.path.abspath(dep_file)]
             output = spec.get("output", "out")

@@ -188,8 +188,6 @@ def test_dependency_cycle_is_bad_input(cli, tmp_path):
     assert_one_error_line(cli("instantiate", self_ref, cwd=tmp_path), 2, "dependency cycle")
 
 
-@pytest.mark.xfail(strict=True, reason="store/instantiate.py Graph.from_file raises the cycle error as "
-                   "'<relpath>: dependency cycle: ...' without the line of the input that closes the cycle")
 def test_dependency_cycle_points_at_the_input_line(cli, tmp_path):
     a = _cycle_files(tmp_path)
     # b.toml line 4 (`a = { drv = "a.toml" }`) closes the cycle a -> b -> a
@@ -377,9 +375,6 @@ def test_changing_the_fetch_url_keeps_output_paths(cli, tmp_path):
         assert a["outputs"]["out"]["path"] != b["outputs"]["out"]["path"]
 
 
-@pytest.mark.xfail(strict=True, reason="store/instantiate.py Graph.load trusts the 'outputs' of a .drv read from "
-                   "the store without recomputing them from the hash modulo: a .drv (e.g. imported or copied "
-                   "from a cache) can claim another derivation's output path and get it registered")
 def test_drv_with_forged_output_paths_is_refused(cli, tmp_path):
     from fimio.store.derivation import canonical_json
     from fimio.store.local import LocalStore
