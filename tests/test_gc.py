@@ -1,0 +1,183 @@
+"""Garbage collection acceptance: ``fimio gc`` and ``fimio roots`` with real builds.
+
+A collection running while a realise builds deletes nothing that realise uses; afterwards
+exactly what no root reaches goes; out-links root closures; ``--dry-run``;
+``--max-freed``; the ``.links`` blobs of deleted paths go too; ``verify`` stays clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import time
+
+import blake3
+
+from conftest import STORE_DIR, fimio_env, fimio_executable
+from test_sandbox import out_of, outputs_of, realise_json, write_drv
+
+
+def valid(cli, logical) -> bool:
+    proc = cli("path-info", logical)
+    assert proc.returncode in (0, 5), proc.stderr
+    return proc.returncode == 0
+
+
+def gc(cli, *args) -> dict:
+    return json.loads(cli.out("gc", "--json", *args))
+
+
+def add(cli, path) -> str:
+    """``fimio add``; the logical path."""
+    return f"{STORE_DIR}/{os.path.basename(cli.out('add', path))}"
+
+
+def assert_verify_clean(cli):
+    proc = cli("verify", check=0)
+    assert proc.stdout == "", proc.stdout
+    cli("verify", "--check-contents", check=0)
+
+
+def test_gc_during_a_realise_deletes_nothing_it_uses(cli, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x").write_text("input data\n")
+    dep = write_drv(tmp_path / "dep.toml", "dep", "echo dep-output > $out")
+    slow = write_drv(tmp_path / "slow.toml", "slow", """
+        sleep 3
+        mkdir $out
+        cat $data/x $dep > $out/result
+        echo $dep > $out/dep-path
+        """, inputs={"data": {"path": "data"}, "dep": {"drv": "dep.toml"}})
+    (tmp_path / "junk").write_text("nobody needs this\n")
+    junk = add(cli, tmp_path / "junk")
+    dep_out = out_of(realise_json(cli, dep))[0]  # valid, and not rooted by anything
+
+    (rec,) = json.loads(cli.out("instantiate", "--json", slow))
+    slow_drv, slow_out = rec["drvPath"], rec["outputs"]["out"]["path"]
+    dep_drv = json.loads(pathlib.Path(rec["physical"]).read_bytes())["inputs"]["dep"]["drv"]
+    data_src = json.loads(pathlib.Path(rec["physical"]).read_bytes())["inputs"]["data"]["src"]
+    in_use = {dep_out, dep_drv, slow_drv, data_src}
+    assert all(valid(cli, p) for p in in_use | {junk})
+
+    work = tmp_path / "work"
+    work.mkdir()
+    realise = subprocess.Popen([fimio_executable(), "realise", "--json", slow], cwd=work,
+                               env=fimio_env(cli.root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(e.startswith("build-") for e in os.listdir(cli.root / "tmp")):
+            assert realise.poll() is None, realise.communicate()
+            assert time.monotonic() < deadline, "the slow build never started"
+            time.sleep(0.05)
+        during = gc(cli)
+        assert realise.poll() is None, "the build should still be running during the collection"
+        # the realise's temp roots are listed by `fimio roots`
+        roots = json.loads(cli.out("roots", "--json"))
+        assert {p for k, p in roots.items() if k.startswith("(temp)")} >= in_use
+    finally:
+        out, err = realise.communicate(timeout=60)
+    assert realise.returncode == 0, err
+    assert junk in during["deleted"]
+    assert not set(during["deleted"]) & in_use, during["deleted"]
+    assert all(valid(cli, p) for p in in_use)
+    result = pathlib.Path(out_of(json.loads(out))[1])
+    assert (result / "result").read_text() == "input data\ndep-output\n"
+
+    # once the realise is over: what ./result reaches stays, everything else goes
+    after = gc(cli)
+    assert valid(cli, slow_out) and valid(cli, dep_out)  # dep_out through the reference
+    assert set(after["deleted"]) == {slow_drv, dep_drv, data_src}
+    assert not any(valid(cli, p) for p in (slow_drv, dep_drv, data_src, junk))
+    assert_verify_clean(cli)
+
+    # removing the out-link makes its closure collectable
+    os.unlink(work / "result")
+    last = gc(cli)
+    assert set(last["deleted"]) == {slow_out, dep_out}
+    assert not valid(cli, slow_out) and not valid(cli, dep_out)
+    assert [e for e in os.listdir(cli.physical_store) if e != ".links"] == []
+    assert os.listdir(cli.physical_store / ".links") == []
+    assert_verify_clean(cli)
+
+
+def test_dry_run_deletes_nothing(cli, tmp_path):
+    paths = []
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text(f"file {i}\n")
+        paths.append(add(cli, tmp_path / f"f{i}"))
+    links = sorted(os.listdir(cli.physical_store / ".links"))
+    dry = gc(cli, "--dry-run")
+    assert dry["dryRun"] is True and sorted(dry["deleted"]) == sorted(paths)
+    assert dry["freed"] == sum(len(f"file {i}\n") for i in range(3))
+    assert all(valid(cli, p) for p in paths)
+    assert sorted(os.listdir(cli.physical_store / ".links")) == links
+    # plain output: the logical paths that would go, one per line, and a summary on stderr
+    proc = cli("gc", "--dry-run", check=0)
+    assert sorted(proc.stdout.splitlines()) == sorted(paths)
+    assert "would delete 3 paths" in proc.stderr
+    real = gc(cli)
+    assert sorted(real["deleted"]) == sorted(paths) and real["dryRun"] is False
+    assert not any(valid(cli, p) for p in paths)
+
+
+def test_max_freed(cli, tmp_path):
+    paths = []
+    for i in range(4):
+        (tmp_path / f"f{i}").write_bytes(bytes([65 + i]) * 1000)
+        paths.append(add(cli, tmp_path / f"f{i}"))
+    first = gc(cli, "--max-freed", "1")
+    assert len(first["deleted"]) == 1 and first["freed"] == 1000
+    second = gc(cli, "--max-freed", "1K")  # 1024 bytes: stops once that much is freed
+    assert len(second["deleted"]) == 2 and second["freed"] == 2000
+    assert sum(valid(cli, p) for p in paths) == 1
+    assert gc(cli)["freed"] == 1000
+    assert_verify_clean(cli)
+    proc = cli("gc", "--max-freed", "lots")
+    assert proc.returncode == 2 and "invalid size" in proc.stderr
+
+
+def test_links_blobs_of_deleted_paths_are_removed(cli, tmp_path):
+    (tmp_path / "doomed").mkdir()
+    (tmp_path / "doomed" / "only-here").write_text("unique to the doomed path\n")
+    (tmp_path / "doomed" / "shared").write_text("shared content\n")
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "shared").write_text("shared content\n")
+    doomed = add(cli, tmp_path / "doomed")
+    kept = add(cli, tmp_path / "kept")
+    # root `kept` by hand, the way out-links do it: a symlink in $ROOT/gcroots
+    os.symlink(cli.physical_store / os.path.basename(kept), cli.root / "gcroots" / "by-hand")
+    links = cli.physical_store / ".links"
+    unique = links / blake3.blake3(b"unique to the doomed path\n").hexdigest()
+    shared = links / blake3.blake3(b"shared content\n").hexdigest()
+    assert unique.exists() and shared.exists()
+    r = gc(cli)
+    assert r["deleted"] == [doomed]
+    assert not unique.exists()
+    assert shared.exists() and valid(cli, kept)
+    assert (cli.physical_store / os.path.basename(kept) / "shared").read_text() == "shared content\n"
+    assert_verify_clean(cli)
+    os.unlink(cli.root / "gcroots" / "by-hand")
+    gc(cli)
+    assert os.listdir(links) == []
+
+
+def test_roots_keep_closures_and_built_outputs_without_roots_go(cli, tmp_path):
+    write_drv(tmp_path / "lib.toml", "lib", "echo lib > $out")
+    app = write_drv(tmp_path / "app.toml", "app", "mkdir $out; echo $lib > $out/uses", inputs={"lib": {"drv": "lib.toml"}})
+    other = write_drv(tmp_path / "other.toml", "other", "echo other > $out")
+    work = tmp_path / "w"
+    work.mkdir()
+    r = json.loads(cli.out("realise", "--json", app, cwd=work))
+    app_out = out_of(r)[0]
+    lib_out = outputs_of(cli, tmp_path / "lib.toml")["out"]
+    other_out = out_of(realise_json(cli, other))[0]  # --no-out-link: unrooted
+    deleted = set(gc(cli)["deleted"])
+    assert other_out in deleted
+    assert app_out not in deleted and lib_out not in deleted
+    assert valid(cli, app_out) and valid(cli, lib_out) and not valid(cli, other_out)
+    # realising again rebuilds the deleted output
+    again = realise_json(cli, other)
+    assert again["built"] == [again["targets"][0]["drvPath"]]
+    assert_verify_clean(cli)

@@ -1,0 +1,310 @@
+"""Acceptance tests of ``fimio realise`` and the build commands around it.
+
+Every shipped example realises; a second realise is a no-op; the ``.drv`` and the TOML
+give the same outputs; two stores with different physical roots agree on every output
+path and root digest; four concurrent realises of a 50-derivation graph build each
+derivation exactly once; ``-j``; out-links and their GC roots; ``--keep-failed``;
+``fimio log``, ``why-depends`` and ``run``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import time
+
+import pytest
+
+from conftest import STORE_DIR, assert_one_error_line, fimio_env, fimio_executable, run_fimio
+from fimio.store.local import LocalStore
+from fimio.store.realise import build_records
+from test_sandbox import EXAMPLES, FileServer, fetch_example_copy, out_of, outputs_of, realise_json, write_drv
+
+
+def open_store(root) -> LocalStore:
+    return LocalStore(str(root), STORE_DIR)
+
+
+def all_records(root) -> list[dict]:
+    """Every build record of the store, straight from the LMDB ``records`` sub-database."""
+    from fimio.store.db import loads
+
+    s = open_store(root)
+    try:
+        with s.db.read() as txn:
+            return [loads(v) for _, v in txn.cursor(db=s.db.dbs["records"])]
+    finally:
+        s.close()
+
+
+class Examples:
+    """The shipped examples realised into one root: ``targets[name]`` = realise --json."""
+
+    def __init__(self, root, work, server_url):
+        self.root = root
+        self.fetch_dir = fetch_example_copy(work / "fetch", f"{server_url}/greeting.txt")
+        self.files = {
+            "hello": EXAMPLES / "hello" / "hello.toml",
+            "report": EXAMPLES / "graph" / "report.toml",
+            "shout": self.fetch_dir / "use.toml",
+        }
+        self.results = {}
+
+    def realise_all(self, root) -> dict:
+        results = {}
+        for name, f in self.files.items():
+            proc = run_fimio(["realise", "--json", "--no-out-link", f], root, check=0)
+            results[name] = json.loads(proc.stdout)
+        return results
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = FileServer(EXAMPLES / "fetch" / "files")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory, server):
+    work = tmp_path_factory.mktemp("examples")
+    ex = Examples(work / "root", work, server.url)
+    ex.results = ex.realise_all(ex.root)
+    return ex
+
+
+def closure_digests(root, physical) -> dict:
+    """{logical path: digest} over the closure of a store path, via ``path-info -r --json``."""
+    infos = json.loads(run_fimio(["path-info", "-r", "--json", physical], root, check=0).stdout)
+    return {i["path"]: i["digest"] for i in infos}
+
+
+# ---- the examples ---------------------------------------------------------------------
+
+def test_each_example_realises(examples):
+    r = examples.results
+    hello = pathlib.Path(out_of(r["hello"])[1])
+    assert os.access(hello / "bin" / "hello", os.X_OK)
+    assert r["hello"]["built"] == [r["hello"]["targets"][0]["drvPath"]]
+    report = pathlib.Path(out_of(r["report"])[1])
+    assert len(r["report"]["built"]) == 3  # libgreet, greeter, greetings-report
+    names = (EXAMPLES / "graph" / "data" / "names.txt").read_text().split()
+    greetings = (report / "greetings.txt").read_text().splitlines()
+    assert len(greetings) == len(names) and int((report / "count").read_text()) == len(names)
+    assert all(any(n in g for g in greetings) for n in names)
+    shout = pathlib.Path(out_of(r["shout"])[1])
+    assert shout.read_text() == (EXAMPLES / "fetch" / "files" / "greeting.txt").read_text().upper()
+    assert len(r["shout"]["built"]) == 2  # the fetch and the consumer
+
+
+def test_second_realise_is_a_noop(examples):
+    records = len(all_records(examples.root))
+    for name, f in examples.files.items():
+        proc = run_fimio(["realise", "--json", "--no-out-link", f], examples.root, check=0)
+        again = json.loads(proc.stdout)
+        assert again["built"] == [] and again["substituted"] == [], name
+        assert again["targets"] == examples.results[name]["targets"]
+        assert "built" not in proc.stderr  # no "built N, substituted M" line when nothing happened
+    assert len(all_records(examples.root)) == records
+
+
+def test_realise_of_the_drv_equals_realise_of_the_toml(examples):
+    for name, result in examples.results.items():
+        target = result["targets"][0]
+        for given in (target["drvPath"], target["physical"], os.path.basename(target["drvPath"]).split("-")[0]):
+            r = json.loads(run_fimio(["realise", "--json", "--no-out-link", given], examples.root, check=0).stdout)
+            assert r["built"] == [] and r["targets"] == [target], (name, given)
+
+
+def test_plain_output_lists_physical_paths(examples):
+    proc = run_fimio(["realise", "--no-out-link", *examples.files.values()], examples.root, check=0)
+    want = [out_of(r)[1] for r in examples.results.values()]
+    assert proc.stdout.splitlines() == want
+    assert all(p.startswith(str(examples.root / "store") + "/") for p in want)
+
+
+def test_same_outputs_for_different_physical_roots(examples, tmp_path):
+    other = tmp_path / "a" / "much" / "deeper" / "physical-root"
+    results = examples.realise_all(other)
+    for name, r in results.items():
+        mine = examples.results[name]["targets"][0]
+        theirs = r["targets"][0]
+        assert theirs["drvPath"] == mine["drvPath"], name
+        assert {n: o["path"] for n, o in theirs["outputs"].items()} == {n: o["path"] for n, o in mine["outputs"].items()}
+        assert theirs["physical"] != mine["physical"]
+        a = closure_digests(examples.root, out_of(examples.results[name])[1])
+        b = closure_digests(other, out_of(r)[1])
+        assert a == b, f"{name}: outputs differ between physical roots"
+        assert len(r["built"]) == len(examples.results[name]["built"])
+
+
+# ---- concurrency and -j --------------------------------------------------------------
+
+def make_layers(d: pathlib.Path, layers: int = 5, width: int = 10) -> list[pathlib.Path]:
+    """``layers`` x ``width`` derivations, each depending on the whole layer below."""
+    for layer in range(layers):
+        for i in range(width):
+            inputs = {f"d{j}": {"drv": f"n{layer - 1}_{j}.toml"} for j in range(width)} if layer else {}
+            write_drv(d / f"n{layer}_{i}.toml", f"n{layer}-{i}", f"echo {layer}-{i} > $out", inputs=inputs)
+    return [d / f"n{layers - 1}_{i}.toml" for i in range(width)]
+
+
+def test_concurrent_realises_build_each_derivation_once(tmp_path):
+    tops = make_layers(tmp_path / "graph")
+    root = tmp_path / "root"
+    procs = [
+        subprocess.Popen([fimio_executable(), "realise", "--json", "--no-out-link", *tops], env=fimio_env(root),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+    results = [json.loads(out) for out, _ in outs]
+    assert all(r["targets"] == results[0]["targets"] for r in results)
+    built = [b for r in results for b in r["built"]]
+    assert len(built) == 50 and len(set(built)) == 50  # every derivation built by exactly one process
+    records = all_records(root)
+    assert len(records) == 50 and len({r["drvHash"] for r in records}) == 50
+    for t in results[0]["targets"]:
+        layer_i = pathlib.Path(t["outputs"]["out"]["physical"]).read_text()
+        assert layer_i.startswith("4-")
+    assert run_fimio(["verify"], root, check=0).stdout == ""
+
+
+def _intervals(root, drv_hashes) -> list[tuple[float, float]]:
+    s = open_store(root)
+    try:
+        out = []
+        for h in drv_hashes:
+            (rec,) = build_records(s, h)
+            out.append((rec["start"], rec["end"]))
+        return sorted(out)
+    finally:
+        s.close()
+
+
+def test_jobs(tmp_path):
+    targets = [write_drv(tmp_path / f"s{i}.toml", f"s{i}", f"sleep 0.4; echo {i} > $out") for i in range(4)]
+    serial = run_fimio(["realise", "--json", "--no-out-link", "-j", "1", *targets], tmp_path / "r1", check=0)
+    hashes = [t["drvHash"] for t in json.loads(serial.stdout)["targets"]]
+    iv = _intervals(tmp_path / "r1", hashes)
+    assert all(b[0] >= a[1] for a, b in zip(iv, iv[1:])), f"-j 1 ran builds at the same time: {iv}"
+    parallel = run_fimio(["realise", "--json", "--no-out-link", "-j", "4", *targets], tmp_path / "r4", check=0)
+    assert len(json.loads(parallel.stdout)["built"]) == 4
+    iv = _intervals(tmp_path / "r4", hashes)
+    assert max(s for s, _ in iv) < min(e for _, e in iv), f"-j 4 did not run the 4 builds at once: {iv}"
+    assert_one_error_line(run_fimio(["realise", "-j", "0", *targets], tmp_path / "r4"), 2, "-j")
+
+
+# ---- out-links -------------------------------------------------------------------------
+
+def _roots(cli) -> dict:
+    return json.loads(cli.out("roots", "--json"))
+
+
+def test_out_links_and_roots(cli, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    m = write_drv(tmp_path / "m.toml", "multi", "mkdir $out $dev; echo o > $out/o; echo d > $dev/d",
+                  outputs=["out", "dev"])
+    s = write_drv(tmp_path / "s.toml", "single", "echo s > $out")
+    mo, so = outputs_of(cli, m), outputs_of(cli, s)
+    phys = lambda logical: str(cli.physical_store / os.path.basename(logical))  # noqa: E731
+
+    r = json.loads(cli.out("realise", "--json", m, cwd=work))
+    assert os.readlink(work / "result") == phys(mo["out"])
+    assert os.readlink(work / "result-dev") == phys(mo["dev"])
+    assert r["outLinks"] == {str(work / "result"): mo["out"], str(work / "result-dev"): mo["dev"]}
+    assert (work / "result-dev" / "d").read_text() == "d\n"
+    roots = _roots(cli)
+    assert roots[str(work / "result")] == mo["out"] and roots[str(work / "result-dev")] == mo["dev"]
+    listed = cli.out("roots").splitlines()
+    assert f"{work / 'result'} -> {phys(mo['out'])}" in listed
+
+    # --out-link, several targets: NAME, NAME-2, NAME-2-dev
+    (tmp_path / "links").mkdir()
+    r = json.loads(cli.out("realise", "--json", "--out-link", tmp_path / "links" / "x", s, m, cwd=work))
+    base = tmp_path / "links" / "x"
+    assert r["outLinks"] == {str(base): so["out"], f"{base}-2": mo["out"], f"{base}-2-dev": mo["dev"]}
+    assert os.readlink(f"{base}-2-dev") == phys(mo["dev"])
+    assert {str(base), f"{base}-2", f"{base}-2-dev"} <= set(_roots(cli))
+
+    # realising something else replaces ./result
+    cli.out("realise", s, cwd=work)
+    assert os.readlink(work / "result") == phys(so["out"])
+    assert _roots(cli)[str(work / "result")] == so["out"]
+
+    # --no-out-link creates no link and no root
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    before = _roots(cli)
+    r = json.loads(cli.out("realise", "--json", "--no-out-link", m, s, cwd=empty))
+    assert r["outLinks"] == {} and os.listdir(empty) == []
+    assert _roots(cli) == before
+
+    # deleting an out-link removes the root
+    os.unlink(work / "result-dev")
+    assert str(work / "result-dev") not in _roots(cli)
+
+
+def test_keep_failed(cli, tmp_path):
+    f = write_drv(tmp_path / "k.toml", "kept", "echo partial > partial.txt; mkdir -p sub; echo oops; exit 2")
+    proc = cli("realise", "--no-out-link", "--keep-failed", f)
+    assert proc.returncode == 1
+    last = proc.stderr.splitlines()[-1]
+    assert "build directory kept at '" in last
+    kept = pathlib.Path(last.split("build directory kept at '")[1].split("'")[0])
+    assert kept.is_dir() and (kept / "partial.txt").read_text() == "partial\n" and (kept / "sub").is_dir()
+    assert str(cli.root) in str(kept)
+    # the same failure without -K leaves nothing behind
+    proc = cli("realise", "--no-out-link", f)
+    assert proc.returncode == 1 and "build directory kept" not in proc.stderr
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == [kept.parent.name]
+
+
+# ---- log, why-depends, run ---------------------------------------------------------------
+
+def test_log(cli, tmp_path):
+    f = write_drv(tmp_path / "l.toml", "logged", "echo to stdout; echo to stderr >&2; echo done > $out")
+    r = realise_json(cli, f)
+    want = "to stdout\nto stderr\n"
+    target = r["targets"][0]
+    for given in (f, target["drvPath"], target["physical"], out_of(r)[0], out_of(r)[1],
+                  os.path.basename(out_of(r)[0]).split("-")[0]):
+        assert cli.out("log", given) + "\n" == want, given
+    (tmp_path / "src").write_text("x")
+    src = cli.out("add", tmp_path / "src")
+    assert_one_error_line(cli("log", src), 5, "not built by a derivation")
+
+
+def test_why_depends(cli, tmp_path):
+    write_drv(tmp_path / "a.toml", "a", "echo a > $out")
+    write_drv(tmp_path / "b.toml", "b", "mkdir $out; echo $a > $out/a-path", inputs={"a": {"drv": "a.toml"}})
+    c = write_drv(tmp_path / "c.toml", "c", "echo $b > $out", inputs={"b": {"drv": "b.toml"}})
+    r = realise_json(cli, c)
+    a, b = outputs_of(cli, tmp_path / "a.toml")["out"], outputs_of(cli, tmp_path / "b.toml")["out"]
+    c_out = out_of(r)[0]
+    assert json.loads(cli.out("why-depends", "--json", c_out, a)) == [c_out, b, a]
+    lines = cli.out("why-depends", out_of(r)[1], os.path.basename(a).split("-")[0]).splitlines()
+    phys = lambda p: str(cli.physical_store / os.path.basename(p))  # noqa: E731
+    assert lines == [phys(c_out), "└───" + phys(b), "    └───" + phys(a)]
+    assert_one_error_line(cli("why-depends", a, c_out), 5, "does not depend on")
+
+
+def test_run(examples):
+    hello = out_of(examples.results["hello"])[0]
+    run = lambda *a: run_fimio(["run", *a], examples.root, check=0).stdout  # noqa: E731
+    assert run(hello, "--", f"{hello}/bin/hello") == "hello, world\n"
+    assert run(os.path.basename(hello).split("-")[0], "--", "hello") == "hello, world\n"
+    assert run(out_of(examples.results["hello"])[1], "--", "sh", "-c", "test -d $FIMIO_STORE && hello") == "hello, world\n"
+    assert_one_error_line(run_fimio(["run", hello, "--", "no-such-command-xyz"], examples.root), 2, "not found")
+
+
+def test_realise_is_quick_when_nothing_is_to_do(examples):
+    """A no-op realise of the whole graph example stays cheap (start-up + one lookup)."""
+    start = time.monotonic()
+    run_fimio(["realise", "--no-out-link", examples.files["report"]], examples.root, check=0)
+    assert time.monotonic() - start < 5
