@@ -103,7 +103,7 @@ class CacheParams:
     content into the same objects (that is what makes re-pushes cheap)."""
 
     store_dir: str
-    large_file: int = 1 << 20  # files this size or bigger are chunked; smaller ones packed
+    large_file: int = 512 << 10  # files this size or bigger are chunked; smaller ones packed
     chunk_min: int = 256 << 10
     chunk_avg: int = 1 << 20
     chunk_max: int = 4 << 20

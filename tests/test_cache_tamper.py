@@ -1,0 +1,246 @@
+"""A hostile or damaged cache: every kind of tampering is refused with exit 4 and nothing is
+registered (spec/cache.md §Verification). Also: a substitution killed at any moment leaves
+nothing half-valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import zstandard
+
+from cachefixtures import StaticServer, make_keys, write_config
+from conftest import assert_one_error_line, fimio_env, fimio_executable, run_fimio
+from fimio.store.cache.push import Pusher
+from fimio.store.cache.url import open_backend
+from fimio.store.local import LocalStore
+from test_cache_contract import make_tree
+
+STORE_DIR = "/fimio/store"
+
+
+class Setup:
+    def __init__(self, tmp_path, key=True, small=60, large=(2 << 20,)):
+        self.tmp = tmp_path
+        self.cache = tmp_path / "cache"
+        self.url = f"file://{self.cache}"
+        a = LocalStore(str(tmp_path / "A"), STORE_DIR)
+        self.tree = a.add_path(str(make_tree(tmp_path / "src", small=small, large=large)), "tree")
+        (tmp_path / "one.txt").write_bytes(b"one\n")
+        self.one = a.add_path(str(tmp_path / "one.txt"))
+        self.sk, self.pk = make_keys()
+        Pusher(a, open_backend(self.url), [self.sk] if key else []).push([self.tree.path, self.one.path])
+        a.close()
+        self.config = write_config(tmp_path / "config.toml", trusted=[self.pk])
+        self.b = tmp_path / "B"
+        self.n = 0
+
+    def copy(self, path=None, url=None, *extra):
+        """Copy into a fresh store (a store that already holds some blobs would not need
+        to download, and so would never see, a damaged object that holds only those)."""
+        paths = [path] if path else [self.tree.path, self.one.path]
+        self.n += 1
+        self.b = self.tmp / f"B{self.n}"
+        return run_fimio(["copy", "--from", url or self.url, *extra, *(f"{STORE_DIR}/{p.base}" for p in paths)],
+                         self.b, env={"FIMIO_CONFIG": self.config})
+
+    def objects(self, kind):
+        d = self.cache / kind
+        return sorted(str(p) for p in d.rglob("*.zst"))
+
+    def info_file(self, path=None):
+        return self.cache / "info" / f"{(path or self.tree.path).hash_part}.json"
+
+    def assert_nothing_registered(self):
+        s = LocalStore(str(self.b), STORE_DIR)
+        try:
+            assert s.all_paths() == []
+            assert [e for e in os.listdir(s.store) if e != ".links"] == []
+            assert os.listdir(s.tmp) == []
+        finally:
+            s.close()
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return Setup(tmp_path)
+
+
+def _flip(path, offset=None):
+    data = bytearray(open(path, "rb").read())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0x40
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _same_content(original: bytes, damaged: bytes) -> bool:
+    """True when a flipped bit is immaterial: the frame still decodes to the same bytes."""
+    try:
+        return zstandard.ZstdDecompressor().decompress(damaged, max_output_size=64 << 20) == \
+            zstandard.ZstdDecompressor().decompress(original)
+    except zstandard.ZstdError:
+        return False
+
+
+@pytest.mark.parametrize("kind", ["packs", "chunks", "trees"])
+def test_flipped_byte_in_any_object(setup, kind):
+    objects = setup.objects(kind)
+    assert objects
+    refused = 0
+    for offset in (None, 5, -1):  # middle, frame header, last byte
+        for obj in objects:
+            original = open(obj, "rb").read()
+            _flip(obj, offset if offset is None or offset >= 0 else len(original) - 1)
+            proc = setup.copy()
+            if proc.returncode == 0:
+                # only acceptable when the flip did not change a byte of content (a don't-care
+                # bit of the zstd frame): every byte that reaches the store was checked
+                assert _same_content(original, open(obj, "rb").read()), proc.stderr
+                s = LocalStore(str(setup.b), STORE_DIR)
+                assert s.verify(check_contents=True) == []
+                s.close()
+            else:
+                assert_one_error_line(proc, 4)
+                setup.assert_nothing_registered()
+                refused += 1
+            with open(obj, "wb") as f:
+                f.write(original)
+    assert refused >= 2 * len(objects)
+    assert setup.copy().returncode == 0
+
+
+def test_flipped_byte_in_info(setup):
+    info = setup.info_file()
+    text = info.read_text()
+    record = json.loads(text)
+    record["size"] += 1
+    info.write_text(json.dumps(record))
+    assert_one_error_line(setup.copy(), 4, "no signature by a trusted key")
+    setup.assert_nothing_registered()
+    info.write_text(text.replace('"ca":"source"', '"ca":"sourcX"'))
+    assert_one_error_line(setup.copy(), 4)
+    setup.assert_nothing_registered()
+
+
+def test_swapped_info(setup):
+    setup.info_file().write_bytes(setup.info_file(setup.one.path).read_bytes())
+    assert_one_error_line(setup.copy(), 4, "not the path asked for")
+    setup.assert_nothing_registered()
+
+
+def test_manifest_of_another_path(setup):
+    """The manifest digest is not signed; a swapped one must still be caught (Merkle root)."""
+    info, other = json.loads(setup.info_file().read_text()), json.loads(setup.info_file(setup.one.path).read_text())
+    info["manifest"] = other["manifest"]
+    setup.info_file().write_text(json.dumps(info))
+    assert_one_error_line(setup.copy(), 4, "does not match the signed root digest")
+    setup.assert_nothing_registered()
+
+
+def test_untrusted_signer(tmp_path):
+    s = Setup(tmp_path)
+    write_config(tmp_path / "config.toml", trusted=[make_keys("other-1")[1]])
+    assert_one_error_line(s.copy(), 4, "no signature by a trusted key")
+    s.assert_nothing_registered()
+
+
+def test_unsigned_refused_unless_sigs_not_required(tmp_path):
+    s = Setup(tmp_path, key=False)
+    assert_one_error_line(s.copy(), 4, "no signature")
+    s.assert_nothing_registered()
+    assert s.copy(None, None, "--no-check-sigs").returncode == 0
+    write_config(tmp_path / "config.toml", require_sigs=False)
+    assert s.copy().returncode == 0
+
+
+def test_truncated_objects(setup):
+    for obj in setup.objects("packs") + setup.objects("chunks") + setup.objects("trees"):
+        original = open(obj, "rb").read()
+        with open(obj, "wb") as f:
+            f.write(original[: len(original) // 2])
+        assert_one_error_line(setup.copy(), 4)
+        setup.assert_nothing_registered()
+        with open(obj, "wb") as f:
+            f.write(original)
+
+
+def test_truncated_object_through_http(setup):
+    srv = StaticServer(setup.cache)
+    try:
+        pack = setup.objects("packs")[0]
+        with open(pack, "r+b") as f:
+            f.truncate(os.path.getsize(pack) - 10)
+        assert_one_error_line(setup.copy(None, srv.url), 4)
+        setup.assert_nothing_registered()
+    finally:
+        srv.stop()
+
+
+def test_lying_manifest_size(setup):
+    info = json.loads(setup.info_file().read_text())
+    for lie in (info["manifest"]["size"] - 1, info["manifest"]["size"] * 1000):
+        info["manifest"]["size"] = lie
+        setup.info_file().write_text(json.dumps(info))
+        assert_one_error_line(setup.copy(), 4)
+        setup.assert_nothing_registered()
+
+
+def test_decompression_bomb_is_refused_before_allocating(setup):
+    """A frame declaring far more than the manifest implies is refused unread."""
+    pack = setup.objects("packs")[0]
+    with open(pack, "wb") as f:
+        f.write(zstandard.ZstdCompressor(level=19).compress(b"\0" * (256 << 20)))
+    proc = setup.copy()
+    assert_one_error_line(proc, 4, "declares")
+    setup.assert_nothing_registered()
+
+
+def test_oversized_object_is_refused_unread(setup):
+    chunk = setup.objects("chunks")[0]
+    with open(chunk, "ab") as f:
+        f.write(os.urandom(1 << 20))
+    assert_one_error_line(setup.copy(), 4, "more than")
+    setup.assert_nothing_registered()
+
+
+def test_missing_object_is_an_integrity_failure(setup):
+    os.unlink(setup.objects("packs")[-1])
+    assert_one_error_line(setup.copy(), 4, "lacks")
+    setup.assert_nothing_registered()
+
+
+def test_missing_reference_means_not_obtainable(tmp_path):
+    s = Setup(tmp_path)
+    a = LocalStore(str(tmp_path / "A"), STORE_DIR)
+    top = a.add_text("top", s.tree.path.logical(STORE_DIR).encode(), [s.tree.path])
+    Pusher(a, open_backend(s.url), [s.sk]).push([top.path])
+    a.close()
+    os.unlink(s.info_file())  # the reference's commit point is gone: top is not obtainable
+    assert_one_error_line(s.copy(top.path), 5)
+    s.assert_nothing_registered()
+
+
+def test_kill_during_substitution_leaves_nothing_half_valid(tmp_path):
+    s = Setup(tmp_path, small=400, large=(6 << 20, 3 << 20))
+    rnd = random.Random(7)
+    for i in range(6):
+        root = tmp_path / f"K{i}"
+        env = fimio_env(root, {"FIMIO_CONFIG": s.config})
+        proc = subprocess.Popen([fimio_executable(), "copy", "--from", s.url, f"{STORE_DIR}/{s.tree.path.base}"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rnd.uniform(0.05, 0.8))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = LocalStore(str(root), STORE_DIR)
+        try:
+            for info in store.all_paths():
+                store.closure([info.path])  # every valid path has its whole closure
+            assert store.verify(check_contents=True) == []
+        finally:
+            store.close()
