@@ -27,6 +27,7 @@ from common import have_nix, log, machine_info, row_json, table  # noqa: E402
 GROUPS = {
     "store": "store_bench",
     "realise": "realise_bench",
+    "repro": "repro",
 }
 
 
