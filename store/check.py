@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
@@ -104,6 +105,7 @@ class _Checker:
         self.kept: dict[str, dict[str, StorePath]] = {}  # output -> digest -> .check path
         self.started = time.time()
         self.round_records: dict[int, dict] = {}
+        self._count_lock = threading.Lock()
 
     def run(self) -> DrvCheck:
         drv, e = self.drv, self.entry
@@ -147,7 +149,8 @@ class _Checker:
         return digests
 
     def _run(self, v: Variation, purpose: str, k: int | None):
-        self.entry.builds += 1
+        with self._count_lock:  # bisection builds run in worker threads
+            self.entry.builds += 1
         try:
             result = self.realiser.build(self.drv, v)
         except BuildError as err:
@@ -191,22 +194,26 @@ class _Checker:
         rounds = self.entry.rounds
         base = rounds[0].digests
         first = next(r for r in rounds[1:] if r.digests != base)
-        changed_host, ids = self._host_changes(self.round_records.get(first.number) or {})
-        if changed_host:
-            return Cause("host-changed", "the host changed since the registered output was built: "
-                         + "; ".join(changed_host) + f" (see 'fimio diff {ids[0]} {ids[1]}')")
-        if not self.plan.vary or not first.varied:
+        host, ids = self._host_changes(self.round_records.get(first.number) or {})
+        if not host and (not self.plan.vary or not first.varied):
             return self._nondeterministic("non-deterministic (no variation applied): builds under the same conditions differ")
         control = self._build(DEFAULT, "control")
+        self.entry.bisect_builds = 1
         if control != base:
-            if not self.just_built and all(r.digests == control for r in rounds[1:]):
+            agree = all(r.digests == control for r in rounds[1:])
+            if host and agree:
+                # a changed host path alone is no proof: the rebuilds must also agree
+                return Cause("host-changed", "the host changed since the registered output was built: "
+                             + "; ".join(host) + f"; every rebuild here agrees (see 'fimio diff {ids[0]} {ids[1]}')")
+            if not self.just_built and agree:
                 return Cause("registered-differs",
                              f"the registered output ({self.entry.baseline}) differs from every rebuild here, "
                              "and the rebuilds agree with and without variations: it was built under other "
                              "conditions (another host, host-path contents or fimio version; see 'fimio provenance')")
             return self._nondeterministic("non-deterministic: a build under default conditions differs too")
-        changed = first.varied
-        variation = next(r for r in rounds if r.number == first.number)
+        if not first.varied:
+            return self._nondeterministic("non-deterministic: builds under the same conditions differ")
+        changed, variation = first.varied, first
         singles = {}
         jobs = max(1, min(len(changed), self.realiser.options.jobs or os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -95,10 +95,11 @@ def test_host_path_change_between_two_builds_is_named(cli, tmp_path):
     text = cli.out("diff", out, check_path)
     assert "• the contents differ: 1 path" in text
     assert f"  • host path {tool} changed" in text
-    # @-1 is the newest record; out-of-range ids are "not found"
+    # @3 is the control build that confirmed the cause; @-1 is the newest record;
+    # out-of-range ids are "not found"
     assert cli.out("diff", f"{hp}@2", f"{hp}@-1").endswith("identical records")
     proc = cli("diff", f"{hp}@1", f"{hp}@9")
-    assert proc.returncode == 5 and "there are builds @1 to @2" in proc.stderr
+    assert proc.returncode == 5 and "there are builds @1 to @3" in proc.stderr
 
 
 def test_provenance_lists_builds_and_agreement(cli, tmp_path):
