@@ -1,0 +1,157 @@
+"""The cache commands through the real console script: key, push, copy, challenge, and
+substitution by ``fimio realise`` from a cache another machine filled."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from cachefixtures import WRITE_TOKEN, Serve, make_keys, write_config
+from conftest import assert_one_error_line, run_fimio
+
+STORE_DIR = "/fimio/store"
+SH = 'builder = "/bin/sh"\n[env]\nPATH = "/usr/bin:/bin"\n'
+
+
+def graph(root: pathlib.Path) -> pathlib.Path:
+    """app -> lib -> src/: two derivations and a source."""
+    (root / "src").mkdir(parents=True)
+    (root / "src" / "hello.txt").write_text("hello\n")
+    (root / "lib.toml").write_text('name = "lib"\nargs = ["-c", "mkdir $out; cat $src/hello.txt > $out/lib.txt; '
+                                   'head -c 300000 /dev/zero > $out/zeros"]\n' + SH + '[inputs]\nsrc = { path = "src" }\n')
+    (root / "app.toml").write_text('name = "app"\nargs = ["-c", "cat $lib/lib.txt > $out; echo $lib >> $out"]\n'
+                                   + SH + '[inputs]\nlib = { drv = "lib.toml" }\n')
+    return root / "app.toml"
+
+
+@pytest.fixture
+def world(tmp_path):
+    sk, pk = make_keys("team-1")
+    (tmp_path / "sk").write_text(str(sk) + "\n")
+    return {"tmp": tmp_path, "sk": str(tmp_path / "sk"), "pk": pk,
+            "cfg": write_config(tmp_path / "config.toml", trusted=[pk])}
+
+
+def fim(world, root, *args, env=None, **kw):
+    e = {"FIMIO_CONFIG": world["cfg"], **(env or {})}
+    return run_fimio(list(args), world["tmp"] / root, env=e, **kw)
+
+
+def test_key_generate_and_public(world):
+    secret = fim(world, "R", "key", "generate", "cache.example.org-1", check=0).stdout.strip()
+    name, _, b64 = secret.partition(":")
+    assert name == "cache.example.org-1" and len(b64) == 88
+    public = fim(world, "R", "key", "public", input=secret + "\n", check=0).stdout.strip()
+    assert public.startswith("cache.example.org-1:") and len(public.partition(":")[2]) == 44
+    assert_one_error_line(fim(world, "R", "key", "public", input=""), 2, "no secret key")
+    assert_one_error_line(fim(world, "R", "key", "public", input="x:AAAA"), 2, "invalid secret key")
+    assert_one_error_line(fim(world, "R", "key", "generate", "bad:name"), 2, "invalid key name")
+
+
+def test_push_derivation_then_realise_substitutes_it(world, tmp_path):
+    app = graph(tmp_path / "g")
+    cache = f"file://{tmp_path / 'cache'}"
+    out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    pushed = json.loads(fim(world, "A", "push", cache, app, "--key", world["sk"], "--json", check=0).stdout)
+    assert pushed["realisationsSent"] == 1 and pushed["pathsSent"] >= 2
+    # machine B: same logical store, other root; builds nothing, fetches everything
+    res = json.loads(fim(world, "B", "realise", app, "--no-out-link", "--substituter", cache, "--json",
+                         check=0).stdout)
+    assert res["built"] == [] and res["substituted"]
+    b_out = fim(world, "B", "realise", app, "--no-out-link", check=0).stdout.strip()
+    assert open(b_out).read() == open(out).read()
+    assert fim(world, "B", "verify", "--check-contents").returncode == 0
+    # a second push finds everything there
+    again = json.loads(fim(world, "A", "push", cache, app, "--key", world["sk"], "--json", check=0).stdout)
+    assert again["pathsSent"] == 0 and again["bytesSent"] == 0
+
+
+def test_push_of_unbuilt_derivation_is_not_found(world, tmp_path):
+    app = graph(tmp_path / "g")
+    assert_one_error_line(fim(world, "A", "push", f"file://{tmp_path / 'c'}", app), 5, "realise")
+
+
+def test_copy_to_from_and_between_caches(world, tmp_path):
+    (tmp_path / "f.txt").write_text("payload\n")
+    path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()
+    logical = f"{STORE_DIR}/{os.path.basename(path)}"
+    c1, c2 = f"file://{tmp_path / 'c1'}", f"file://{tmp_path / 'c2'}"
+    assert fim(world, "A", "copy", "--to", c1, "--key", world["sk"], path).returncode == 0
+    assert fim(world, "B", "copy", "--from", c1, "--to", c2, "--key", world["sk"], logical).returncode == 0
+    got = fim(world, "C", "copy", "--from", c2, os.path.basename(path).split("-")[0], check=0).stdout.strip()
+    assert open(got).read() == "payload\n"
+    assert_one_error_line(fim(world, "C", "copy", logical), 2, "--from")
+    assert_one_error_line(fim(world, "C", "copy", "--from", c2, f"{STORE_DIR}/{'0' * 32}-nothing"), 5)
+
+
+def test_unsigned_push_warns(world, tmp_path):
+    (tmp_path / "f.txt").write_text("x\n")
+    path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()
+    proc = fim(world, "A", "push", f"file://{tmp_path / 'c'}", path, check=0)
+    assert "unsigned" in proc.stderr
+
+
+@pytest.mark.parametrize("url,code,needle", [
+    ("nope://x", 2, "unknown scheme"),
+    ("file:relative", 2, "absolute path"),
+    ("http://127.0.0.1:9", 6, "cannot reach"),
+])
+def test_bad_and_unreachable_caches(world, tmp_path, url, code, needle):
+    (tmp_path / "f.txt").write_text("x\n")
+    path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()
+    assert_one_error_line(fim(world, "A", "push", url, path, "--key", world["sk"]), code, needle)
+    assert_one_error_line(fim(world, "B", "copy", "--from", url, path), code, needle)
+
+
+def test_store_dir_mismatch_is_refused(world, tmp_path):
+    (tmp_path / "f.txt").write_text("x\n")
+    path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()
+    cache = f"file://{tmp_path / 'c'}"
+    fim(world, "A", "push", cache, path, "--key", world["sk"], check=0)
+    proc = fim(world, "O", "copy", "--from", cache, path, env={"FIMIO_STORE_DIR": "/other/store"})
+    assert_one_error_line(proc, 2, "store directory")
+
+
+def test_challenge_agreement_and_disagreement(world, tmp_path):
+    from fimio.store.cache.keys import SecretKey
+    from fimio.store.cache.layout import Realisation
+
+    app = graph(tmp_path / "g")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    fim(world, "A", "realise", app, "--no-out-link", check=0)
+    fim(world, "A", "push", f"file://{good}", app, "--key", world["sk"], check=0)
+    fim(world, "A", "push", f"file://{bad}", app, "--key", world["sk"], check=0)
+    text = fim(world, "A", "challenge", app, "--cache", f"file://{good}", check=0).stdout
+    assert ": agree" in text
+    # another builder (trusted) claims a different root for the same output
+    (rfile,) = list((bad / "realisations").iterdir())
+    drv_hash, _, output = rfile.name[:-5].partition("!")
+    r = Realisation.parse(rfile.read_bytes(), STORE_DIR, drv_hash, output, "x")
+    r.root = bytes(32)
+    key = SecretKey.parse(open(world["sk"]).read())
+    r.signatures = [key.sign(r.fingerprint(STORE_DIR))]
+    rfile.write_bytes(r.to_json(STORE_DIR))
+    proc = fim(world, "B", "challenge", app, "--cache", f"file://{good}", "--cache", f"file://{bad}", "--json")
+    assert proc.returncode == 3
+    data = json.loads(proc.stdout)
+    assert data[0]["agree"] is False
+    assert {c["source"] for c in data[0]["claims"] if c["digest"]} == {f"file://{good}", f"file://{bad}"}
+    # an untrusted claim is shown but decides nothing
+    write_config(world["cfg"], trusted=[make_keys("other")[1]])
+    proc = fim(world, "A", "challenge", app, "--cache", f"file://{bad}")
+    assert proc.returncode == 0 and "untrusted" in proc.stdout
+
+
+def test_serve_sigterm_exits_cleanly_and_push_through_it(world, tmp_path):
+    (tmp_path / "f.txt").write_text("served\n")
+    path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()
+    srv = Serve(f"file://{tmp_path / 'cache'}", tmp_path, tokens={WRITE_TOKEN: "write"}, anonymous_read=True)
+    try:
+        fim(world, "A", "push", srv.url, path, "--key", world["sk"], env={"FIMIO_TOKEN": WRITE_TOKEN}, check=0)
+        got = fim(world, "B", "copy", "--from", srv.url, path, check=0).stdout.strip()
+        assert open(got).read() == "served\n"
+    finally:
+        assert srv.stop() == 0
