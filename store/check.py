@@ -60,7 +60,8 @@ class _Plan:
         cores = realiser.builder.cores
         self.alternates = []
         for i, alt in enumerate(ALTERNATES):
-            build_dir = f"/build-{token}" if i == 0 else f"/var/tmp/fimio-build-{token}"
+            # at the sandbox root, which bwrap owns: a host path such as /var would be read-only
+            build_dir = f"/build-{token}" if i == 0 else f"/fimio-build-{token}/work"
             self.alternates.append(replace(DEFAULT, **alt, cores=1 if cores > 1 else 2, build_dir=build_dir))
         self.not_varied: dict[str, str] = {}
         if fs_type(realiser.store.tmp) == "tmpfs":

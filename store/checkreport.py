@@ -186,11 +186,11 @@ def _render_entry(e: DrvCheck) -> list[str]:
     if e.cause is not None:
         lines.append(f"    cause: {e.cause.text}")
         for name, (a, b) in e.cause.values.items():
-            lines.append(f"      {name}: {show_value(name, a)} -> {show_value(name, b)}   ({VARIATION_TEXT.get(name, name)})")
+            lines.append(f"      {name}: {show_value(name, a)} -> {show_value(name, b)}")
         if e.cause.hint:
             lines.append(f"      hint: {e.cause.hint}")
         if e.bisect_builds:
-            lines.append(f"      ({e.bisect_builds} extra builds to find it)")
+            lines.append(f"      ({e.bisect_builds} extra build{'s' if e.bisect_builds != 1 else ''} to find it)")
     for o in e.outputs:
         if o.identical:
             lines.append(f"    output {o.output}: identical")
