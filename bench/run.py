@@ -28,6 +28,7 @@ GROUPS = {
     "store": "store_bench",
     "realise": "realise_bench",
     "repro": "repro",
+    "cache": "cache_bench",
 }
 
 
