@@ -124,14 +124,18 @@ class CacheServer:
         import obstore
 
         try:
-            result = await obstore.get_async(self.backend.store, key)
+            if request.method == "HEAD":
+                meta, result = await obstore.head_async(self.backend.store, key), None
+            else:
+                result = await obstore.get_async(self.backend.store, key)
+                meta = result.meta
         except FileNotFoundError:
             raise web.HTTPNotFound() from None
-        size = result.meta["size"]
+        # the size is known before the status line: a 200 we start, we can finish
         resp = web.StreamResponse(headers={"Content-Type": _ctype(key)})
-        resp.content_length = size
+        resp.content_length = meta["size"]
         await resp.prepare(request)
-        if request.method != "HEAD":
+        if result is not None:
             async for chunk in result.stream(min_chunk_size=1 << 20):
                 await resp.write(bytes(chunk))
         await resp.write_eof()
