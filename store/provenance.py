@@ -107,6 +107,8 @@ class ProvenanceReport:
         variation = r.get("variation") or {}
         changed = {k: v for k, v in variation.items() if k in default.__dataclass_fields__ and v != getattr(default, k)}
         varied = ", ".join(f"{k}={show_value(k, v)}" for k, v in changed.items()) or "defaults"
+        if r.get("fetched"):
+            varied = f"fetched {r['fetched']}"  # a fixed-output derivation: no sandbox, no variation
         head = f"  @{i + 1:<3} {purpose:16} {_iso(r.get('start'))}  {r.get('duration', 0):5.2f} s  {status}  [{letter}]"
         host_line = _host_line(r)
         fps = r.get("fingerprints") or {}
@@ -116,7 +118,7 @@ class ProvenanceReport:
             return [f"{head}  {varied}" + (f"  {kept}" if kept else "")]
         lines = [head]
         lines.append("      host       " + host_line)
-        lines.append("      variation  " + varied)
+        lines.append(("      source     " if r.get("fetched") else "      variation  ") + varied)
         for p, fp in (fps.get("hostPaths") or {}).items():
             lines.append(f"      host path  {p}: {describe_fingerprint(fp)}")
         if fps.get("builder"):
