@@ -109,8 +109,12 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
     # what we already have, or can make from the other variant, is not downloaded
     for digest, variants in list(needed.items()):
         missing = {x for x in variants if not ingest.has_blob(store, digest, x)}
-        if len(missing) == 1 and ingest.copy_variant(store, digest, next(iter(missing))):
-            missing = set()
+        if len(missing) == 1:
+            # the other variant, if this store has it, is copied instead of downloaded
+            (x,) = missing
+            other_here = (not x) in variants or ingest.has_blob(store, digest, not x)
+            if other_here and ingest.copy_variant(store, digest, x):
+                missing = set()
         if missing:
             needed[digest] = missing
         else:

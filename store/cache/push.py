@@ -141,6 +141,19 @@ class Pusher:
         physical = self.store.physical(work.info.path)
         return os.path.join(physical, rel) if rel else physical
 
+    def _read_blob(self, work: _Work, digest: bytes, size: int) -> bytes:
+        """A blob's bytes, checked against its digest (one open on the common path)."""
+        try:
+            with open(self.store.link_path(digest, work.where[digest][0]), "rb") as f:
+                data = f.read(size + 1)
+        except FileNotFoundError:
+            with open(self._blob_file(work, digest), "rb") as f:
+                data = f.read(size + 1)
+        if len(data) != size or blake3.blake3(data).digest() != digest:
+            raise IntegrityError(f"local file {digest.hex()[:16]}… of '{self.store.logical(work.info.path)}' "
+                                 "is damaged; refusing to push it", "run 'fimio verify --check-contents'")
+        return data
+
     def _chunk(self, work: _Work, blob) -> LargeBlob:
         digest, size = blob
         path = self._blob_file(work, digest)
@@ -197,13 +210,7 @@ class Pusher:
 
     def _build_pack(self, work: _Work, pack: Pack) -> bytes:
         parts = [packing.pack_header(pack.blobs)]
-        for digest, size in pack.blobs:
-            with open(self._blob_file(work, digest), "rb") as f:
-                data = f.read(size + 1)
-            if len(data) != size or blake3.blake3(data).digest() != digest:
-                raise IntegrityError(f"local file {digest.hex()[:16]}… of '{self.store.logical(work.info.path)}' "
-                                     "is damaged; refusing to push it", "run 'fimio verify --check-contents'")
-            parts.append(data)
+        parts += [self._read_blob(work, digest, size) for digest, size in pack.blobs]
         return b"".join(parts)
 
     def _put(self, key: str, data: bytes, raw_size: int) -> None:

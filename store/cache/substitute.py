@@ -57,7 +57,7 @@ class SubstituterSet:
     """Several substituters in priority order (see the module docstring for the contract)."""
 
     def __init__(self, store, urls, trusted_keys=(), require_sigs: bool = True, config=None,
-                 jobs: int = 16, on_error: str = "raise"):
+                 jobs: int = 8, on_error: str = "raise"):
         self.store = store
         self.trusted = trusted_keys if isinstance(trusted_keys, TrustedKeys) else TrustedKeys(trusted_keys)
         self.require_sigs = require_sigs
