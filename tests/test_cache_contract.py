@@ -79,6 +79,7 @@ def make_tree(root, seed=1, small=120, large=(3 << 20,)):
     (root / "run.sh").write_bytes(b"#!/bin/sh\necho hi\n")
     os.chmod(root / "run.sh", 0o755)
     (root / "dup.txt").write_bytes((root / "lib" / "deep" / "f001.txt").read_bytes())
+    (root / "run-copy.txt").write_bytes(b"#!/bin/sh\necho hi\n")  # same content, not executable
     os.symlink("lib/deep/f001.txt", root / "link")
     return root
 
@@ -201,3 +202,24 @@ def test_priority_order_and_batched_query(cache, stores, tmp_path):
         assert found[top.path][0].url == cache.reader().url
         assert subs.substitute([top.path]) == {top.path}
     assert cache.reader().missing([info_key(top.path.hash_part)]) == set()
+
+
+def test_executable_variant_is_made_locally(stores, tmp_path):
+    """Content the store already has with the other executable bit is not downloaded."""
+    a, b = stores
+    src = tmp_path / "exe"
+    src.mkdir()
+    (src / "tool").write_bytes(b"#!/bin/sh\necho tool\n" * 100)
+    os.chmod(src / "tool", 0o755)
+    info = a.add_path(str(src))
+    plain = tmp_path / "tool.txt"
+    plain.write_bytes(b"#!/bin/sh\necho tool\n" * 100)
+    b.add_path(str(plain))  # B holds the non-executable variant
+    sk, pk = make_keys()
+    cache = f"file://{tmp_path / 'c'}"
+    Pusher(a, open_backend(cache), [sk]).push([info.path])
+    with SubstituterSet(b, [cache], [pk]) as subs:
+        assert subs.substitute([info.path]) == {info.path}
+        assert subs.stats.objects == 1  # the manifest only
+    assert os.stat(os.path.join(b.physical(info.path), "tool")).st_mode & 0o111
+    assert b.verify(check_contents=True) == []
