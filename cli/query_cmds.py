@@ -24,11 +24,15 @@ def path_info(opts, paths, recursive, closure_size, human_readable, as_json):
     targets = [store.resolve(p)[0] for p in paths]
     if recursive:
         targets = store.closure(targets)
+    from fimio.store.check import repro_status
+
     records = []
     for path in targets:
         i = store.info(path)
         csize = sum(store.info(p).size for p in store.closure([path])) if closure_size else None
-        records.append(path_json(store, i, csize))
+        record = path_json(store, i, csize)
+        record["reproducibility"] = repro_status(store, path)
+        records.append(record)
     if as_json:
         emit_json(records)
         return
@@ -37,6 +41,11 @@ def path_info(opts, paths, recursive, closure_size, human_readable, as_json):
         line = f"{r['physical']}\t{fmt(r['size'])}"
         if closure_size:
             line += f"\t{fmt(r['closureSize'])}"
+        repro = r["reproducibility"]
+        if repro is not None:
+            verdict = "bit-identical" if repro["bitIdentical"] else "NOT reproducible"
+            varied = f" under {', '.join(repro['variations'])}" if repro.get("variations") else ""
+            line += f"\tchecked {repro['checked']}x: {verdict}{varied}"
         click.echo(line)
 
 
