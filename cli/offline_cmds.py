@@ -1,0 +1,221 @@
+"""Commands for offline work and air-gapped transfer: prefetch, export, import
+(``spec/offline.md``, ``spec/bundle.md``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from fimio.store.errors import NotFound, UsageError
+
+from .main import emit_json, global_options, info, json_option, pass_options
+
+
+def _signing_keys(opts, key_files):
+    from fimio.store.cache.keys import load_secret_key_file
+
+    files = list(key_files) or list(opts.config().secret_key_files)
+    return [load_secret_key_file(os.path.expanduser(f)) for f in files]
+
+
+def _offline(opts, flag) -> tuple[bool, str]:
+    """Whether we are offline, and which setting says so (for messages)."""
+    if flag:
+        return True, "--offline"
+    if opts.config().offline:
+        return True, "offline = true in the config file"
+    return False, ""
+
+
+# ---- prefetch -------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--to", "to_url", metavar="URL", help="Also push everything to this cache (e.g. file:///mnt/usb/cache).")
+@click.option("--key", "key_files", multiple=True, metavar="FILE",
+              help="With --to: secret key file to sign with (repeatable) [default: config secret-key-files].")
+@click.option("--offline", is_flag=True, default=None, help="Take fixed outputs only from file:// substituters; never fetch.")
+@click.option("--substituter", "substituters", multiple=True, metavar="URL",
+              help="A cache to take .drv files and fixed outputs from (repeatable; replaces the config's list).")
+@click.option("--no-substitute", is_flag=True, help="Fetch every fixed output from its URL.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel fetches.")
+@json_option
+@global_options
+@pass_options
+def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substitute, jobs, as_json):
+    """Fetch everything a from-scratch offline rebuild of TARGETs needs: every .drv file,
+    source and fixed-output (downloaded) result -- but not the regular build outputs --
+    into this store, and with --to also into a cache.
+
+    TARGET is a derivation file (.toml), a .drv store path or its hash part. Afterwards,
+    `fimio realise --offline` rebuilds TARGETs here (or from --to's cache on another
+    machine: `--offline --substituter URL`) without touching the network."""
+    from fimio.store.prefetch import prefetch as do_prefetch
+    from fimio.store.prefetch import refuse_network
+
+    from .build_cmds import open_substituters
+
+    offline, why = _offline(opts, offline)
+    if to_url:
+        from fimio.store.cache.url import parse_cache_url
+
+        parse_cache_url(to_url)  # a bad URL is exit 2 before any work
+        if offline:
+            refuse_network(to_url, why)
+    store = opts.store()
+    subs = open_substituters(opts, store, substituters, no_substitute, offline)
+    backend, keys = None, []
+    try:
+        if to_url:
+            from fimio.store.cache.url import open_with_config
+
+            keys = _signing_keys(opts, key_files)
+            if not keys:
+                info(opts, "fimio: warning: pushing unsigned (no --key and no secret-key-files); "
+                           "clients that require signatures will refuse these paths")
+            backend = open_with_config(to_url, opts.config())
+        result = do_prefetch(store, list(targets), substituters=subs, offline=offline,
+                             jobs=jobs or opts.config().jobs or 0, to_backend=backend, keys=keys,
+                             warn=lambda m: info(opts, f"warning: {m}"))
+    finally:
+        if subs is not None:
+            for err in subs.errors:
+                info(opts, f"warning: {err.message}")
+            subs.close()
+        if backend is not None:
+            backend.close()
+    rs = result.rebuild
+    paths = store.closure(rs.paths)
+    if as_json:
+        emit_json({
+            "targets": [store.logical(d.drv_path) for d in result.targets],
+            "derivations": [store.logical(d.drv_path) for d in rs.drvs],
+            "fixedOutputs": [store.logical(p) for d in rs.fixed for p in d.output_paths().values()],
+            "paths": [store.logical(p) for p in paths],
+            "fetched": [store.logical_base(b) for b in result.fetched],
+            "substituted": result.substituted,
+            "to": backend.url if backend is not None else None,
+            "pathsSent": result.push.paths_sent if result.push is not None else 0,
+        })
+    else:
+        for p in paths:
+            click.echo(store.physical(p))
+        where = f" and pushed {result.push.paths_sent} to {backend.url}" if result.push is not None else ""
+        info(opts, f"prefetched {len(paths)} paths for {len(rs.drvs)} derivations "
+                   f"({len(result.fetched)} fixed outputs fetched){where}")
+
+
+# ---- export ---------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("targets", nargs=-1, required=True)
+@click.option("-o", "--output", "output", required=True, metavar="FILE", help="The bundle file to write ('-': stdout).")
+@click.option("--closure", is_flag=True, help="Include the full runtime closures of the paths.")
+@click.option("--with-sources", is_flag=True,
+              help="Also include every .drv, source and fixed-output result needed to rebuild offline.")
+@click.option("--sources-only", is_flag=True, help="Like --with-sources, without the targets' outputs.")
+@click.option("--with-logs", is_flag=True, help="Include build logs and build records of included outputs.")
+@click.option("--key", "key_files", multiple=True, metavar="FILE",
+              help="Secret key file to sign with (repeatable) [default: config secret-key-files].")
+@click.option("--level", type=click.IntRange(1, 19), default=3, show_default=True, help="zstd level.")
+@json_option
+@global_options
+@pass_options
+def export(opts, targets, output, closure, with_sources, sources_only, with_logs, key_files, level, as_json):
+    """Write TARGETs to one signed, compressed bundle FILE for another (air-gapped) machine.
+
+    TARGET is a store path, or a derivation (.toml file, .drv path or hash part): then its
+    outputs. Import it there with `fimio import FILE`."""
+    from fimio.store.bundle import export_bundle, plan_export
+
+    store = opts.store()
+    keys = _signing_keys(opts, key_files)
+    if not keys:
+        info(opts, "fimio: warning: exporting unsigned (no --key and no secret-key-files); "
+                   "importers that require signatures will refuse the bundle")
+    plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
+                       sources_only=sources_only, with_logs=with_logs)
+    if output == "-":
+        out = sys.stdout.buffer
+        stats = export_bundle(store, plan, out, keys, level)
+        out.flush()
+    else:
+        stats = _export_atomic(store, plan, output, keys, level)
+    if as_json:
+        emit_json({"file": None if output == "-" else os.path.abspath(output),
+                   "paths": [store.logical(p) for p in plan.paths], "realisations": len(plan.realisations),
+                   "blobs": stats.blobs, "bytes": stats.bytes, "digest": "blake3:" + stats.digest.hex(),
+                   "signedBy": [k.name for k in keys]})
+    elif output != "-":
+        from .render import human_size
+
+        info(opts, f"exported {len(plan.paths)} paths ({human_size(stats.bytes)} uncompressed, "
+                   f"{human_size(os.path.getsize(output))} in {output})")
+
+
+def _export_atomic(store, plan, output, keys, level):
+    """Write the bundle next to ``output`` and rename it into place: never a half bundle."""
+    from fimio.store.bundle import export_bundle
+
+    directory = os.path.dirname(os.path.abspath(output))
+    tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            stats = export_bundle(store, plan, f, keys, level)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, output)
+    except FileNotFoundError as e:
+        raise UsageError(f"cannot write '{output}': {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return stats
+
+
+# ---- import ---------------------------------------------------------------------------------
+
+
+@click.command(name="import")
+@click.argument("file")
+@click.option("--no-check-sigs", is_flag=True, help="Accept unsigned or untrusted bundles (contents are still verified).")
+@json_option
+@global_options
+@pass_options
+def import_(opts, file, no_check_sigs, as_json):
+    """Import a bundle written by `fimio export` (FILE, or '-' for stdin): every signature and
+    digest is verified before anything is registered; importing twice changes nothing."""
+    from fimio.store.bundle_import import import_bundle
+    from fimio.store.cache.keys import TrustedKeys
+
+    config = opts.config()
+    store = opts.store()
+    trusted = TrustedKeys(config.trusted_public_keys)
+    require = config.require_sigs and not no_check_sigs
+    if file == "-":
+        result = import_bundle(store, sys.stdin.buffer, trusted, require, warn=lambda m: info(opts, f"warning: {m}"))
+    else:
+        try:
+            f = open(file, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"bundle '{file}' does not exist") from None
+        except IsADirectoryError:
+            raise UsageError(f"'{file}' is a directory, not a bundle") from None
+        except OSError as e:
+            raise UsageError(f"cannot read '{file}': {e.strerror}") from None
+        with f:
+            result = import_bundle(store, f, trusted, require, warn=lambda m: info(opts, f"warning: {m}"))
+    imported = set(result.imported)
+    if as_json:
+        emit_json({"paths": [{"path": store.logical(p), "physical": store.physical(p), "imported": p in imported}
+                             for p in result.paths],
+                   "imported": len(imported), "realisations": result.realisations, "signedBy": result.signers})
+    else:
+        for p in result.paths:
+            click.echo(store.physical(p))
+        info(opts, f"imported {len(imported)} of {len(result.paths)} paths"
+                   + (f" (signed by {', '.join(result.signers)})" if result.signers else ""))

@@ -1,0 +1,543 @@
+"""Importing a bundle (``spec/bundle.md`` §Import): verify everything, then register.
+
+One streaming pass with flat memory: records are read with their declared lengths checked
+against caps and expectations *before* their bytes are read; each blob is hashed as it
+streams and must match the digest (and size) a directory of its path declared; blobs are
+staged under ``tmp/import-*`` (never in ``store/``), directories are decoded and checked
+as they arrive (names, sorting, depth), each path's signed info is checked against the
+trusted keys when it arrives and against the reconstructed tree when its section ends.
+Only after the trailer's transcript digest and signature verify, and every reference is
+valid here or in the bundle, are blobs published into ``.links``, paths materialised
+under ``tmp/`` and registered in one transaction (``cache.ingest.register``). Any failure
+before that point leaves the store exactly as it was (the staging directory is removed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+import blake3
+
+from . import fsutil
+from .bundle_stage import SMALL, Staging
+from .bundle import (DIGEST, MAGIC, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG, MAX_REALISATION,
+                     MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH, T_REALISATION,
+                     T_RECORD, T_TRAILER, VERSION, trailer_fingerprint)
+from .errors import FimioError, IntegrityError, NotFound, UsageError
+from .paths import StorePath
+from .tree import DirNode, FileNode, SymlinkNode, TreeError, decode_dir, tree_size
+
+_CHUNK = 1 << 20
+_HINT = "the bundle is corrupt, truncated or hostile; nothing was imported"
+
+
+def _bad(what: str) -> IntegrityError:
+    return IntegrityError(f"bad bundle: {what}", _HINT)
+
+
+@dataclass
+class BundlePath:
+    """A path section's info, as ``cache.ingest.register`` wants it."""
+
+    path: StorePath
+    root: bytes
+    size: int
+    references: list[StorePath]
+    deriver: str | None
+    ca: str | None
+    signatures: list[str]
+    node_spec: dict
+    dirs: int
+    blobs: int
+    new: bool = True  # not valid here yet
+    node: object = None
+
+
+@dataclass
+class ImportResult:
+    paths: list[StorePath] = field(default_factory=list)  # every path in the bundle, in order
+    imported: list[StorePath] = field(default_factory=list)  # those registered by this import
+    realisations: int = 0
+    signers: list[str] = field(default_factory=list)
+
+
+class _Stream:
+    """Decompressed bundle records with exact reads and the transcript digest."""
+
+    def __init__(self, f):
+        import zstandard
+
+        self._zstd = zstandard
+        magic = _read_exact_raw(f, len(MAGIC))
+        if magic != MAGIC:
+            raise _bad("not a fimio bundle (wrong magic)" if len(magic) == len(MAGIC) else "truncated")
+        reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=1 << 20, read_across_frames=True)
+        import io
+
+        self._r = io.BufferedReader(reader, buffer_size=1 << 20)
+        self.transcript = blake3.blake3()
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, else IntegrityError (truncated or undecodable)."""
+        try:
+            data = self._r.read(n)
+        except self._zstd.ZstdError as e:
+            raise _bad(f"compressed stream is damaged ({e})") from None
+        if len(data) != n:
+            raise _bad("truncated")
+        return data
+
+    def at_end(self) -> bool:
+        try:
+            return self._r.read(1) == b""
+        except self._zstd.ZstdError:
+            return False
+
+
+def _read_exact_raw(f, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = f.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _json(data: bytes, what: str) -> dict:
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise _bad(f"malformed {what}") from None
+    if not isinstance(obj, dict):
+        raise _bad(f"malformed {what}")
+    return obj
+
+
+def _hex32(value, what: str) -> bytes:
+    text = value[7:] if isinstance(value, str) and value.startswith("blake3:") else None
+    try:
+        raw = bytes.fromhex(text) if text is not None else b""
+    except ValueError:
+        raw = b""
+    if len(raw) != DIGEST:
+        raise _bad(f"bad {what}")
+    return raw
+
+
+def _int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 62:
+        raise _bad(f"bad {what}")
+    return value
+
+
+class Importer:
+    """Import one bundle into ``store``. ``trusted``: a cache.keys.TrustedKeys; with
+    ``require_sigs`` every path, realisation and the trailer must carry a valid signature by
+    one of them. ``warn(message)`` receives non-fatal notes."""
+
+    def __init__(self, store, trusted, require_sigs: bool = True, warn=None):
+        self.store = store
+        self.trusted = trusted
+        self.require_sigs = require_sigs
+        self.warn = warn or (lambda message: None)
+        self.sections: list[BundlePath] = []
+        self.by_path: dict[StorePath, BundlePath] = {}
+        self.blob_sizes: dict[bytes, int] = {}  # every blob declared so far -> its size
+        self.received: set[bytes] = set()
+        self.variants: dict[bytes, set[bool]] = {}  # blobs new paths need -> executable variants
+        self.realisations: list = []
+        self.logs: list[str] = []
+        self.records: list[tuple[str, str, bytes]] = []
+        self.signers: set[str] = set()
+        self.staging = None
+
+    # ---- entry point ----------------------------------------------------------------------
+
+    def run(self, f) -> ImportResult:
+        """Read, verify and import the bundle from binary file ``f``. IntegrityError (exit 4)
+        for anything corrupt, hostile, unsigned or untrusted; NotFound (exit 5) when a
+        reference is neither in the bundle nor valid here; nothing is registered then."""
+        # the shared GC lock for the whole import: blobs seen in .links stay there
+        with self.store.writing(), Staging(self.store) as self.staging:
+            self._read_all(f)
+            self.staging.drain()
+            self._check_closure()
+            return self._commit()
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def _read_all(self, f) -> None:
+        s = _Stream(f)
+        self.stream = s
+        rtype, length, raw = self._next(s)
+        if rtype != T_HEADER:
+            raise _bad("does not start with a header record")
+        header = self._payload(s, length, MAX_HEADER, "header")
+        s.transcript.update(raw + header)
+        self._header(header)
+        records = 1
+        while True:
+            rtype, length, raw = self._next(s)
+            if rtype == T_TRAILER:
+                self._trailer(s, self._payload(s, length, MAX_TRAILER, "trailer"), records)
+                return
+            records += 1
+            if rtype == T_PATH:
+                payload = self._payload(s, length, MAX_INFO, "path info")
+                s.transcript.update(raw + payload)
+                records += self._section(s, self._info(payload))
+            elif rtype == T_REALISATION:
+                payload = self._payload(s, length, MAX_REALISATION, "realisation")
+                s.transcript.update(raw + payload)
+                self._realisation(payload)
+            elif rtype == T_LOG:
+                s.transcript.update(raw)
+                self._log(s, length)
+            elif rtype == T_RECORD:
+                payload = self._payload(s, length, MAX_RECORD, "build record")
+                s.transcript.update(raw + payload)
+                self._record(payload)
+            elif rtype in (T_DIR, T_BLOB):
+                raise _bad("directory or blob record outside a path section")
+            else:
+                raise _bad(f"unknown record type {rtype:#04x}")
+
+    @staticmethod
+    def _next(s: _Stream) -> tuple[int, int, bytes]:
+        raw = s.read(RECORD_HEAD.size)
+        rtype, length = RECORD_HEAD.unpack(raw)
+        return rtype, length, raw
+
+    @staticmethod
+    def _payload(s: _Stream, length: int, cap: int, what: str) -> bytes:
+        if length > cap:
+            raise _bad(f"{what} record declares {length} bytes, more than the {cap} allowed")
+        return s.read(length)
+
+    def _header(self, data: bytes) -> None:
+        h = _json(data, "header")
+        if h.get("format") != "fimio-bundle" or h.get("version") != VERSION:
+            raise _bad(f"unsupported bundle version {h.get('version')!r}")
+        if h.get("storeDir") != self.store.store_dir:
+            raise UsageError(f"the bundle holds store directory '{h.get('storeDir')}', not '{self.store.store_dir}'",
+                             "import it into a store with that --store-dir")
+        self.declared_paths = _int(h.get("paths"), "path count")
+
+    def _store_path(self, text) -> StorePath:
+        prefix = self.store.store_dir + "/"
+        if not isinstance(text, str) or not text.startswith(prefix):
+            raise _bad(f"path '{str(text)[:80]}' outside the store directory")
+        try:
+            return StorePath.parse(text[len(prefix):])
+        except UsageError:
+            raise _bad(f"bad store path '{text[:80]}'") from None
+
+    def _info(self, data: bytes) -> BundlePath:
+        from .cache.keys import path_fingerprint
+
+        o = _json(data, "path info")
+        path = self._store_path(o.get("path"))
+        refs = o.get("references")
+        sigs = o.get("signatures")
+        node = o.get("node")
+        if not isinstance(refs, list) or not isinstance(sigs, list) or not all(isinstance(x, str) for x in sigs):
+            raise _bad(f"bad references or signatures of '{o.get('path')}'")
+        if not isinstance(node, dict) or node.get("type") not in ("directory", "file", "symlink"):
+            raise _bad(f"bad root node of '{o.get('path')}'")
+        deriver, ca = o.get("deriver"), o.get("ca")
+        if deriver is not None:
+            try:
+                StorePath.parse(deriver)
+            except (UsageError, AttributeError, TypeError):
+                raise _bad("bad deriver") from None
+        if ca not in (None, "source", "text"):
+            raise _bad("bad ca")
+        bp = BundlePath(path, _hex32(o.get("root"), "root digest"), _int(o.get("size"), "size"),
+                        sorted({self._store_path(r) for r in refs}), deriver, ca, sorted(sigs), node,
+                        _int(o.get("dirs"), "directory count"), _int(o.get("blobs"), "blob count"))
+        if path in self.by_path:
+            raise _bad(f"'{o['path']}' appears twice")
+        if len(self.sections) >= self.declared_paths:
+            raise _bad("more path sections than the header declares")
+        if self.require_sigs:
+            sd = self.store.store_dir
+            fp = path_fingerprint(path.logical(sd), bp.root, bp.size, [r.logical(sd) for r in bp.references])
+            signer = self.trusted.verify(fp, bp.signatures)
+            if signer is None:
+                what = "no signature by a trusted key" if bp.signatures else "no signature"
+                raise IntegrityError(f"bundle path '{path.logical(sd)}' has {what}",
+                                     "add the signer's public key to trusted-public-keys, or export with --key")
+            self.signers.add(signer)
+        bp.new = not self.store.is_valid(path)
+        return bp
+
+    def _section(self, s: _Stream, bp: BundlePath) -> int:
+        """Read a path section's directory and blob records; return how many there were."""
+        spec = bp.node_spec
+        decoded: dict[bytes, dict] = {}
+        pending: dict[bytes, int] = {}  # directory digest -> depth, declared but not yet received
+        if spec["type"] == "directory":
+            pending[bp.root] = 0
+        else:
+            root = self._leaf_root(bp, spec)
+            if root.digest != bp.root:
+                raise _bad(f"root node of '{bp.path}' does not match its root digest")
+            self._declare(bp, root)
+        for _ in range(bp.dirs):
+            rtype, length, raw = self._next(s)
+            if rtype != T_DIR:
+                raise _bad(f"'{bp.path}' declares {bp.dirs} directories but has fewer")
+            data = self._payload(s, length, MAX_DIR, "directory")
+            s.transcript.update(raw + data)
+            digest = blake3.blake3(data).digest()
+            depth = pending.pop(digest, None)
+            if depth is None:
+                raise _bad(f"directory object {digest.hex()[:16]}… is not part of '{bp.path}'")
+            try:
+                entries = decode_dir(data)
+            except TreeError as e:
+                raise _bad(f"in '{bp.path}': {e.message}") from None
+            decoded[digest] = entries
+            for child in entries.values():
+                if isinstance(child, bytes):
+                    if depth + 1 > MAX_DEPTH:
+                        raise _bad(f"'{bp.path}' nests directories deeper than {MAX_DEPTH}")
+                    if child not in decoded:
+                        pending.setdefault(child, depth + 1)
+                else:
+                    self._declare(bp, child)
+        if pending:
+            raise _bad(f"'{bp.path}' lacks {len(pending)} of its directory objects")
+        for _ in range(bp.blobs):
+            rtype, length, raw = self._next(s)
+            if rtype != T_BLOB:
+                raise _bad(f"'{bp.path}' declares {bp.blobs} blobs but has fewer")
+            self._blob(s, bp, length, raw)
+        node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
+        if node.digest != bp.root or tree_size(node) != bp.size:
+            raise _bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
+        missing = [d for d in _blobs_of(node) if d not in self.received]
+        if missing:
+            raise _bad(f"'{bp.path}' needs {len(missing)} blob(s) the bundle does not hold")
+        bp.node = node
+        self.sections.append(bp)
+        self.by_path[bp.path] = bp
+        return bp.dirs + bp.blobs
+
+    def _leaf_root(self, bp: BundlePath, spec: dict):
+        if spec["type"] == "file":
+            if not isinstance(spec.get("executable"), bool):
+                raise _bad(f"bad root node of '{bp.path}'")
+            return FileNode(_hex32(spec.get("blob"), "blob digest"), _int(spec.get("size"), "file size"),
+                            spec["executable"])
+        try:
+            target = bytes.fromhex(spec.get("target"))
+        except (TypeError, ValueError):
+            raise _bad(f"bad symlink target of '{bp.path}'") from None
+        if not target or len(target) > 4095 or b"\0" in target:
+            raise _bad(f"bad symlink target of '{bp.path}'")
+        return SymlinkNode(target)
+
+    def _declare(self, bp: BundlePath, node) -> None:
+        """Note a file node: its blob's size must agree everywhere; new paths need its variant."""
+        if not isinstance(node, FileNode):
+            return
+        size = self.blob_sizes.setdefault(node.blob, node.size)
+        if size != node.size:
+            raise _bad(f"blob {node.blob.hex()[:16]}… is declared with two sizes ({size} and {node.size})")
+        if bp.new:
+            self.variants.setdefault(node.blob, set()).add(node.executable)
+
+    def _blob(self, s: _Stream, bp: BundlePath, length: int, raw: bytes) -> None:
+        if length < DIGEST:
+            raise _bad("blob record too short")
+        digest = s.read(DIGEST)
+        s.transcript.update(raw + digest)
+        size = self.blob_sizes.get(digest)
+        if size is None:
+            raise _bad(f"blob {digest.hex()[:16]}… is not declared by any directory of '{bp.path}'")
+        if length - DIGEST != size:
+            raise _bad(f"blob {digest.hex()[:16]}… record holds {length - DIGEST} bytes, its tree says {size}")
+        if digest in self.received:
+            raise _bad(f"blob {digest.hex()[:16]}… appears twice")
+        # staged unless .links has it already (in either variant: the other is a local copy away)
+        stage = not any(os.path.exists(self.store.link_path(digest, x)) for x in (False, True))
+        executable = self.variants.get(digest) == {True}
+        if size <= SMALL:
+            self.staging.add_small(digest, s.read(size), stage, executable)
+        else:
+            self.staging.add_stream(digest, size, s.read, stage, executable)
+        self.received.add(digest)
+
+    def _assemble(self, digest: bytes, decoded: dict) -> DirNode:
+        node = DirNode()
+        for name, child in decoded[digest].items():
+            node.entries[name] = self._assemble(child, decoded) if isinstance(child, bytes) else child
+        return node
+
+    def _realisation(self, data: bytes) -> None:
+        from .cache.layout import Realisation, check_drv_hash, check_output
+
+        o = _json(data, "realisation")
+        try:
+            drv_hash, output = check_drv_hash(o.get("drvHash")), check_output(o.get("output"))
+        except UsageError:
+            raise _bad("bad realisation") from None
+        try:
+            r = Realisation.parse(data, self.store.store_dir, drv_hash, output, "bundle")
+        except IntegrityError as e:
+            raise _bad(e.message) from None
+        if self.require_sigs:
+            signer = self.trusted.verify(r.fingerprint(self.store.store_dir), r.signatures)
+            if signer is None:
+                raise IntegrityError(f"bundle realisation {drv_hash}!{output} has no signature by a trusted key",
+                                     "add the signer's public key to trusted-public-keys, or export with --key")
+            self.signers.add(signer)
+        self.realisations.append(r)
+
+    def _log(self, s: _Stream, length: int) -> None:
+        from .cache.layout import check_drv_hash
+
+        if length > MAX_LOG or length < 2:
+            raise _bad(f"log record declares {length} bytes")
+        head = s.read(2)
+        (n,) = struct.unpack("<H", head)
+        if n + 2 > length:
+            raise _bad("bad log record")
+        name = s.read(n)
+        s.transcript.update(head + name)
+        try:
+            drv_hash = check_drv_hash(name.decode("ascii"))
+        except (UnicodeDecodeError, UsageError):
+            raise _bad("bad log record") from None
+        left = length - 2 - n
+        with open(self.staging.log_path(drv_hash), "wb") as out:
+            while left:
+                chunk = s.read(min(_CHUNK, left))
+                s.transcript.update(chunk)
+                out.write(chunk)
+                left -= len(chunk)
+        self.logs.append(drv_hash)
+
+    def _record(self, data: bytes) -> None:
+        from .cache.layout import check_drv_hash
+
+        o = _json(data, "build record")
+        rid, record = o.get("id"), o.get("record")
+        try:
+            drv_hash = check_drv_hash(o.get("drvHash"))
+        except UsageError:
+            raise _bad("bad build record") from None
+        if not isinstance(rid, str) or not rid.isdigit() or len(rid) > 32 or not isinstance(record, dict):
+            raise _bad("bad build record")
+        from .db import dumps
+
+        self.records.append((drv_hash, rid, dumps(record)))
+
+    def _trailer(self, s: _Stream, data: bytes, records: int) -> None:
+        t = _json(data, "trailer")
+        digest = s.transcript.digest()
+        if _hex32(t.get("digest"), "trailer digest") != digest or t.get("records") != records:
+            raise _bad("the trailer does not match the bundle's contents")
+        sigs = t.get("signatures")
+        if not isinstance(sigs, list):
+            raise _bad("bad trailer signatures")
+        if self.require_sigs:
+            signer = self.trusted.verify(trailer_fingerprint(digest), sigs)
+            if signer is None:
+                raise IntegrityError("the bundle is not signed by a trusted key",
+                                     "add the signer's public key to trusted-public-keys, or export with --key")
+            self.signers.add(signer)
+        if len(self.sections) != self.declared_paths:
+            raise _bad("fewer path sections than the header declares")
+        if not s.at_end():
+            raise _bad("data after the trailer")
+
+    # ---- committing -------------------------------------------------------------------------
+
+    def _check_closure(self) -> None:
+        missing = []
+        for bp in self.sections:
+            if not bp.new:
+                continue
+            for r in bp.references:
+                if r not in self.by_path and not self.store.is_valid(r):
+                    missing.append(f"{self.store.logical(r)}: referenced by {bp.path}, not in the bundle nor here")
+        if missing:
+            raise NotFound(f"{len(missing)} reference(s) of the bundle's paths are missing",
+                           "export with --closure, or import the bundle holding them first", details=missing)
+
+    def _commit(self) -> ImportResult:
+        from .cache.ingest import register
+
+        store = self.store
+        result = ImportResult([bp.path for bp in self.sections], realisations=0, signers=sorted(self.signers))
+        new = [bp for bp in self.sections if bp.new]
+        self.staging.publish(self.variants)
+        items = []
+        try:
+            for bp in new:
+                tmp = os.path.join(store.tmp, f"import-{os.getpid()}-{os.urandom(6).hex()}")
+                items.append((tmp, bp, bp.node))
+                store.materialise(bp.node, tmp)
+            realisations = self._good_realisations()
+            result.imported = register(store, items, realisations)
+            result.realisations = len(realisations)
+        except BaseException:
+            for tmp, _, _ in items:
+                fsutil.remove_tree(tmp)
+            raise
+        self._commit_logs_and_records()
+        return result
+
+    def _good_realisations(self) -> list:
+        good = []
+        for r in self.realisations:
+            bp = self.by_path.get(r.path)
+            root = bp.root if bp is not None else None
+            if root is None:
+                local = self.store.query(r.path)
+                root = local.root if local is not None else None
+            if root is None:
+                raise NotFound(f"realisation {r.drv_hash}!{r.output} names '{self.store.logical(r.path)}', "
+                               "which is neither in the bundle nor here")
+            if root != r.root:
+                raise _bad(f"realisation {r.drv_hash}!{r.output} disagrees with the digest of its path")
+            good.append(r)
+        return good
+
+    def _commit_logs_and_records(self) -> None:
+        store = self.store
+        for drv_hash in self.logs:
+            dest = os.path.join(store.root, "logs", f"{drv_hash}.log.zst")
+            if not os.path.exists(dest):
+                os.rename(self.staging.log_path(drv_hash), dest)
+        if self.records:
+            with store.db.write() as txn:
+                for drv_hash, rid, data in self.records:
+                    txn.put(f"{drv_hash}!{rid}".encode(), data, db=store.db.dbs["records"], overwrite=False)
+
+
+def _blobs_of(node) -> set[bytes]:
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, DirNode):
+            stack.extend(n.entries.values())
+        elif isinstance(n, FileNode):
+            out.add(n.blob)
+    return out
+
+
+def import_bundle(store, f, trusted, require_sigs: bool = True, warn=None) -> ImportResult:
+    """Import the bundle read from binary file ``f`` (see :class:`Importer`)."""
+    try:
+        return Importer(store, trusted, require_sigs, warn).run(f)
+    except RecursionError:
+        raise _bad("tree too deep") from None
+    except FimioError:
+        raise
