@@ -187,16 +187,19 @@ def _intervals(root, drv_hashes) -> list[tuple[float, float]]:
 
 
 def test_jobs(tmp_path):
-    targets = [write_drv(tmp_path / f"s{i}.toml", f"s{i}", f"sleep 0.4; echo {i} > $out") for i in range(4)]
-    serial = run_fimio(["realise", "--json", "--no-out-link", "-j", "1", *targets], tmp_path / "r1", check=0)
-    hashes = [t["drvHash"] for t in json.loads(serial.stdout)["targets"]]
-    iv = _intervals(tmp_path / "r1", hashes)
+    def targets(sleep):
+        return [write_drv(tmp_path / f"{sleep}" / f"s{i}.toml", f"s{i}", f"sleep {sleep}; echo {i} > $out")
+                for i in range(4)]
+
+    serial = run_fimio(["realise", "--json", "--no-out-link", "-j", "1", *targets(0.3)], tmp_path / "r1", check=0)
+    iv = _intervals(tmp_path / "r1", [t["drvHash"] for t in json.loads(serial.stdout)["targets"]])
     assert all(b[0] >= a[1] for a, b in zip(iv, iv[1:])), f"-j 1 ran builds at the same time: {iv}"
-    parallel = run_fimio(["realise", "--json", "--no-out-link", "-j", "4", *targets], tmp_path / "r4", check=0)
+    # long enough builds that all four start before the first ends, even on a loaded machine
+    parallel = run_fimio(["realise", "--json", "--no-out-link", "-j", "4", *targets(1.5)], tmp_path / "r4", check=0)
     assert len(json.loads(parallel.stdout)["built"]) == 4
-    iv = _intervals(tmp_path / "r4", hashes)
+    iv = _intervals(tmp_path / "r4", [t["drvHash"] for t in json.loads(parallel.stdout)["targets"]])
     assert max(s for s, _ in iv) < min(e for _, e in iv), f"-j 4 did not run the 4 builds at once: {iv}"
-    assert_one_error_line(run_fimio(["realise", "-j", "0", *targets], tmp_path / "r4"), 2, "-j")
+    assert_one_error_line(run_fimio(["realise", "-j", "0", *targets(0.3)], tmp_path / "r4"), 2, "-j")
 
 
 # ---- out-links -------------------------------------------------------------------------
