@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -20,10 +21,16 @@ from .main import emit_json, global_options, info, json_option, pass_options
 def instantiate(opts, files, as_json):
     """Write the derivation graph of FILES into the store; print the .drv store paths."""
     from fimio.store.instantiate import Graph
+    from fimio.store.roots import TempRoots
 
     store = opts.store()
     graph = Graph(store)
-    drvs = [graph.from_file(f) for f in files]
+    store.temp_roots = TempRoots(store)  # what we add stays alive until the .drv refers to it
+    try:
+        drvs = [graph.from_file(f) for f in files]
+    finally:
+        store.temp_roots.close()
+        store.temp_roots = None
     if as_json:
         emit_json([_drv_json(store, d) for d in drvs])
     else:
@@ -201,10 +208,40 @@ def _drv_of(store, target: str):
     path, _ = store.resolve(target)
     if path.name.endswith(".drv"):
         return graph.load(store.logical(path))
+    from fimio.store.paths import StorePath
+    from fimio.store.realise import realisation_of_output
+
     deriver = store.info(path).deriver
-    if deriver is None:
+    if deriver is not None and store.is_valid(StorePath.parse(deriver)):
+        return graph.load(store.logical_base(deriver))
+    record = realisation_of_output(store, path)  # the .drv may have been collected
+    if record is None:
         raise NotFound(f"'{store.logical(path)}' was not built by a derivation here")
-    return graph.load(store.logical_base(deriver))
+    return _DrvRef(store, record)
+
+
+class _DrvRef:
+    """What log/provenance need of a derivation whose .drv is gone: its hash and outputs."""
+
+    def __init__(self, store, record):
+        from fimio.store.paths import StorePath
+
+        self.drv_hash = record["drvHash"]
+        self.drv_path = StorePath.parse(record["drv"])
+        self.name = self.drv_path.name.removesuffix(".drv")
+        prefix = f"{self.drv_hash}!".encode()
+        self._outputs = {}
+        with store.db.read() as txn:
+            cur = txn.cursor(db=store.db.dbs["realisations"])
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    r = json.loads(value)
+                    self._outputs[r["output"]] = StorePath.parse(r["path"])
+
+    def output_paths(self):
+        return dict(self._outputs)
 
 
 @click.command()

@@ -273,6 +273,7 @@ class Builder:
             with os.scandir(path) as it:
                 names = [e.name for e in it]
             for name in names:
+                scan_refs(name, candidates, found)  # a file name can carry a reference too, as in a NAR
                 node.entries[name] = self._normalise(path + b"/" + name, candidates, found)
             os.utime(path, (1, 1))
             os.chmod(path, 0o555)

@@ -54,10 +54,12 @@ class Graph:
         with self.store.db.read() as txn:
             value = txn.get(evalcache.cache_key(file, self.store.store_dir), db=self.store.db.dbs["evalcache"])
         base = evalcache.lookup(value)
-        if base is None or not self.store.is_valid(StorePath.parse(base)):
+        if base is None:
             return None
-        if self.store.temp_roots is not None:
+        if self.store.temp_roots is not None:  # protect first, then judge validity
             self.store.temp_roots.add([StorePath.parse(base)])
+        if not self.store.is_valid(StorePath.parse(base)):
+            return None
         return self.load(self.store.logical_base(base))
 
     def _remember(self, file: str, drv: Derivation) -> None:

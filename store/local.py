@@ -34,6 +34,12 @@ from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, s
 
 _SMALL_FILE = 8 << 20
 _CHUNK = 1 << 20
+_WORKERS = 4  # threads reading/hashing/publishing files (and linking a large tree)
+_BATCH_FILES = 64  # small files handed to a worker at once
+_BATCH_BYTES = 8 << 20
+_PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW
+_tmpfile_ok: bool | None = None  # O_TMPFILE + linkat through /proc works here (None: not tried)
 
 
 @dataclass
@@ -253,42 +259,101 @@ class LocalStore:
         Reads the file exactly once; the digest is of the bytes actually stored.
         """
         executable = bool(st.st_mode & 0o100)
-        with open(src, "rb", buffering=0) as f:
-            if st.st_size <= _SMALL_FILE:
-                data = f.read()
-                digest = blake3.blake3(data).digest()
-                key = self.link_path(digest, executable)
-                if not os.path.exists(key):
-                    self._publish_blob(key, executable, lambda out: out.write(data))
-                return digest, len(data)
-            return self._ingest_stream(f, executable)
-
-    def _ingest_stream(self, f, executable: bool) -> tuple[bytes, int]:
-        tmp = self._tmp_name("blob")
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        size = 0
         try:
-            with open(tmp, "xb") as out:
-                while chunk := f.read(_CHUNK):
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
+            fd = os.open(src, _O_READ)
+        except PermissionError:
+            raise UsageError(f"cannot read '{os.fsdecode(src)}': permission denied") from None
+        except FileNotFoundError:
+            raise UsageError(f"'{os.fsdecode(src)}' vanished while reading") from None
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise UsageError(f"'{os.fsdecode(src)}' changed while reading (now a symlink)") from None
+        try:
+            if st.st_size > _SMALL_FILE:
+                return self._ingest_stream(fd, executable)
+            data = _read_all(fd, st.st_size)
+        finally:
+            os.close(fd)
+        digest = blake3.blake3(data).digest()
+        key = self.link_path(digest, executable)
+        if not os.access(key, os.F_OK):  # (no exception object when absent, unlike stat)
+            self._publish_blob(key, executable, data)
+        return digest, len(data)
+
+    def _ingest_stream(self, fd: int, executable: bool) -> tuple[bytes, int]:
+        """A large file: streamed through one reused buffer (flat memory), hashed with
+        blake3's threads, written to an anonymous file that is linked once complete."""
+        mode = 0o555 if executable else 0o444
+        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        size = 0
+        out, tmp = self._new_blob_file(mode)
+        try:
+            while n := os.readv(fd, [buf]):
+                chunk = view[:n]
+                hasher.update(chunk)
+                _write_all(out, chunk)
+                size += n
             digest = hasher.digest()
-            self._finish_blob(tmp, self.link_path(digest, executable), executable)
+            key = self.link_path(digest, executable)
+            if tmp is None:
+                _normalise_fd(out, mode)
+                _link_anonymous(out, key)
+            else:
+                os.close(out)
+                out = -1
+                self._finish_blob(tmp, key, executable)
         except BaseException:
-            _unlink(tmp)
+            if tmp is not None:
+                _unlink(tmp)
             raise
+        finally:
+            if out >= 0:
+                os.close(out)
         return digest, size
 
-    def _publish_blob(self, key: str, executable: bool, write) -> None:
-        tmp = self._tmp_name("blob")
+    def _publish_blob(self, key: str, executable: bool, data) -> None:
+        """Write ``data`` as the blob ``key``: complete, normalised, then given its name."""
+        mode = 0o555 if executable else 0o444
+        out, tmp = self._new_blob_file(mode)
         try:
-            with open(tmp, "xb") as out:
-                write(out)
-            self._finish_blob(tmp, key, executable)
+            _write_all(out, data)
+            if tmp is None:
+                _normalise_fd(out, mode)
+                _link_anonymous(out, key)
+            else:
+                os.close(out)
+                out = -1
+                self._finish_blob(tmp, key, executable)
         except BaseException:
-            _unlink(tmp)
+            if tmp is not None:
+                _unlink(tmp)
             raise
+        finally:
+            if out >= 0:
+                os.close(out)
+
+    def _new_blob_file(self, mode: int) -> tuple[int, str | None]:
+        """Open a file for a new blob: ``(fd, None)`` for an anonymous file in ``.links``
+        (``O_TMPFILE``: nothing is visible until it is linked, nothing is left by a crash,
+        and creations in one directory do not serialise on its lock), or ``(fd, tmp path)``
+        under ``tmp/`` where the filesystem cannot do that."""
+        global _tmpfile_ok
+        if _tmpfile_ok is None and not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+            _tmpfile_ok = False  # no /proc: an anonymous file could not be given a name
+        if _tmpfile_ok is not False:
+            try:
+                fd = os.open(self.links, os.O_WRONLY | os.O_TMPFILE, mode)
+                _tmpfile_ok = True
+                return fd, None
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                    raise
+                _tmpfile_ok = False
+        tmp = self._tmp_name("blob")
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
 
     @staticmethod
     def _finish_blob(tmp: str, key: str, executable: bool) -> None:
@@ -308,17 +373,24 @@ class LocalStore:
         key = self.link_path(digest, executable)
         os.chmod(path, 0o555 if executable else 0o444)
         os.utime(path, (1, 1))
-        try:
-            os.link(path, key)
-        except FileExistsError:
+        while True:
+            try:
+                os.link(path, key)
+                return
+            except FileExistsError:
+                pass
             tmp = path + b".fimio-link"
             try:
                 os.link(key, tmp)
                 os.rename(tmp, path)
+                return
+            except FileNotFoundError:
+                continue  # a GC removed the unused blob meanwhile: publish ours instead
             except OSError as e:
                 if e.errno != errno.EMLINK:
                     raise
                 _unlink(tmp)  # too many links: keep this file as its own copy
+                return
 
     # ---- writing paths -----------------------------------------------------------------
 
@@ -379,10 +451,16 @@ class LocalStore:
             wanted.append((path, data, digest, sorted(refs)))
         if all(self.is_valid(w[0]) for w in wanted):
             return [self.info(w[0]) for w in wanted]
+        batch = {w[0] for w in wanted}
         with ExitStack() as stack:
             stack.enter_context(self.writing())
-            for path in sorted({w[0] for w in wanted}):
+            for path in sorted(batch):
                 stack.enter_context(self.lock_path(path))
+            for _, _, _, refs in wanted:
+                for ref in refs:
+                    if ref not in batch and not self.is_valid(ref):
+                        raise NotFound(f"'{self.logical(ref)}' vanished before the object referring to it was "
+                                       "written (a concurrent gc?)", "run the command again")
             todo, seen, tmps = [], set(), []
             try:
                 for path, data, digest, refs in wanted:
@@ -402,22 +480,90 @@ class LocalStore:
         return [self.info(w[0]) for w in wanted]
 
     def _scan_parallel(self, src: str) -> Node:
-        # blake3 and file I/O release the GIL: two threads keep both cores busy.
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        # The main thread walks the tree; worker threads read, hash and publish the files,
+        # which release the GIL in blake3 and in every system call. Files go to the workers
+        # in batches: one pool task per file costs more Python time than a small file does.
+        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
             futures = []
+            batch: list = []
+            batch_bytes = 0
+            count = 0
 
             def on_file(p, st):
-                futures.append(pool.submit(self.ingest_copy, p, st))
-                return len(futures) - 1, 0
+                nonlocal batch, batch_bytes, count
+                batch.append((p, st))
+                batch_bytes += st.st_size
+                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
+                    futures.append(pool.submit(self._ingest_batch, batch))
+                    batch, batch_bytes = [], 0
+                count += 1
+                return count - 1, 0
 
-            node = scan(src, on_file=on_file)
-            results = [f.result() for f in futures]
+            try:
+                node = scan(src, on_file=on_file)
+                if batch:
+                    futures.append(pool.submit(self._ingest_batch, batch))
+                results = [r for f in futures for r in f.result()]
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return _resolve_pending(node, results)
+
+    def _ingest_batch(self, items) -> list[tuple[bytes, int]]:
+        ingest = self.ingest_copy
+        return [ingest(p, st) for p, st in items]
 
     def materialise(self, node: Node, dest: str) -> None:
         """Create ``node`` at ``dest`` from ``.links`` (hard links), normalised (mtime 1, read-only)."""
         dest_b = os.fsencode(dest)
-        self._materialise(node, dest_b)
+        if not isinstance(node, DirNode):
+            self._materialise(node, dest_b)
+            return
+        # Directories and symlinks first (parents before children), then the hard links --
+        # on worker threads for a large tree: each link is a system call that releases the
+        # GIL -- and last the directories' mtime and mode, children before parents.
+        dirs: list[bytes] = []
+        files: list[tuple[str, bytes, bytes]] = []
+        self._make_dirs(node, dest_b, dirs, files)
+        links = os.open(self.links, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if len(files) < _PARALLEL_LINKS:
+                self._link_files(links, files)
+            else:
+                step = -(-len(files) // (_WORKERS * 4))
+                with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
+                    for f in [pool.submit(self._link_files, links, files[i:i + step])
+                              for i in range(0, len(files), step)]:
+                        f.result()
+        finally:
+            os.close(links)
+        for d in reversed(dirs):
+            os.utime(d, (1, 1))
+            os.chmod(d, 0o555)
+
+    def _make_dirs(self, node: DirNode, dest: bytes, dirs: list, files: list) -> None:
+        os.mkdir(dest, 0o755)
+        dirs.append(dest)
+        for name, child in node.entries.items():
+            path = dest + b"/" + name
+            if type(child) is FileNode:
+                files.append((child.blob.hex() + ("x" if child.executable else ""), path, child.blob))
+            elif type(child) is DirNode:
+                self._make_dirs(child, path, dirs, files)
+            else:
+                self._materialise(child, path)
+
+    def _link_files(self, links: int, files) -> None:
+        link = os.link
+        for key, path, blob in files:
+            try:
+                link(key, path, src_dir_fd=links, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    raise IntegrityError(f"blob {blob.hex()} is missing from the store") from None
+                if e.errno != errno.EMLINK:
+                    raise
+                shutil.copy2(os.fsencode(os.path.join(self.links, key)), path)
 
     def _materialise(self, node: Node, dest: bytes) -> None:
         if isinstance(node, FileNode):
@@ -647,6 +793,44 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """Read an open file to its end; ``size`` (from the scan) is only the first guess."""
+    data = os.read(fd, size + 1)
+    if not data:
+        return data
+    more = os.read(fd, 1 << 16)  # small: a large read buffer would be allocated for nothing
+    if not more:
+        return data
+    parts = [data, more]
+    while more := os.read(fd, _CHUNK):
+        parts.append(more)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _normalise_fd(fd: int, mode: int) -> None:
+    """Give a new blob its normal form: the exact mode (the umask or a default ACL may have
+    narrowed the one asked at creation) and mtime 1."""
+    os.fchmod(fd, mode)
+    os.utime(fd, (1, 1))
+
+
+def _link_anonymous(fd: int, key: str) -> None:
+    """Give an ``O_TMPFILE`` file its name in ``.links``; an existing name is an identical blob."""
+    try:
+        # linkat(..., AT_SYMLINK_FOLLOW) is what links an anonymous file; Python only uses
+        # linkat (instead of link(), which would not follow /proc's link) when a dir_fd is
+        # given. The path is absolute, so linkat ignores that dir_fd.
+        os.link(f"/proc/self/fd/{fd}", key, src_dir_fd=fd, follow_symlinks=True)
+    except FileExistsError:
+        pass
 
 
 def _unlink(path) -> None:

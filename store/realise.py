@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from . import build as buildmod
 from .db import dumps, loads
-from .derivation import Derivation
+from .derivation import Derivation, host_system
 from .errors import BuildError, IntegrityError, NotFound
 from .instantiate import Graph
 from .paths import StorePath
@@ -131,6 +131,9 @@ class Realiser:
             for i in drv.inputs.values():
                 if i.kind != "drv" and not self.store.is_valid(_base(i.path)):
                     missing.append(f"{i.path}: source of {drv.drv_path.base}, not in the store")
+            if not drv.is_fixed_output and drv.system != host_system():
+                missing.append(f"{drv.drv_path.base}: a '{drv.system}' derivation cannot be built on this "
+                               f"'{host_system()}' host, and no substituter has it")
             if drv.is_fixed_output and self.options.offline:
                 missing.append(f"{drv.outputs['out']}: fixed-output derivation {drv.drv_path.base} "
                                f"was never fetched ({drv.fetch['url']})")
@@ -138,7 +141,7 @@ class Realiser:
             where = "offline" if self.options.offline else "here"
             raise NotFound(f"{len(missing)} item(s) needed for this realise cannot be obtained {where}",
                            "run 'fimio prefetch' while online, or import a bundle" if self.options.offline
-                           else "re-instantiate from the derivation files", details=sorted(set(missing)))
+                           else "see the list above", details=sorted(set(missing)))
 
     def _protect(self, roots: list[Derivation]) -> None:
         """Temp-root the whole graph (derivations, sources, outputs) before judging validity."""
@@ -290,6 +293,16 @@ class Realiser:
 def realisation(drv: Derivation, output: str, path: StorePath, root: bytes) -> dict:
     return {"drvHash": drv.drv_hash, "drv": drv.drv_path.base, "output": output,
             "path": path.base, "root": root.hex(), "signatures": []}
+
+
+def realisation_of_output(store, path: StorePath) -> dict | None:
+    """The realisation that names ``path`` as an output (its .drv may be gone after GC)."""
+    with store.db.read() as txn:
+        for _, value in txn.cursor(db=store.db.dbs["realisations"]):
+            record = loads(value)
+            if record.get("path") == path.base:
+                return record
+    return None
 
 
 def build_records(store, drv_hash: str) -> list[dict]:

@@ -185,10 +185,6 @@ def test_roots_keep_closures_and_built_outputs_without_roots_go(cli, tmp_path):
     assert_verify_clean(cli)
 
 
-@pytest.mark.xfail(strict=True, reason="cli/build_cmds.py instantiate opens no temp roots (realise does, in "
-                   "Realiser.load_targets): a concurrent gc deletes the sources (and input .drv files) it has "
-                   "added before the .drv referring to them is written, and LocalStore.add_text then registers "
-                   "a .drv whose references are not valid")
 def test_instantiate_concurrent_with_gc_keeps_what_it_adds(cli, tmp_path, store):
     from fimio.store.gc import collect
 

@@ -313,9 +313,6 @@ def test_realise_is_quick_when_nothing_is_to_do(examples):
     assert time.monotonic() - start < 5
 
 
-@pytest.mark.xfail(strict=True, reason="cli/build_cmds.py _drv_of needs the deriver .drv to be valid: after "
-                   "'fimio gc' removed it (it is not in the output's closure), 'fimio log'/'provenance' of a "
-                   "rooted output exit 5 though the log and build record (keyed by drv hash) still exist")
 def test_log_of_a_rooted_output_after_gc(cli, tmp_path):
     f = write_drv(tmp_path / "l.toml", "logged", "echo hello-log; echo x > $out")
     cli.out("realise", f, cwd=tmp_path)
@@ -323,9 +320,6 @@ def test_log_of_a_rooted_output_after_gc(cli, tmp_path):
     assert cli.out("log", tmp_path / "result") == "hello-log"
 
 
-@pytest.mark.xfail(strict=True, reason="store/realise.py / store/build.py never compare the derivation's 'system' "
-                   "with the host's: a riscv64-linux derivation is built with x86_64 tools and registered at "
-                   "the riscv64 output path (Nix refuses such a build)")
 def test_derivation_for_another_system_is_not_built(cli, tmp_path):
     from fimio.store.derivation import host_system
 
@@ -334,5 +328,5 @@ def test_derivation_for_another_system_is_not_built(cli, tmp_path):
     f.write_text(f'name = "other"\nbuilder = "/bin/sh"\nsystem = "{other}"\nargs = ["-c", "echo > $out"]\n')
     out = outputs_of(cli, f)["out"]
     proc = cli("realise", "--no-out-link", f)
-    assert proc.returncode in (1, 2) and other in proc.stderr
+    assert proc.returncode == 5 and other in proc.stderr  # not obtainable here (a cache may have it)
     assert cli("path-info", out).returncode == 5

@@ -506,9 +506,6 @@ def test_fixed_output_unreachable_url(cli, tmp_path, file_server):
     not_registered(cli, out)
 
 
-@pytest.mark.xfail(strict=True, reason="store/build.py Builder._normalise scans file contents and symlink targets "
-                   "but not entry names: an output that names a dependency only in a file name (as Nix would "
-                   "find in the NAR) gets no reference, and GC may delete the dependency")
 def test_references_in_file_names_are_found(cli, tmp_path):
     write_drv(tmp_path / "a.toml", "a", "echo a > $out")
     f = write_drv(tmp_path / "n.toml", "names", 'mkdir $out; touch "$out/$(basename $a)"',
