@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -229,16 +228,9 @@ class _DrvRef:
         self.drv_hash = record["drvHash"]
         self.drv_path = StorePath.parse(record["drv"])
         self.name = self.drv_path.name.removesuffix(".drv")
-        prefix = f"{self.drv_hash}!".encode()
-        self._outputs = {}
-        with store.db.read() as txn:
-            cur = txn.cursor(db=store.db.dbs["realisations"])
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    r = json.loads(value)
-                    self._outputs[r["output"]] = StorePath.parse(r["path"])
+        from fimio.store.realise import realisations_of
+
+        self._outputs = {r["output"]: StorePath.parse(r["path"]) for r in realisations_of(store, self.drv_hash)}
 
     def output_paths(self):
         return dict(self._outputs)

@@ -12,7 +12,6 @@ import re
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field

@@ -32,7 +32,7 @@ from dataclasses import asdict, replace
 from . import fsutil, treediff
 from .build import Variation
 from .checkreport import CheckReport, Cause, DrvCheck, OutputCheck, OutputDiff, Round, VARIATION_TEXT
-from .db import dumps, loads
+from .db import dumps
 from .errors import BuildError
 from .paths import StorePath, check_name, fingerprint_hash
 from .sandbox import fs_type
@@ -367,16 +367,7 @@ def _hint(entry: DrvCheck, started: float) -> str | None:
 
 def check_records(store, path: StorePath) -> list[dict]:
     """Every check record of an output path, oldest first."""
-    prefix = f"{path.hash_part}!".encode()
-    out = []
-    with store.db.read() as txn:
-        cur = txn.cursor(db=store.db.dbs["checks"])
-        if cur.set_range(prefix):
-            for key, value in cur:
-                if not key.startswith(prefix):
-                    break
-                out.append(loads(value))
-    return out
+    return store.db.scan_prefix("checks", f"{path.hash_part}!".encode())
 
 
 def repro_status(store, path: StorePath) -> dict | None:

@@ -149,7 +149,7 @@ class CheckReport:
             n = sum(len(e.outputs) for e in self.entries)
             return f"{n} output{'s' if n != 1 else ''} bit-identical in {self.rounds} builds"
         parts = [f"{e.name} ({e.cause.short() if e.cause else 'differs'})" for e in bad]
-        return f"not reproducible: " + "; ".join(parts)
+        return "not reproducible: " + "; ".join(parts)
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "rounds": self.rounds, "vary": self.vary, "varied": self.varied,

@@ -72,6 +72,18 @@ class Database:
         with self.env.begin(write=True) as txn:
             yield txn
 
+    def scan_prefix(self, db: str, prefix: bytes) -> list:
+        """Every JSON record of sub-database ``db`` whose key starts with ``prefix``, in key order."""
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.dbs[db])
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out.append(loads(value))
+        return out
+
     def get(self, txn, db: str, key: bytes):
         value = txn.get(key, db=self.dbs[db])
         return None if value is None else value

@@ -10,7 +10,6 @@ inputs*, so a whole graph's outputs are known before anything is built.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 from dataclasses import dataclass, field

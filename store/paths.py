@@ -17,7 +17,6 @@ NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 HASH_PART_LEN = 32
 _NAME_RE = re.compile(r"[A-Za-z0-9+\-._?=]+")
 _HASH_RE = re.compile(f"[{NIX_BASE32}]{{{HASH_PART_LEN}}}")
-from .config import DEFAULT_STORE_DIR  # noqa: E402  (one definition, re-exported)
 
 
 def nix_base32(data: bytes) -> str:

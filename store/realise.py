@@ -307,16 +307,12 @@ def realisation_of_output(store, path: StorePath) -> dict | None:
 
 def build_records(store, drv_hash: str) -> list[dict]:
     """Every build record of a derivation, oldest first."""
-    prefix = f"{drv_hash}!".encode()
-    out = []
-    with store.db.read() as txn:
-        cur = txn.cursor(db=store.db.dbs["records"])
-        if cur.set_range(prefix):
-            for key, value in cur:
-                if not key.startswith(prefix):
-                    break
-                out.append(loads(value))
-    return out
+    return store.db.scan_prefix("records", f"{drv_hash}!".encode())
+
+
+def realisations_of(store, drv_hash: str) -> list[dict]:
+    """Every realisation of a derivation's outputs."""
+    return store.db.scan_prefix("realisations", f"{drv_hash}!".encode())
 
 
 def read_log(store, drv_hash: str) -> bytes:
