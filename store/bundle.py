@@ -1,20 +1,23 @@
 """Bundles: one signed, zstd-compressed file of store paths for air-gapped machines.
 
-``spec/bundle.md`` is normative. In short, a bundle is ``MAGIC`` followed by zstd frames
-whose content is a sequence of records ``type:u8 length:u64le payload``::
+``spec/bundle.md`` is normative. The file is::
+
+    MAGIC  { u32le n, n bytes of zstd stream }*  u32le 0  u32le m, m bytes trailer
+
+The chunk payloads concatenated are one zstd stream whose content is the record stream,
+records being ``type:u8 length:u64le payload``::
 
     H header                       version, store directory, number of path sections
     { P info, D dir..., B blob... } one section per store path, references first
     R realisation | L log | C build record   (between sections, any order)
-    T trailer                      digest of the transcript, signatures over it
 
-Each path's info carries the signatures of the store path fingerprint
-(``cache.keys.path_fingerprint``); the trailer signs the blake3 *transcript* of every
-record before it, in which a blob record contributes its type, length and digest but not
-its content (the content is bound to that digest by the per-blob check). Every size a
-reader acts on is declared before the bytes it governs.
+Each path's info carries the signatures of its store path fingerprint
+(``cache.keys.path_fingerprint``); the trailer signs the blake3 of *every byte* of the file
+before it (the chunk framing is what lets a reader know exactly which bytes those are
+while zstd reads ahead). Every size a reader acts on is declared before the bytes it
+governs.
 
-This module holds the format (constants, record framing, info records) and the writer
+This module holds the format (constants, framing, info records) and the writer
 (:class:`BundleWriter`, :func:`export_bundle`, :func:`plan_export`); the reader is
 ``bundle_import``.
 """
@@ -37,8 +40,10 @@ from .tree import DirNode, FileNode, Node
 MAGIC = b"fimio-bundle-1\n"
 VERSION = 1
 
-T_HEADER, T_PATH, T_DIR, T_BLOB, T_REALISATION, T_LOG, T_RECORD, T_TRAILER = b"HPDBRLCT"
+T_HEADER, T_PATH, T_DIR, T_BLOB, T_REALISATION, T_LOG, T_RECORD = b"HPDBRLC"
 RECORD_HEAD = struct.Struct("<BQ")
+CHUNK_HEAD = struct.Struct("<I")
+MAX_CHUNK = 8 << 20  # compressed bytes per chunk
 DIGEST = 32
 
 # Caps on record payloads (a reader refuses a larger declared length before reading it).
@@ -99,22 +104,55 @@ def info_payload(store_dir: str, info, node: Node, signatures, dirs: int, blobs:
 # ---- writing --------------------------------------------------------------------------------
 
 
+class _Framer:
+    """The zstd writer's sink: cuts compressed bytes into length-prefixed chunks and hashes
+    every byte written to ``out`` (what the trailer signs)."""
+
+    def __init__(self, out):
+        self.out = out
+        self.hash = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.buf = bytearray()
+        self.size = 0
+        self._put(MAGIC)
+
+    def _put(self, data) -> None:
+        self.out.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def write(self, data) -> int:
+        self.buf += data
+        if len(self.buf) >= _CHUNK:
+            self.emit()
+        return len(data)
+
+    def emit(self) -> None:
+        view = memoryview(self.buf)
+        for i in range(0, len(view), 4 << 20):
+            piece = view[i:i + (4 << 20)]
+            self._put(CHUNK_HEAD.pack(len(piece)))
+            self._put(piece)
+        view.release()
+        self.buf = bytearray()
+
+    def flush(self) -> None:
+        pass  # chunks are cut by size; the end is written by BundleWriter.finish
+
+
 class BundleWriter:
-    """Frames records into a zstd stream and keeps the transcript digest.
+    """Writes records into the chunked zstd stream, then the signed trailer.
 
     Low level on purpose: :func:`export_bundle` drives it for real bundles, and tests use
-    it to craft hostile ones. ``out`` is a binary file object; nothing is closed but the
-    compressor's frame (:meth:`trailer` ends it)."""
+    it to craft hostile ones. ``out`` is a binary file object; it is not closed."""
 
     def __init__(self, out, level: int = 3, threads: int = -1):
         import zstandard
 
         self._zstd = zstandard
-        out.write(MAGIC)
+        self._framer = _Framer(out)
         cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-        self._z = cctx.stream_writer(out, closefd=False, write_size=1 << 20)
+        self._z = cctx.stream_writer(self._framer, write_size=1 << 20)
         self._buf = bytearray()
-        self.transcript = blake3.blake3()
         self.records = 0
         self.bytes = 0  # uncompressed record bytes
 
@@ -131,20 +169,14 @@ class BundleWriter:
 
     def record(self, rtype: int, payload: bytes) -> None:
         """One whole record (not for blobs: see :meth:`blob`)."""
-        head = RECORD_HEAD.pack(rtype, len(payload))
-        self.transcript.update(head)
-        self.transcript.update(payload)
-        self._emit(head)
+        self._emit(RECORD_HEAD.pack(rtype, len(payload)))
         self._emit(payload)
         self.records += 1
 
     def blob(self, digest: bytes, size: int, chunks) -> None:
         """A blob record: ``chunks`` must yield exactly ``size`` bytes whose blake3 is ``digest``
         (the caller checks; the record's length is declared before the bytes)."""
-        head = RECORD_HEAD.pack(T_BLOB, DIGEST + size)
-        self.transcript.update(head)
-        self.transcript.update(digest)
-        self._emit(head)
+        self._emit(RECORD_HEAD.pack(T_BLOB, DIGEST + size))
         self._emit(digest)
         for chunk in chunks:
             if len(chunk) >= _CHUNK:
@@ -155,17 +187,17 @@ class BundleWriter:
                 self._emit(chunk)
         self.records += 1
 
-    def trailer(self, keys=(), signatures=None) -> bytes:
-        """Write the trailer (signed by ``keys``, or with ``signatures`` as given) and end the
-        zstd frame. Returns the transcript digest."""
-        digest = self.transcript.digest()
-        sigs = sorted(signatures if signatures is not None else
-                      [k.sign(trailer_fingerprint(digest)) for k in keys])
-        payload = canonical({"digest": "blake3:" + digest.hex(), "records": self.records, "signatures": sigs})
-        self._emit(RECORD_HEAD.pack(T_TRAILER, len(payload)))
-        self._emit(payload)
+    def finish(self, keys=(), signatures=None) -> bytes:
+        """End the zstd stream and the chunks, then write the trailer signed by ``keys`` (or
+        carrying ``signatures`` as given). Returns the digest the trailer signs."""
         self._flush()
         self._z.flush(self._zstd.FLUSH_FRAME)
+        self._framer.emit()
+        self._framer._put(CHUNK_HEAD.pack(0))
+        digest = self._framer.hash.digest()
+        sigs = sorted(signatures if signatures is not None else [k.sign(trailer_fingerprint(digest)) for k in keys])
+        payload = canonical({"digest": "blake3:" + digest.hex(), "records": self.records, "signatures": sigs})
+        self._framer.out.write(CHUNK_HEAD.pack(len(payload)) + payload)
         return digest
 
 
@@ -228,7 +260,7 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 3) -> Expo
         w.record(T_REALISATION, r.to_json(store_dir))
     for drv_hash in dict.fromkeys(plan.logs):
         _write_log_and_records(store, w, drv_hash)
-    stats.digest = w.trailer(keys)
+    stats.digest = w.finish(keys)
     stats.bytes = w.bytes
     return stats
 

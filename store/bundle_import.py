@@ -6,7 +6,7 @@ streams and must match the digest (and size) a directory of its path declared; b
 staged under ``tmp/import-*`` (never in ``store/``), directories are decoded and checked
 as they arrive (names, sorting, depth), each path's signed info is checked against the
 trusted keys when it arrives and against the reconstructed tree when its section ends.
-Only after the trailer's transcript digest and signature verify, and every reference is
+Only after the trailer's digest of the whole file and its signature verify, and every reference is
 valid here or in the bundle, are blobs published into ``.links``, paths materialised
 under ``tmp/`` and registered in one transaction (``cache.ingest.register``). Any failure
 before that point leaves the store exactly as it was (the staging directory is removed).
@@ -14,6 +14,7 @@ before that point leaves the store exactly as it was (the staging directory is r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -23,9 +24,9 @@ import blake3
 
 from . import fsutil
 from .bundle_stage import SMALL, Staging
-from .bundle import (DIGEST, MAGIC, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG, MAX_REALISATION,
-                     MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH, T_REALISATION,
-                     T_RECORD, T_TRAILER, VERSION, trailer_fingerprint)
+from .bundle import (CHUNK_HEAD, DIGEST, MAGIC, MAX_CHUNK, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
+                     MAX_REALISATION, MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH,
+                     T_REALISATION, T_RECORD, VERSION, trailer_fingerprint)
 from .errors import FimioError, IntegrityError, NotFound, UsageError
 from .paths import StorePath
 from .tree import DirNode, FileNode, SymlinkNode, TreeError, decode_dir, tree_size
@@ -64,21 +65,57 @@ class ImportResult:
     signers: list[str] = field(default_factory=list)
 
 
+class _Deframer(io.RawIOBase):
+    """The zstd stream inside a bundle's chunks, as a readable file; hashes every raw byte
+    (magic, chunk heads, payloads, end marker) for the trailer check."""
+
+    def __init__(self, f):
+        self.f = f
+        self.hash = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self.left = 0
+        self.done = False
+        magic = _read_exact_raw(f, len(MAGIC))
+        if magic != MAGIC:
+            raise _bad("not a fimio bundle (wrong magic)" if len(magic) == len(MAGIC) else "truncated")
+        self.hash.update(magic)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.done:
+            return 0
+        if self.left == 0:
+            head = _read_exact_raw(self.f, CHUNK_HEAD.size)
+            if len(head) != CHUNK_HEAD.size:
+                raise _bad("truncated")
+            self.hash.update(head)
+            (n,) = CHUNK_HEAD.unpack(head)
+            if n == 0:
+                self.done = True
+                return 0
+            if n > MAX_CHUNK:
+                raise _bad(f"chunk of {n} bytes, more than the {MAX_CHUNK} allowed")
+            self.left = n
+        view = memoryview(b)[:min(len(b), self.left)]
+        k = self.f.readinto(view)
+        if not k:
+            raise _bad("truncated")
+        self.hash.update(view[:k])
+        self.left -= k
+        return k
+
+
 class _Stream:
-    """Decompressed bundle records with exact reads and the transcript digest."""
+    """Decompressed bundle records with exact reads."""
 
     def __init__(self, f):
         import zstandard
 
         self._zstd = zstandard
-        magic = _read_exact_raw(f, len(MAGIC))
-        if magic != MAGIC:
-            raise _bad("not a fimio bundle (wrong magic)" if len(magic) == len(MAGIC) else "truncated")
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_size=1 << 20, read_across_frames=True)
-        import io
-
+        self.raw = _Deframer(f)
+        reader = zstandard.ZstdDecompressor().stream_reader(self.raw, read_size=1 << 20, read_across_frames=True)
         self._r = io.BufferedReader(reader, buffer_size=1 << 20)
-        self.transcript = blake3.blake3()
 
     def read(self, n: int) -> bytes:
         """Exactly ``n`` bytes, else IntegrityError (truncated or undecodable)."""
@@ -91,10 +128,11 @@ class _Stream:
         return data
 
     def at_end(self) -> bool:
+        """True at the end of the record stream (a record head otherwise follows)."""
         try:
-            return self._r.read(1) == b""
-        except self._zstd.ZstdError:
-            return False
+            return self._r.peek(1) == b""
+        except self._zstd.ZstdError as e:
+            raise _bad(f"compressed stream is damaged ({e})") from None
 
 
 def _read_exact_raw(f, n: int) -> bytes:
@@ -172,45 +210,33 @@ class Importer:
 
     def _read_all(self, f) -> None:
         s = _Stream(f)
-        self.stream = s
-        rtype, length, raw = self._next(s)
+        rtype, length = self._next(s)
         if rtype != T_HEADER:
             raise _bad("does not start with a header record")
-        header = self._payload(s, length, MAX_HEADER, "header")
-        s.transcript.update(raw + header)
-        self._header(header)
+        self._header(self._payload(s, length, MAX_HEADER, "header"))
         records = 1
-        while True:
-            rtype, length, raw = self._next(s)
-            if rtype == T_TRAILER:
-                self._trailer(s, self._payload(s, length, MAX_TRAILER, "trailer"), records)
-                return
+        while not s.at_end():
+            rtype, length = self._next(s)
             records += 1
             if rtype == T_PATH:
-                payload = self._payload(s, length, MAX_INFO, "path info")
-                s.transcript.update(raw + payload)
-                records += self._section(s, self._info(payload))
+                records += self._section(s, self._info(self._payload(s, length, MAX_INFO, "path info")))
             elif rtype == T_REALISATION:
-                payload = self._payload(s, length, MAX_REALISATION, "realisation")
-                s.transcript.update(raw + payload)
-                self._realisation(payload)
+                self._realisation(self._payload(s, length, MAX_REALISATION, "realisation"))
             elif rtype == T_LOG:
-                s.transcript.update(raw)
                 self._log(s, length)
             elif rtype == T_RECORD:
-                payload = self._payload(s, length, MAX_RECORD, "build record")
-                s.transcript.update(raw + payload)
-                self._record(payload)
+                self._record(self._payload(s, length, MAX_RECORD, "build record"))
             elif rtype in (T_DIR, T_BLOB):
                 raise _bad("directory or blob record outside a path section")
             else:
                 raise _bad(f"unknown record type {rtype:#04x}")
+        if not s.raw.done:
+            raise _bad("data after the end of the compressed stream")
+        self._trailer(f, s.raw.hash.digest(), records)
 
     @staticmethod
-    def _next(s: _Stream) -> tuple[int, int, bytes]:
-        raw = s.read(RECORD_HEAD.size)
-        rtype, length = RECORD_HEAD.unpack(raw)
-        return rtype, length, raw
+    def _next(s: _Stream) -> tuple[int, int]:
+        return RECORD_HEAD.unpack(s.read(RECORD_HEAD.size))
 
     @staticmethod
     def _payload(s: _Stream, length: int, cap: int, what: str) -> bytes:
@@ -288,11 +314,10 @@ class Importer:
                 raise _bad(f"root node of '{bp.path}' does not match its root digest")
             self._declare(bp, root)
         for _ in range(bp.dirs):
-            rtype, length, raw = self._next(s)
+            rtype, length = self._next(s)
             if rtype != T_DIR:
                 raise _bad(f"'{bp.path}' declares {bp.dirs} directories but has fewer")
             data = self._payload(s, length, MAX_DIR, "directory")
-            s.transcript.update(raw + data)
             digest = blake3.blake3(data).digest()
             depth = pending.pop(digest, None)
             if depth is None:
@@ -313,10 +338,10 @@ class Importer:
         if pending:
             raise _bad(f"'{bp.path}' lacks {len(pending)} of its directory objects")
         for _ in range(bp.blobs):
-            rtype, length, raw = self._next(s)
+            rtype, length = self._next(s)
             if rtype != T_BLOB:
                 raise _bad(f"'{bp.path}' declares {bp.blobs} blobs but has fewer")
-            self._blob(s, bp, length, raw)
+            self._blob(s, bp, length)
         node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
         if node.digest != bp.root or tree_size(node) != bp.size:
             raise _bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
@@ -352,11 +377,10 @@ class Importer:
         if bp.new:
             self.variants.setdefault(node.blob, set()).add(node.executable)
 
-    def _blob(self, s: _Stream, bp: BundlePath, length: int, raw: bytes) -> None:
+    def _blob(self, s: _Stream, bp: BundlePath, length: int) -> None:
         if length < DIGEST:
             raise _bad("blob record too short")
         digest = s.read(DIGEST)
-        s.transcript.update(raw + digest)
         size = self.blob_sizes.get(digest)
         if size is None:
             raise _bad(f"blob {digest.hex()[:16]}… is not declared by any directory of '{bp.path}'")
@@ -409,7 +433,6 @@ class Importer:
         if n + 2 > length:
             raise _bad("bad log record")
         name = s.read(n)
-        s.transcript.update(head + name)
         try:
             drv_hash = check_drv_hash(name.decode("ascii"))
         except (UnicodeDecodeError, UsageError):
@@ -418,7 +441,6 @@ class Importer:
         with open(self.staging.log_path(drv_hash), "wb") as out:
             while left:
                 chunk = s.read(min(_CHUNK, left))
-                s.transcript.update(chunk)
                 out.write(chunk)
                 left -= len(chunk)
         self.logs.append(drv_hash)
@@ -438,9 +460,17 @@ class Importer:
 
         self.records.append((drv_hash, rid, dumps(record)))
 
-    def _trailer(self, s: _Stream, data: bytes, records: int) -> None:
+    def _trailer(self, f, digest: bytes, records: int) -> None:
+        head = _read_exact_raw(f, CHUNK_HEAD.size)
+        if len(head) != CHUNK_HEAD.size:
+            raise _bad("truncated (no trailer)")
+        (n,) = CHUNK_HEAD.unpack(head)
+        if n > MAX_TRAILER:
+            raise _bad(f"trailer of {n} bytes, more than the {MAX_TRAILER} allowed")
+        data = _read_exact_raw(f, n)
+        if len(data) != n:
+            raise _bad("truncated trailer")
         t = _json(data, "trailer")
-        digest = s.transcript.digest()
         if _hex32(t.get("digest"), "trailer digest") != digest or t.get("records") != records:
             raise _bad("the trailer does not match the bundle's contents")
         sigs = t.get("signatures")
@@ -454,7 +484,7 @@ class Importer:
             self.signers.add(signer)
         if len(self.sections) != self.declared_paths:
             raise _bad("fewer path sections than the header declares")
-        if not s.at_end():
+        if f.read(1):
             raise _bad("data after the trailer")
 
     # ---- committing -------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""Bundles (``spec/bundle.md``), through the real console script.
+
+* the pinned vectors: ``simple.bundle`` imports to the pinned path and root; exporting the
+  vector tree with the vector key gives the pinned record stream; every
+  ``hostile-*.bundle`` is refused;
+* air-gapped transfer: ``export --with-sources`` / ``--sources-only`` of the example graph,
+  ``import`` on a fresh store inside ``unshare -n``, ``realise --offline``: bit-identical,
+  with a full rebuild for ``--sources-only``;
+* hostile input (flipped bytes, truncation, trailing data, traversal names, size lies,
+  untrusted or no signature): exit 4 and the store exactly as it was (no new entry in
+  ``store/``, ``.links`` or ``tmp/``, same ``path-info -r``);
+* idempotence, missing references (exit 5), flat memory on a large import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from conftest import Fimio, assert_one_error_line, fimio_env, fimio_executable
+from offlinefixtures import REPO, digests, snapshot, write_config
+from test_offline import UNSHARE, needs_unshare, online  # noqa: F401  (online: the module fixture)
+
+VECTORS = REPO / "spec" / "vectors" / "bundle"
+V = json.loads((VECTORS / "vectors.json").read_text())
+
+
+@pytest.fixture
+def trusting(tmp_path) -> dict:
+    """The env of a machine that trusts the vector key."""
+    return {"FIMIO_CONFIG": write_config(tmp_path / "trust.toml", trusted_public_keys=[V["publicKey"]])}
+
+
+@pytest.fixture
+def vector_key(tmp_path) -> str:
+    path = tmp_path / "vector.secret"
+    path.write_text(V["secretKey"] + "\n")
+    return str(path)
+
+
+def _populated(tmp_path, env) -> Fimio:
+    """A store holding something already (the vector path), so 'unchanged' means something."""
+    cli = Fimio(tmp_path / "root")
+    cli("import", VECTORS / "simple.bundle", env=env, check=0)
+    return cli
+
+
+# ---- vectors --------------------------------------------------------------------------------
+
+
+def test_simple_vector_imports_to_pinned_path(tmp_path, trusting):
+    cli = Fimio(tmp_path / "root")
+    out = json.loads(cli.out("import", "--json", VECTORS / "simple.bundle", env=trusting))
+    assert [p["path"] for p in out["paths"]] == [V["simple"]["path"]]
+    assert out["imported"] == 1 and out["signedBy"] == ["vector-1"]
+    assert digests(cli, [V["simple"]["path"]]) == {V["simple"]["path"]: V["simple"]["root"]}
+    cli("verify", "--check-contents", check=0)
+    # the tree came through: an executable, a symlink, an empty file, shared content
+    p = cli.physical_store / V["simple"]["path"].rsplit("/", 1)[1]
+    assert os.access(p / "run", os.X_OK) and os.readlink(p / "link") == "a.txt"
+    assert (p / "empty").read_bytes() == b"" and (p / "b.txt").read_text() == "hello\n"
+    assert os.stat(p / "a.txt").st_ino == os.stat(p / "b.txt").st_ino  # deduplicated
+    assert os.listdir(cli.root / "tmp") == []
+
+
+def test_export_of_vector_tree_reproduces_pinned_stream(tmp_path, vector_key):
+    sys.path.insert(0, str(VECTORS))
+    try:
+        import make_vectors
+    finally:
+        sys.path.remove(str(VECTORS))
+    src = tmp_path / "vector-tree"
+    make_vectors.write_tree(str(src), make_vectors.TREE)
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", src)
+    out = json.loads(cli.out("export", path, "-o", tmp_path / "again.bundle", "--key", vector_key, "--json"))
+    assert out["paths"] == [V["simple"]["path"]]
+    assert make_vectors.stream_digest(str(tmp_path / "again.bundle")) == V["simple"]["stream"]
+    assert make_vectors.stream_digest(str(VECTORS / "simple.bundle")) == V["simple"]["stream"]
+
+
+@pytest.mark.parametrize("vector", V["hostile"], ids=lambda v: v["file"])
+def test_hostile_vectors_are_refused(tmp_path, trusting, vector):
+    cli = _populated(tmp_path, trusting)
+    before = snapshot(cli)
+    proc = cli("import", VECTORS / vector["file"], env=trusting)
+    assert_one_error_line(proc, 4)
+    assert snapshot(cli) == before, vector["why"]
+
+
+# ---- damaged bundles -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bundle_bytes() -> bytes:
+    return (VECTORS / "simple.bundle").read_bytes()
+
+
+def _refused(tmp_path, env, data: bytes, name: str, code: int = 4):
+    cli = Fimio(tmp_path / "root")
+    cli("add", VECTORS / "make_vectors.py", check=0)  # something already in the store
+    before = snapshot(cli)
+    f = tmp_path / name
+    f.write_bytes(data)
+    proc = cli("import", f, env=env)
+    assert_one_error_line(proc, code)
+    assert snapshot(cli) == before
+    return proc
+
+
+@pytest.mark.parametrize("where", [0, 5, 14, 15, 16, 20, 1 / 3, 1 / 2, 2 / 3, -40, -20, -5, -1])
+def test_flipped_byte_is_refused(tmp_path, trusting, bundle_bytes, where):
+    data = bytearray(bundle_bytes)
+    offset = where if isinstance(where, int) else int(len(data) * where)
+    data[offset] ^= 0x20
+    _refused(tmp_path, trusting, bytes(data), "flipped.bundle")
+
+
+@pytest.mark.parametrize("length", [0, 1, 14, 15, 16, 30, 1 / 4, 1 / 2, 3 / 4, -30, -10, -1])
+def test_truncated_bundle_is_refused(tmp_path, trusting, bundle_bytes, length):
+    n = length if isinstance(length, int) else int(len(bundle_bytes) * length)
+    _refused(tmp_path, trusting, bundle_bytes[:n], "truncated.bundle")
+
+
+def test_trailing_data_is_refused(tmp_path, trusting, bundle_bytes):
+    _refused(tmp_path, trusting, bundle_bytes + b"\0" * 16, "trailing.bundle")
+    _refused(tmp_path, trusting, bundle_bytes + bundle_bytes[15:], "twice.bundle")
+
+
+def test_untrusted_or_unsigned_bundles_are_refused(tmp_path, bundle_bytes):
+    nobody = {"FIMIO_CONFIG": write_config(tmp_path / "none.toml")}
+    proc = _refused(tmp_path, nobody, bundle_bytes, "simple.bundle")
+    assert "no signature by a trusted key" in proc.stderr
+    other = {"FIMIO_CONFIG": write_config(tmp_path / "other.toml", trusted_public_keys=[V["untrustedPublicKey"]])}
+    _refused(tmp_path, other, bundle_bytes, "simple.bundle")
+
+
+def test_unsigned_export_is_refused_unless_sigs_are_not_required(tmp_path, trusting):
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", VECTORS / "make_vectors.py")
+    proc = cli("export", path, "-o", tmp_path / "u.bundle", check=0)
+    assert "exporting unsigned" in proc.stderr
+    other = Fimio(tmp_path / "other")
+    before = snapshot(other)
+    assert_one_error_line(other("import", tmp_path / "u.bundle", env=trusting), 4, "no signature")
+    assert snapshot(other) == before
+    other("import", "--no-check-sigs", tmp_path / "u.bundle", env=trusting, check=0)
+    relaxed = {"FIMIO_CONFIG": write_config(tmp_path / "relaxed.toml", require_sigs=False)}
+    Fimio(tmp_path / "third")("import", tmp_path / "u.bundle", env=relaxed, check=0)
+
+
+def test_not_a_bundle_and_missing_file(tmp_path, trusting):
+    _refused(tmp_path, trusting, b"just some text\n" * 4, "text.bundle")
+    cli = Fimio(tmp_path / "root")
+    assert_one_error_line(cli("import", tmp_path / "nope.bundle", env=trusting), 5, "does not exist")
+
+
+# ---- import semantics -----------------------------------------------------------------------
+
+
+def test_import_is_idempotent(tmp_path, trusting):
+    cli = Fimio(tmp_path / "root")
+    cli("import", VECTORS / "simple.bundle", env=trusting, check=0)
+    first = snapshot(cli)
+    out = json.loads(cli.out("import", "--json", VECTORS / "simple.bundle", env=trusting))
+    assert out["imported"] == 0 and [p["imported"] for p in out["paths"]] == [False]
+    assert snapshot(cli) == first
+
+
+def test_missing_references_exit_5_and_closure_fixes_it(tmp_path, store, vector_key, trusting):
+    lib = store.add_path(str(VECTORS / "make_vectors.py"), "lib.py")
+    note = store.add_text("note.txt", b"uses " + store.logical(lib.path).encode(), [lib.path])
+    logical = store.logical(note.path)
+    store.close()
+    cli = Fimio(tmp_path / "root")
+    cli("export", logical, "-o", tmp_path / "alone.bundle", "--key", vector_key, check=0)
+    cli("export", logical, "-o", tmp_path / "closure.bundle", "--closure", "--key", vector_key, check=0)
+    other = Fimio(tmp_path / "other")
+    before = snapshot(other)
+    proc = other("import", tmp_path / "alone.bundle", env=trusting, check=5)
+    assert store.logical(lib.path) in proc.stderr
+    assert snapshot(other) == before
+    out = json.loads(other.out("import", "--json", tmp_path / "closure.bundle", env=trusting))
+    assert [p["path"] for p in out["paths"]] == [store.logical(lib.path), logical]  # references first
+
+
+def test_export_errors(tmp_path, online, vector_key):
+    cli = Fimio(tmp_path / "root")
+    # outputs that were never built: exit 5 naming each
+    proc = cli("export", *online.targets, "-o", tmp_path / "x.bundle", "--key", vector_key, env=online.env)
+    assert proc.returncode == 5
+    for p in online.outputs:
+        assert p in proc.stderr
+    assert not (tmp_path / "x.bundle").exists()
+    path = cli.out("add", VECTORS / "make_vectors.py")
+    proc = cli("export", path, "-o", tmp_path / "no" / "such" / "dir.bundle", "--key", vector_key)
+    assert_one_error_line(proc, 2)
+    assert_one_error_line(cli("export", path, "-o", tmp_path / "x.bundle", "--key", tmp_path / "nokey"), 2)
+
+
+# ---- air-gapped transfer of the example graph ------------------------------------------------
+
+
+@needs_unshare
+@pytest.mark.parametrize("mode", ["--with-sources", "--sources-only"])
+def test_airgapped_transfer_of_example_graph(online, tmp_path, mode):
+    bundle = tmp_path / "graph.bundle"
+    out = json.loads(online.ref.out("export", *online.targets, mode, "--with-logs", "-o", bundle, "--json",
+                                    env=online.env))
+    assert set(online.drvs) <= set(out["paths"]) and online.fod_output in out["paths"]
+    assert (set(online.outputs) <= set(out["paths"])) == (mode == "--with-sources")
+    cli = Fimio(tmp_path / "airgapped")
+    imported = json.loads(cli.out("import", "--json", bundle, env=online.offline_env, prefix=UNSHARE))
+    assert imported["imported"] == len(out["paths"]) and imported["realisations"] >= 1
+    proc = cli("realise", "--offline", "--json", "--no-out-link", *online.drvs, env=online.offline_env,
+               prefix=UNSHARE, check=0)
+    result = json.loads(proc.stdout)
+    if mode == "--sources-only":
+        assert set(result["built"]) == online.regular, "a full rebuild, nothing substituted"
+    else:
+        assert result["built"] == []
+        for drv in online.drvs:  # logs and build records came along
+            cli("log", drv, check=0)
+            assert json.loads(cli.out("provenance", "--json", drv))["groups"][0]["records"]
+    assert result["substituted"] == []
+    # with --sources-only every output of the graph was rebuilt; else the targets' outputs came
+    wanted = online.all_outputs if mode == "--sources-only" else online.outputs
+    assert digests(cli, wanted) == {p: online.digests[p] for p in wanted}
+    # the derivation files work offline too (sources re-added from the files)
+    again = json.loads(cli.out("realise", "--offline", "--json", "--no-out-link", *online.targets,
+                               env=online.offline_env, prefix=UNSHARE))
+    assert again["built"] == [] and [t["drvPath"] for t in again["targets"]] == online.drvs
+
+
+# ---- memory --------------------------------------------------------------------------------
+
+
+def test_import_memory_stays_flat(tmp_path, vector_key, trusting):
+    """A 512 MiB file plus many small ones: export and import peak RSS well under 150 MB."""
+    tree = tmp_path / "tree"
+    (tree / "small").mkdir(parents=True)
+    with open(tree / "large.bin", "wb") as f:
+        block = os.urandom(1 << 20)
+        for i in range(512):
+            f.write(block[i:] + block[:i])  # distinct, incompressible megabytes
+    for i in range(3000):
+        (tree / "small" / f"f{i}.txt").write_text(f"file {i}\n" * (i % 50 + 1))
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", tree)
+    bundle = tmp_path / "big.bundle"
+    rss_export = _peak_rss(cli.root, ["export", path, "-o", str(bundle), "--key", vector_key, "-q"], {})
+    other = tmp_path / "other"
+    rss_import = _peak_rss(other, ["import", str(bundle), "-q"], trusting)
+    print(f"peak RSS: export {rss_export / 1e6:.0f} MB, import {rss_import / 1e6:.0f} MB")
+    assert rss_import < 150e6, f"import peak RSS {rss_import / 1e6:.0f} MB"
+    assert rss_export < 300e6, f"export peak RSS {rss_export / 1e6:.0f} MB"
+    logical = "/fimio/store/" + os.path.basename(path)
+    assert digests(Fimio(other), [logical]) == digests(cli, [logical])
+
+
+def _peak_rss(root: pathlib.Path, args: list[str], env: dict) -> int:
+    proc = subprocess.Popen([fimio_executable(), *args], env=fimio_env(root, env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    return usage.ru_maxrss * 1024
