@@ -29,6 +29,7 @@ GROUPS = {
     "realise": "realise_bench",
     "repro": "repro",
     "cache": "cache_bench",
+    "bundle": "bundle_bench",
 }
 
 

@@ -21,7 +21,6 @@ import io
 import json
 import os
 import pathlib
-import struct
 import sys
 import tempfile
 

@@ -1,0 +1,159 @@
+"""bundle: moving the *big* closure to another store through one file, against Nix.
+
+fimio: ``fimio export P --closure -o F --key K`` (signed, zstd level 3), then
+``fimio import F`` into a fresh, empty store that trusts K (every signature and digest is
+verified, and the import is durable: one ``syncfs`` before registration).
+
+Nix: ``nix-store --export $(nix-store -qR P) > F`` then ``nix-store --import < F``. Nix's
+import of a path that is already valid is a no-op, so before every import the path is
+deleted with ``nix-store --delete P`` (untimed): both tools import into a store that lacks
+every byte of the tree. Nix's export is unsigned and uncompressed and its import does not
+fsync file contents; fimio does more work per byte, which the ratio includes.
+
+Every timed command is a whole process as a user runs it; ``sync()`` (untimed) before each.
+The ``-qR`` query of Nix and the creation of fimio's empty target root are untimed. The
+big tree is added once to each tool's store (untimed) before the runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import trees
+from common import Row, Sample, fimio_argv, fimio_env, log, median, remove_tree, run_cmd, settle
+
+NAME = "bundle"
+HELP = "export + import of the big closure through one file, fimio vs nix-store --export/--import"
+
+ROUNDTRIP_TARGET = 0.5  # × nix
+RSS_TARGET = 150e6  # bytes, fimio import
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--runs", type=int, default=3, help="export/import rounds per tool (median; default 3)")
+
+
+def _run_stdin(argv: list[str], stdin_path: str, env=None) -> Sample:
+    """Like common.run_cmd, with stdin from a file (for nix-store --import)."""
+    with open(stdin_path, "rb") as f:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, env=env, stdin=f, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = p.stderr.read()
+        p.stderr.close()
+        _, status, ru = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {err.decode(errors='replace')[-2000:]}")
+    return Sample(seconds, ru.ru_maxrss * 1024, p.returncode, b"", err)
+
+
+class _Fimio:
+    def __init__(self, workdir: str):
+        self.argv = fimio_argv()
+        self.base = os.path.join(workdir, "bundle", f"run-{os.getpid()}")
+        remove_tree(self.base)
+        os.makedirs(self.base)
+        self.counter = 0
+        from fimio.store.cache.keys import SecretKey
+
+        key = SecretKey.generate("bench-1")
+        self.key = os.path.join(self.base, "bench.secret")
+        with open(self.key, "w") as f:
+            f.write(str(key) + "\n")
+        self.config = os.path.join(self.base, "config.toml")
+        with open(self.config, "w") as f:
+            f.write(f'trusted-public-keys = ["{key.public_key()}"]\n')
+
+    def env(self, root: str) -> dict:
+        env = fimio_env(root)
+        env["FIMIO_CONFIG"] = self.config
+        return env
+
+    def fresh_root(self, label: str) -> str:
+        self.counter += 1
+        root = os.path.join(self.base, f"{label}-{self.counter}")
+        subprocess.run([_python(), "-c", "import sys; from fimio.store.local import LocalStore; "
+                        "LocalStore.open(sys.argv[1]).close()", root], check=True)
+        return root
+
+
+def _python() -> str:
+    import sys
+
+    return sys.executable
+
+
+def run(args, workdir: str, nix: bool, notes: list[str]):
+    big = trees.make_big(workdir, args.seed)
+    f = _Fimio(workdir)
+    n = args.runs
+    log(f"bundle: adding the big tree to the stores (untimed), then {n} export/import rounds per tool")
+    src = f.fresh_root("src")
+    path = run_cmd([*f.argv, "add", big.path], env=f.env(src)).stdout.decode().strip()
+    bundle = os.path.join(f.base, "big.bundle")
+    exp, imp, rss = [], [], []
+    for i in range(n):
+        settle()
+        exp.append(run_cmd([*f.argv, "export", path, "--closure", "-o", bundle, "--key", f.key, "-q"],
+                           env=f.env(src)).seconds)
+        dest = f.fresh_root("dest")
+        settle()
+        s = run_cmd([*f.argv, "import", bundle, "-q"], env=f.env(dest))
+        imp.append(s.seconds)
+        rss.append(s.maxrss_bytes)
+        remove_tree(dest)
+        log(f"  fimio round {i + 1}: export {exp[-1]:.2f} s, import {imp[-1]:.2f} s, "
+            f"import peak RSS {rss[-1] / 1e6:.0f} MB")
+    bundle_size = os.path.getsize(bundle)
+    nexp, nimp, nrss, nar_size = [], [], [], None
+    if nix:
+        nexp, nimp, nrss, nar_size = _nix(big, f.base, n)
+    remove_tree(f.base)
+    rows = []
+    label = f"*big* ({big.files:,} files, {big.bytes / 1e6:,.0f} MB), median of {n}"
+    rows.append(Row(f"export {label}", "time", median(exp), median(nexp) if nexp else None,
+                    fimio_samples=exp, peer_samples=nexp))
+    rows.append(Row(f"import into an empty store, {label}", "time", median(imp), median(nimp) if nimp else None,
+                    fimio_samples=imp, peer_samples=nimp))
+    trip = [a + b for a, b in zip(exp, imp)]
+    ntrip = [a + b for a, b in zip(nexp, nimp)]
+    r = Row(f"export + import, {label}", "time", median(trip), median(ntrip) if ntrip else None,
+            f"≤ {ROUNDTRIP_TARGET}× nix", fimio_samples=trip, peer_samples=ntrip)
+    r.met = None if r.ratio is None else r.ratio <= ROUNDTRIP_TARGET
+    rows.append(r)
+    r = Row("import peak RSS", "bytes", max(rss), max(nrss) if nrss else None, f"fimio ≤ {RSS_TARGET / 1e6:.0f} MB")
+    r.met = max(rss) <= RSS_TARGET
+    rows.append(r)
+    rows.append(Row("file size (bundle vs NAR export)", "bytes", bundle_size, nar_size))
+    notes.append("fimio: signed with one key, zstd level 3, import verifies signatures and digests and syncs; "
+                 "nix: unsigned, uncompressed, path deleted (untimed) before each import")
+    return rows, [big]
+
+
+def _nix(big, base: str, n: int):
+    log("  nix: adding the big tree (untimed)")
+    p = run_cmd(["nix-store", "--add", big.path]).stdout.decode().strip()
+    closure = run_cmd(["nix-store", "-qR", p]).stdout.decode().split()
+    nar = os.path.join(base, "big.nar-export")
+    exp, imp, rss = [], [], []
+    try:
+        for i in range(n):
+            settle()
+            with open(nar, "wb") as out:
+                exp.append(run_cmd(["nix-store", "--export", *closure], stdout=out).seconds)
+            subprocess.run(["nix-store", "--delete", p], capture_output=True, check=True)
+            settle()
+            s = _run_stdin(["nix-store", "--import"], nar)
+            imp.append(s.seconds)
+            rss.append(s.maxrss_bytes)
+            log(f"  nix round {i + 1}: export {exp[-1]:.2f} s, import {imp[-1]:.2f} s, "
+                f"import peak RSS {rss[-1] / 1e6:.0f} MB")
+        size = os.path.getsize(nar)
+    finally:
+        subprocess.run(["nix-store", "--delete", p], capture_output=True)
+        if os.path.exists(nar):
+            os.unlink(nar)
+    return exp, imp, rss, size
