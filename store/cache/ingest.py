@@ -34,7 +34,13 @@ def has_blob(store, digest: bytes, executable: bool) -> bool:
 def write_blob(store, digest: bytes, executable: bool, data) -> None:
     """Publish verified ``data`` as the blob ``digest`` (the caller checked the digest)."""
     key = store.link_path(digest, executable)
-    if os.path.exists(key):
+    if os.access(key, os.F_OK):
+        return
+    publish = getattr(store, "_publish_blob", None)
+    if publish is not None:
+        # the local store's own publication: anonymous O_TMPFILE files linked when complete,
+        # normalised exactly as every other blob
+        publish(key, executable, data)
         return
     tmp = tmp_name(store, "blob")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o555 if executable else 0o444)
