@@ -223,3 +223,44 @@ def test_executable_variant_is_made_locally(stores, tmp_path):
         assert subs.stats.objects == 1  # the manifest only
     assert os.stat(os.path.join(b.physical(info.path), "tool")).st_mode & 0o111
     assert b.verify(check_contents=True) == []
+
+
+def test_concurrent_substitutions_of_the_same_closure(stores, tmp_path):
+    """Several processes substituting the same paths into one store: all succeed, each path
+    is registered once, the store verifies clean."""
+    import subprocess
+
+    from cachefixtures import write_config
+    from conftest import fimio_env, fimio_executable
+
+    a, b = stores
+    _, _, top = populate(a, tmp_path)
+    sk, pk = make_keys()
+    cache = f"file://{tmp_path / 'c'}"
+    Pusher(a, open_backend(cache), [sk]).push([top.path])
+    env = fimio_env(b.root, {"FIMIO_CONFIG": write_config(tmp_path / "cfg.toml", trusted=[pk])})
+    procs = [subprocess.Popen([fimio_executable(), "copy", "--from", cache, top.path.logical(STORE_DIR)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert b.is_valid(top.path) and len(b.all_paths()) == 3
+    assert b.verify(check_contents=True) == []
+
+
+def test_register_in_batches_keeps_closures_whole(stores, tmp_path, monkeypatch):
+    """A closure larger than one transaction is registered references first."""
+    from fimio.store.cache import ingest
+
+    monkeypatch.setattr(ingest, "BATCH", 2)
+    a, b = stores
+    prev = []
+    for i in range(7):
+        prev = [a.add_text(f"n{i}", f"{i} {' '.join(p.base for p in prev)}".encode(), prev).path]
+    sk, pk = make_keys()
+    cache = f"file://{tmp_path / 'c'}"
+    Pusher(a, open_backend(cache), [sk]).push(prev)
+    with SubstituterSet(b, [cache], [pk]) as subs:
+        assert subs.substitute(prev) == set(prev)
+    assert len(b.all_paths()) == 7
+    assert b.verify() == []

@@ -72,6 +72,8 @@ class FileBackend(Backend):
     def _mkdirs(self, d: str) -> None:
         if d in self._made:
             return
+        if not self._made:
+            clean_tmp(self.root)
         os.makedirs(d, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
         self._made.add(d)
@@ -79,3 +81,22 @@ class FileBackend(Backend):
     def barrier(self) -> None:
         if os.path.isdir(self.root):
             fsutil.syncfs(self.root)
+
+
+def clean_tmp(root: str, older_than: float = 3600) -> None:
+    """Remove uploads a killed writer left in ``<root>/.tmp`` (old ones only: a live writer
+    on another machine sharing the directory may still be writing a recent one)."""
+    import time
+
+    tmp = os.path.join(root, ".tmp")
+    try:
+        entries = list(os.scandir(tmp))
+    except FileNotFoundError:
+        return
+    limit = time.time() - older_than
+    for e in entries:
+        try:
+            if e.stat(follow_symlinks=False).st_mtime < limit:
+                os.unlink(e.path)
+        except OSError:
+            pass

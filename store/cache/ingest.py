@@ -123,17 +123,32 @@ class LargeBlobFile:
             _unlink(self.path)
 
 
+BATCH = 256  # paths per transaction: each holds a lock file open while it commits
+
+
 def register(store, items, realisations=(), locks_held=()) -> list:
-    """Register materialised paths in one transaction; return the paths registered.
+    """Register materialised paths; return the paths registered.
 
     ``items``: ``(tmp dir, PathInfo-like remote info, node)``, in any order; every reference
-    must be valid already or among ``items``. ``realisations``: Realisation objects stored
-    too (an existing local realisation is never overwritten). Paths another process made
-    valid meanwhile are skipped and their tmp dirs removed. The caller must not hold the
-    per-path locks unless it lists those paths in ``locks_held``.
+    must be valid already or among ``items``. They are registered references first, in
+    transactions of up to 256 paths (one for an ordinary closure), after one ``syncfs``:
+    whenever a transaction commits, every path it makes valid has its whole closure valid.
+    ``realisations``: Realisation objects stored with the last transaction (an existing
+    local realisation is never overwritten). Paths another process made valid meanwhile
+    are skipped and their tmp dirs removed. The caller must not hold the per-path locks
+    unless it lists those paths in ``locks_held``.
     """
     held = {p.hash_part if hasattr(p, "hash_part") else p for p in locks_held}
     fsutil.syncfs(store.root)
+    ordered = _references_first(list(items))
+    batches = [ordered[i:i + BATCH] for i in range(0, len(ordered), BATCH)] or [[]]
+    done = []
+    for n, batch in enumerate(batches):
+        done += _register_batch(store, batch, realisations if n == len(batches) - 1 else (), held)
+    return done
+
+
+def _register_batch(store, items, realisations, held) -> list:
     done = []
     with ExitStack() as stack:
         for tmp, info, node in sorted(items, key=lambda x: x[1].path.hash_part):
@@ -151,7 +166,8 @@ def register(store, items, realisations=(), locks_held=()) -> list:
             local = PathInfo(remote.path, remote.root, remote.size, sorted(remote.references), remote.deriver,
                              time.time(), remote.ca, sorted(remote.signatures))
             infos.append((local, node))
-        fsutil.fsync_dir(store.store)
+        if infos:
+            fsutil.fsync_dir(store.store)
         with store.db.write() as txn:
             for local, node in infos:
                 store._put_info(txn, local, node)
@@ -160,6 +176,24 @@ def register(store, items, realisations=(), locks_held=()) -> list:
             for r in realisations:
                 txn.put(f"{r.drv_hash}!{r.output}".encode(), r.to_local(), db=rdb, overwrite=False)
     return done
+
+
+def _references_first(items: list) -> list:
+    by_path = {it[1].path: it for it in items}
+    out, seen = [], set()
+    for start in sorted(by_path):
+        stack = [(start, False)]
+        while stack:  # iterative depth-first post-order: deep closures need no recursion
+            p, expanded = stack.pop()
+            if expanded:
+                out.append(by_path[p])
+                continue
+            if p in seen:
+                continue
+            seen.add(p)
+            stack.append((p, True))
+            stack.extend((r, False) for r in by_path[p][1].references if r in by_path and r not in seen)
+    return out
 
 
 def _unlink(path) -> None:

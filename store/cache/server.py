@@ -76,6 +76,9 @@ class CacheServer:
         self.anonymous_read = anonymous_read or tokens is None
         self.max_upload = max_upload
         if self.root:
+            from .filebackend import clean_tmp
+
+            clean_tmp(self.root)
             os.makedirs(os.path.join(self.root, ".tmp"), exist_ok=True)
 
     # ---- auth -------------------------------------------------------------------------
