@@ -8,7 +8,6 @@ substituting the new version into a store holding the old one.
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest

@@ -4,7 +4,6 @@ URLs, and hostile input to every decoder (only the module's own errors may come 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys

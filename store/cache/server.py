@@ -31,7 +31,7 @@ from aiohttp import web
 from .. import fsutil
 from ..errors import IntegrityError, RemoteError, UsageError
 from . import packing
-from .layout import CACHE_INFO_KEY, MAX_MANIFEST, MAX_OBJECT
+from .layout import MAX_MANIFEST, MAX_OBJECT
 
 _KEY_RE = re.compile(
     r"fimio-cache\.json"

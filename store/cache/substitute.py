@@ -29,7 +29,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import fsutil
-from ..errors import FimioError, IntegrityError, RemoteError, UsageError
+from ..errors import FimioError, IntegrityError, RemoteError
 from ..paths import StorePath
 from .fetch import FetchStats, fetch_paths
 from .ingest import register
