@@ -11,7 +11,8 @@ Use::
 in parallel (one batched query per substituter and closure level), takes each path from
 the first substituter in priority order that holds a correctly signed record, fetches
 the whole closure (content checked against digests, sizes capped), materialises it under
-``tmp/`` and registers everything in one transaction. It returns the requested paths
+``tmp/`` and registers it references first (one transaction per 256 paths, after one
+``syncfs``; see ``ingest.register``). It returns the requested paths
 that are valid afterwards (already valid ones included); paths no substituter holds
 (or whose closure is incomplete everywhere) are simply absent from the result, so the
 caller builds them.
@@ -54,7 +55,18 @@ class Substituter:
 
 
 class SubstituterSet:
-    """Several substituters in priority order (see the module docstring for the contract)."""
+    """Several substituters in priority order (see the module docstring for the contract).
+
+    ``store``: the LocalStore to fill. ``urls``: cache URLs, highest priority first (bad
+    URLs: UsageError at construction). ``trusted_keys``: public keys (``name:base64`` strings
+    or a TrustedKeys). ``require_sigs``: refuse unsigned/untrusted records (content is
+    checked either way). ``config``: a Config, for http(s) tokens. ``jobs``: download
+    threads. ``on_error``: ``"raise"`` (RemoteError propagates) or ``"skip"`` (the
+    substituter is dropped for the rest of this set's life; the error is kept in
+    ``errors``). ``stats``: objects and bytes downloaded so far. Use as a context manager
+    or call :meth:`close`. Methods: :meth:`substitute`, :meth:`substitute_outputs`,
+    :meth:`query`, :meth:`lookup_hash`, :meth:`realisations`.
+    """
 
     def __init__(self, store, urls, trusted_keys=(), require_sigs: bool = True, config=None,
                  jobs: int = 8, on_error: str = "raise"):
