@@ -130,7 +130,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
 
     TARGET is a store path, or a derivation (.toml file, .drv path or hash part): then its
     outputs. Import it there with `fimio import FILE`."""
-    from fimio.store.bundle import export_bundle, plan_export
+    from fimio.store.bundle_export import export_bundle, plan_export
 
     store = opts.store()
     keys = _signing_keys(opts, key_files)
@@ -159,7 +159,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
 
 def _export_atomic(store, plan, output, keys, level):
     """Write the bundle next to ``output`` and rename it into place: never a half bundle."""
-    from fimio.store.bundle import export_bundle
+    from fimio.store.bundle_export import export_bundle
 
     directory = os.path.dirname(os.path.abspath(output))
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")

@@ -14,8 +14,6 @@ before that point leaves the store exactly as it was (the staging directory is r
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import struct
 from dataclasses import dataclass, field
@@ -23,20 +21,16 @@ from dataclasses import dataclass, field
 import blake3
 
 from . import fsutil
-from .bundle_stage import SMALL, Staging
-from .bundle import (CHUNK_HEAD, DIGEST, MAGIC, MAX_CHUNK, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
+from .bundle import (CHUNK_HEAD, DIGEST, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
                      MAX_REALISATION, MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH,
                      T_REALISATION, T_RECORD, VERSION, trailer_fingerprint)
+from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_exact_raw
+from .bundle_stage import SMALL, Staging
 from .errors import FimioError, IntegrityError, NotFound, UsageError
 from .paths import StorePath
 from .tree import DirNode, FileNode, SymlinkNode, TreeError, decode_dir, tree_size
 
 _CHUNK = 1 << 20
-_HINT = "the bundle is corrupt, truncated or hostile; nothing was imported"
-
-
-def _bad(what: str) -> IntegrityError:
-    return IntegrityError(f"bad bundle: {what}", _HINT)
 
 
 @dataclass
@@ -63,113 +57,6 @@ class ImportResult:
     imported: list[StorePath] = field(default_factory=list)  # those registered by this import
     realisations: int = 0
     signers: list[str] = field(default_factory=list)
-
-
-class _Deframer(io.RawIOBase):
-    """The zstd stream inside a bundle's chunks, as a readable file; hashes every raw byte
-    (magic, chunk heads, payloads, end marker) for the trailer check."""
-
-    def __init__(self, f):
-        self.f = f
-        self.hash = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        self.left = 0
-        self.done = False
-        magic = _read_exact_raw(f, len(MAGIC))
-        if magic != MAGIC:
-            raise _bad("not a fimio bundle (wrong magic)" if len(magic) == len(MAGIC) else "truncated")
-        self.hash.update(magic)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self.done:
-            return 0
-        if self.left == 0:
-            head = _read_exact_raw(self.f, CHUNK_HEAD.size)
-            if len(head) != CHUNK_HEAD.size:
-                raise _bad("truncated")
-            self.hash.update(head)
-            (n,) = CHUNK_HEAD.unpack(head)
-            if n == 0:
-                self.done = True
-                return 0
-            if n > MAX_CHUNK:
-                raise _bad(f"chunk of {n} bytes, more than the {MAX_CHUNK} allowed")
-            self.left = n
-        view = memoryview(b)[:min(len(b), self.left)]
-        k = self.f.readinto(view)
-        if not k:
-            raise _bad("truncated")
-        self.hash.update(view[:k])
-        self.left -= k
-        return k
-
-
-class _Stream:
-    """Decompressed bundle records with exact reads."""
-
-    def __init__(self, f):
-        import zstandard
-
-        self._zstd = zstandard
-        self.raw = _Deframer(f)
-        reader = zstandard.ZstdDecompressor().stream_reader(self.raw, read_size=1 << 20, read_across_frames=True)
-        self._r = io.BufferedReader(reader, buffer_size=1 << 20)
-
-    def read(self, n: int) -> bytes:
-        """Exactly ``n`` bytes, else IntegrityError (truncated or undecodable)."""
-        try:
-            data = self._r.read(n)
-        except self._zstd.ZstdError as e:
-            raise _bad(f"compressed stream is damaged ({e})") from None
-        if len(data) != n:
-            raise _bad("truncated")
-        return data
-
-    def at_end(self) -> bool:
-        """True at the end of the record stream (a record head otherwise follows)."""
-        try:
-            return self._r.peek(1) == b""
-        except self._zstd.ZstdError as e:
-            raise _bad(f"compressed stream is damaged ({e})") from None
-
-
-def _read_exact_raw(f, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = f.read(n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
-
-
-def _json(data: bytes, what: str) -> dict:
-    try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise _bad(f"malformed {what}") from None
-    if not isinstance(obj, dict):
-        raise _bad(f"malformed {what}")
-    return obj
-
-
-def _hex32(value, what: str) -> bytes:
-    text = value[7:] if isinstance(value, str) and value.startswith("blake3:") else None
-    try:
-        raw = bytes.fromhex(text) if text is not None else b""
-    except ValueError:
-        raw = b""
-    if len(raw) != DIGEST:
-        raise _bad(f"bad {what}")
-    return raw
-
-
-def _int(value, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1 << 62:
-        raise _bad(f"bad {what}")
-    return value
 
 
 class Importer:
@@ -209,10 +96,10 @@ class Importer:
     # ---- reading ----------------------------------------------------------------------------
 
     def _read_all(self, f) -> None:
-        s = _Stream(f)
+        s = RecordStream(f)
         rtype, length = self._next(s)
         if rtype != T_HEADER:
-            raise _bad("does not start with a header record")
+            raise bad("does not start with a header record")
         self._header(self._payload(s, length, MAX_HEADER, "header"))
         records = 1
         while not s.at_end():
@@ -227,68 +114,68 @@ class Importer:
             elif rtype == T_RECORD:
                 self._record(self._payload(s, length, MAX_RECORD, "build record"))
             elif rtype in (T_DIR, T_BLOB):
-                raise _bad("directory or blob record outside a path section")
+                raise bad("directory or blob record outside a path section")
             else:
-                raise _bad(f"unknown record type {rtype:#04x}")
+                raise bad(f"unknown record type {rtype:#04x}")
         if not s.raw.done:
-            raise _bad("data after the end of the compressed stream")
+            raise bad("data after the end of the compressed stream")
         self._trailer(f, s.raw.hash.digest(), records)
 
     @staticmethod
-    def _next(s: _Stream) -> tuple[int, int]:
+    def _next(s: RecordStream) -> tuple[int, int]:
         return RECORD_HEAD.unpack(s.read(RECORD_HEAD.size))
 
     @staticmethod
-    def _payload(s: _Stream, length: int, cap: int, what: str) -> bytes:
+    def _payload(s: RecordStream, length: int, cap: int, what: str) -> bytes:
         if length > cap:
-            raise _bad(f"{what} record declares {length} bytes, more than the {cap} allowed")
+            raise bad(f"{what} record declares {length} bytes, more than the {cap} allowed")
         return s.read(length)
 
     def _header(self, data: bytes) -> None:
-        h = _json(data, "header")
+        h = load_json(data, "header")
         if h.get("format") != "fimio-bundle" or h.get("version") != VERSION:
-            raise _bad(f"unsupported bundle version {h.get('version')!r}")
+            raise bad(f"unsupported bundle version {h.get('version')!r}")
         if h.get("storeDir") != self.store.store_dir:
             raise UsageError(f"the bundle holds store directory '{h.get('storeDir')}', not '{self.store.store_dir}'",
                              "import it into a store with that --store-dir")
-        self.declared_paths = _int(h.get("paths"), "path count")
+        self.declared_paths = int_field(h.get("paths"), "path count")
 
     def _store_path(self, text) -> StorePath:
         prefix = self.store.store_dir + "/"
         if not isinstance(text, str) or not text.startswith(prefix):
-            raise _bad(f"path '{str(text)[:80]}' outside the store directory")
+            raise bad(f"path '{str(text)[:80]}' outside the store directory")
         try:
             return StorePath.parse(text[len(prefix):])
         except UsageError:
-            raise _bad(f"bad store path '{text[:80]}'") from None
+            raise bad(f"bad store path '{text[:80]}'") from None
 
     def _info(self, data: bytes) -> BundlePath:
         from .cache.keys import path_fingerprint
 
-        o = _json(data, "path info")
+        o = load_json(data, "path info")
         path = self._store_path(o.get("path"))
         refs = o.get("references")
         sigs = o.get("signatures")
         node = o.get("node")
         if not isinstance(refs, list) or not isinstance(sigs, list) or not all(isinstance(x, str) for x in sigs):
-            raise _bad(f"bad references or signatures of '{o.get('path')}'")
+            raise bad(f"bad references or signatures of '{o.get('path')}'")
         if not isinstance(node, dict) or node.get("type") not in ("directory", "file", "symlink"):
-            raise _bad(f"bad root node of '{o.get('path')}'")
+            raise bad(f"bad root node of '{o.get('path')}'")
         deriver, ca = o.get("deriver"), o.get("ca")
         if deriver is not None:
             try:
                 StorePath.parse(deriver)
             except (UsageError, AttributeError, TypeError):
-                raise _bad("bad deriver") from None
+                raise bad("bad deriver") from None
         if ca not in (None, "source", "text"):
-            raise _bad("bad ca")
-        bp = BundlePath(path, _hex32(o.get("root"), "root digest"), _int(o.get("size"), "size"),
+            raise bad("bad ca")
+        bp = BundlePath(path, hex32(o.get("root"), "root digest"), int_field(o.get("size"), "size"),
                         sorted({self._store_path(r) for r in refs}), deriver, ca, sorted(sigs), node,
-                        _int(o.get("dirs"), "directory count"), _int(o.get("blobs"), "blob count"))
+                        int_field(o.get("dirs"), "directory count"), int_field(o.get("blobs"), "blob count"))
         if path in self.by_path:
-            raise _bad(f"'{o['path']}' appears twice")
+            raise bad(f"'{o['path']}' appears twice")
         if len(self.sections) >= self.declared_paths:
-            raise _bad("more path sections than the header declares")
+            raise bad("more path sections than the header declares")
         if self.require_sigs:
             sd = self.store.store_dir
             fp = path_fingerprint(path.logical(sd), bp.root, bp.size, [r.logical(sd) for r in bp.references])
@@ -301,7 +188,7 @@ class Importer:
         bp.new = not self.store.is_valid(path)
         return bp
 
-    def _section(self, s: _Stream, bp: BundlePath) -> int:
+    def _section(self, s: RecordStream, bp: BundlePath) -> int:
         """Read a path section's directory and blob records; return how many there were."""
         spec = bp.node_spec
         decoded: dict[bytes, dict] = {}
@@ -311,43 +198,43 @@ class Importer:
         else:
             root = self._leaf_root(bp, spec)
             if root.digest != bp.root:
-                raise _bad(f"root node of '{bp.path}' does not match its root digest")
+                raise bad(f"root node of '{bp.path}' does not match its root digest")
             self._declare(bp, root)
         for _ in range(bp.dirs):
             rtype, length = self._next(s)
             if rtype != T_DIR:
-                raise _bad(f"'{bp.path}' declares {bp.dirs} directories but has fewer")
+                raise bad(f"'{bp.path}' declares {bp.dirs} directories but has fewer")
             data = self._payload(s, length, MAX_DIR, "directory")
             digest = blake3.blake3(data).digest()
             depth = pending.pop(digest, None)
             if depth is None:
-                raise _bad(f"directory object {digest.hex()[:16]}… is not part of '{bp.path}'")
+                raise bad(f"directory object {digest.hex()[:16]}… is not part of '{bp.path}'")
             try:
                 entries = decode_dir(data)
             except TreeError as e:
-                raise _bad(f"in '{bp.path}': {e.message}") from None
+                raise bad(f"in '{bp.path}': {e.message}") from None
             decoded[digest] = entries
             for child in entries.values():
                 if isinstance(child, bytes):
                     if depth + 1 > MAX_DEPTH:
-                        raise _bad(f"'{bp.path}' nests directories deeper than {MAX_DEPTH}")
+                        raise bad(f"'{bp.path}' nests directories deeper than {MAX_DEPTH}")
                     if child not in decoded:
                         pending.setdefault(child, depth + 1)
                 else:
                     self._declare(bp, child)
         if pending:
-            raise _bad(f"'{bp.path}' lacks {len(pending)} of its directory objects")
+            raise bad(f"'{bp.path}' lacks {len(pending)} of its directory objects")
         for _ in range(bp.blobs):
             rtype, length = self._next(s)
             if rtype != T_BLOB:
-                raise _bad(f"'{bp.path}' declares {bp.blobs} blobs but has fewer")
+                raise bad(f"'{bp.path}' declares {bp.blobs} blobs but has fewer")
             self._blob(s, bp, length)
         node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
         if node.digest != bp.root or tree_size(node) != bp.size:
-            raise _bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
+            raise bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
         missing = [d for d in _blobs_of(node) if d not in self.received]
         if missing:
-            raise _bad(f"'{bp.path}' needs {len(missing)} blob(s) the bundle does not hold")
+            raise bad(f"'{bp.path}' needs {len(missing)} blob(s) the bundle does not hold")
         bp.node = node
         self.sections.append(bp)
         self.by_path[bp.path] = bp
@@ -356,15 +243,15 @@ class Importer:
     def _leaf_root(self, bp: BundlePath, spec: dict):
         if spec["type"] == "file":
             if not isinstance(spec.get("executable"), bool):
-                raise _bad(f"bad root node of '{bp.path}'")
-            return FileNode(_hex32(spec.get("blob"), "blob digest"), _int(spec.get("size"), "file size"),
+                raise bad(f"bad root node of '{bp.path}'")
+            return FileNode(hex32(spec.get("blob"), "blob digest"), int_field(spec.get("size"), "file size"),
                             spec["executable"])
         try:
             target = bytes.fromhex(spec.get("target"))
         except (TypeError, ValueError):
-            raise _bad(f"bad symlink target of '{bp.path}'") from None
+            raise bad(f"bad symlink target of '{bp.path}'") from None
         if not target or len(target) > 4095 or b"\0" in target:
-            raise _bad(f"bad symlink target of '{bp.path}'")
+            raise bad(f"bad symlink target of '{bp.path}'")
         return SymlinkNode(target)
 
     def _declare(self, bp: BundlePath, node) -> None:
@@ -373,21 +260,21 @@ class Importer:
             return
         size = self.blob_sizes.setdefault(node.blob, node.size)
         if size != node.size:
-            raise _bad(f"blob {node.blob.hex()[:16]}… is declared with two sizes ({size} and {node.size})")
+            raise bad(f"blob {node.blob.hex()[:16]}… is declared with two sizes ({size} and {node.size})")
         if bp.new:
             self.variants.setdefault(node.blob, set()).add(node.executable)
 
-    def _blob(self, s: _Stream, bp: BundlePath, length: int) -> None:
+    def _blob(self, s: RecordStream, bp: BundlePath, length: int) -> None:
         if length < DIGEST:
-            raise _bad("blob record too short")
+            raise bad("blob record too short")
         digest = s.read(DIGEST)
         size = self.blob_sizes.get(digest)
         if size is None:
-            raise _bad(f"blob {digest.hex()[:16]}… is not declared by any directory of '{bp.path}'")
+            raise bad(f"blob {digest.hex()[:16]}… is not declared by any directory of '{bp.path}'")
         if length - DIGEST != size:
-            raise _bad(f"blob {digest.hex()[:16]}… record holds {length - DIGEST} bytes, its tree says {size}")
+            raise bad(f"blob {digest.hex()[:16]}… record holds {length - DIGEST} bytes, its tree says {size}")
         if digest in self.received:
-            raise _bad(f"blob {digest.hex()[:16]}… appears twice")
+            raise bad(f"blob {digest.hex()[:16]}… appears twice")
         # staged unless .links has it already (in either variant: the other is a local copy away)
         stage = not any(os.path.exists(self.store.link_path(digest, x)) for x in (False, True))
         executable = self.variants.get(digest) == {True}
@@ -406,15 +293,15 @@ class Importer:
     def _realisation(self, data: bytes) -> None:
         from .cache.layout import Realisation, check_drv_hash, check_output
 
-        o = _json(data, "realisation")
+        o = load_json(data, "realisation")
         try:
             drv_hash, output = check_drv_hash(o.get("drvHash")), check_output(o.get("output"))
         except UsageError:
-            raise _bad("bad realisation") from None
+            raise bad("bad realisation") from None
         try:
             r = Realisation.parse(data, self.store.store_dir, drv_hash, output, "bundle")
         except IntegrityError as e:
-            raise _bad(e.message) from None
+            raise bad(e.message) from None
         if self.require_sigs:
             signer = self.trusted.verify(r.fingerprint(self.store.store_dir), r.signatures)
             if signer is None:
@@ -423,20 +310,20 @@ class Importer:
             self.signers.add(signer)
         self.realisations.append(r)
 
-    def _log(self, s: _Stream, length: int) -> None:
+    def _log(self, s: RecordStream, length: int) -> None:
         from .cache.layout import check_drv_hash
 
         if length > MAX_LOG or length < 2:
-            raise _bad(f"log record declares {length} bytes")
+            raise bad(f"log record declares {length} bytes")
         head = s.read(2)
         (n,) = struct.unpack("<H", head)
         if n + 2 > length:
-            raise _bad("bad log record")
+            raise bad("bad log record")
         name = s.read(n)
         try:
             drv_hash = check_drv_hash(name.decode("ascii"))
         except (UnicodeDecodeError, UsageError):
-            raise _bad("bad log record") from None
+            raise bad("bad log record") from None
         left = length - 2 - n
         with open(self.staging.log_path(drv_hash), "wb") as out:
             while left:
@@ -448,34 +335,34 @@ class Importer:
     def _record(self, data: bytes) -> None:
         from .cache.layout import check_drv_hash
 
-        o = _json(data, "build record")
+        o = load_json(data, "build record")
         rid, record = o.get("id"), o.get("record")
         try:
             drv_hash = check_drv_hash(o.get("drvHash"))
         except UsageError:
-            raise _bad("bad build record") from None
+            raise bad("bad build record") from None
         if not isinstance(rid, str) or not rid.isdigit() or len(rid) > 32 or not isinstance(record, dict):
-            raise _bad("bad build record")
+            raise bad("bad build record")
         from .db import dumps
 
         self.records.append((drv_hash, rid, dumps(record)))
 
     def _trailer(self, f, digest: bytes, records: int) -> None:
-        head = _read_exact_raw(f, CHUNK_HEAD.size)
+        head = read_exact_raw(f, CHUNK_HEAD.size)
         if len(head) != CHUNK_HEAD.size:
-            raise _bad("truncated (no trailer)")
+            raise bad("truncated (no trailer)")
         (n,) = CHUNK_HEAD.unpack(head)
         if n > MAX_TRAILER:
-            raise _bad(f"trailer of {n} bytes, more than the {MAX_TRAILER} allowed")
-        data = _read_exact_raw(f, n)
+            raise bad(f"trailer of {n} bytes, more than the {MAX_TRAILER} allowed")
+        data = read_exact_raw(f, n)
         if len(data) != n:
-            raise _bad("truncated trailer")
-        t = _json(data, "trailer")
-        if _hex32(t.get("digest"), "trailer digest") != digest or t.get("records") != records:
-            raise _bad("the trailer does not match the bundle's contents")
+            raise bad("truncated trailer")
+        t = load_json(data, "trailer")
+        if hex32(t.get("digest"), "trailer digest") != digest or t.get("records") != records:
+            raise bad("the trailer does not match the bundle's contents")
         sigs = t.get("signatures")
         if not isinstance(sigs, list):
-            raise _bad("bad trailer signatures")
+            raise bad("bad trailer signatures")
         if self.require_sigs:
             signer = self.trusted.verify(trailer_fingerprint(digest), sigs)
             if signer is None:
@@ -483,9 +370,9 @@ class Importer:
                                      "add the signer's public key to trusted-public-keys, or export with --key")
             self.signers.add(signer)
         if len(self.sections) != self.declared_paths:
-            raise _bad("fewer path sections than the header declares")
+            raise bad("fewer path sections than the header declares")
         if f.read(1):
-            raise _bad("data after the trailer")
+            raise bad("data after the trailer")
 
     # ---- committing -------------------------------------------------------------------------
 
@@ -536,7 +423,7 @@ class Importer:
                 raise NotFound(f"realisation {r.drv_hash}!{r.output} names '{self.store.logical(r.path)}', "
                                "which is neither in the bundle nor here")
             if root != r.root:
-                raise _bad(f"realisation {r.drv_hash}!{r.output} disagrees with the digest of its path")
+                raise bad(f"realisation {r.drv_hash}!{r.output} disagrees with the digest of its path")
             good.append(r)
         return good
 
@@ -568,6 +455,6 @@ def import_bundle(store, f, trusted, require_sigs: bool = True, warn=None) -> Im
     try:
         return Importer(store, trusted, require_sigs, warn).run(f)
     except RecursionError:
-        raise _bad("tree too deep") from None
+        raise bad("tree too deep") from None
     except FimioError:
         raise

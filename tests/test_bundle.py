@@ -271,3 +271,14 @@ def _peak_rss(root: pathlib.Path, args: list[str], env: dict) -> int:
     proc.returncode = os.waitstatus_to_exitcode(status)
     assert proc.returncode == 0, err.decode(errors="replace")
     return usage.ru_maxrss * 1024
+
+
+def test_export_to_stdout_and_import_from_stdin(tmp_path, vector_key, trusting):
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", VECTORS / "make_vectors.py")
+    data = cli("export", path, "-o", "-", "--key", vector_key, text=False, check=0).stdout
+    assert data.startswith(b"fimio-bundle-1\n")
+    other = Fimio(tmp_path / "other")
+    proc = other("import", "-", input=data, env=trusting, check=0)
+    assert proc.stdout.decode().strip() == str(other.physical_store / os.path.basename(path))
+    assert_one_error_line(other("import", "-", input=data[:-3], env=trusting), 4)

@@ -85,7 +85,7 @@ def stream_digest(path: str) -> str:
 
 def export_simple(out_dir: str, work: str) -> dict:
     """Add TREE to a fresh store under ``work`` and export it to ``out_dir/simple.bundle``."""
-    from fimio.store.bundle import ExportPlan, export_bundle
+    from fimio.store.bundle_export import ExportPlan, export_bundle
     from fimio.store.local import LocalStore
 
     src = os.path.join(work, "vector-tree")
