@@ -108,6 +108,9 @@ class LocalStore:
             os.makedirs(d, exist_ok=True)
         self.db = Database(os.path.join(root, "db"), store_dir)
         self.temp_roots = None  # a roots.TempRoots when this process must protect what it adds
+        from .recovery import recover
+
+        self.recovered = recover(self)  # leftovers of dead processes (cheap; see recovery.py)
 
     @classmethod
     def open(cls, root: str | None = None, store_dir: str | None = None) -> "LocalStore":

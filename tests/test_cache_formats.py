@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pathlib
 import subprocess
-import sys
 
 import blake3
 import pytest
@@ -21,8 +20,20 @@ from fimio.store.cache.url import parse_cache_url
 from fimio.store.errors import IntegrityError, UsageError
 
 VECTORS = pathlib.Path(__file__).parent.parent / "spec" / "vectors" / "cache"
-sys.path.insert(0, str(VECTORS))
-import make_vectors  # noqa: E402
+
+
+def _load_generator():
+    """spec/vectors/cache/make_vectors.py under a name of its own (other vector directories
+    have a make_vectors.py too; sharing sys.modules' entry would mix them up)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fimio_cache_make_vectors", VECTORS / "make_vectors.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_vectors = _load_generator()
 
 V = json.loads((VECTORS / "vectors.json").read_text())
 STORE_DIR = V["storeDir"]
