@@ -47,22 +47,31 @@ class Database:
             self.env = lmdb.open(path, max_dbs=len(_DBS) + 1, map_size=1 << 38, subdir=True, sync=True)
         except lmdb.Error as e:
             raise IntegrityError(f"cannot open store database '{path}': {e}", "run 'fimio verify'") from None
+        # Reader slots of killed processes would pin old pages (the file then only grows):
+        # free them. Cheap (one pass over the small lock table), so done on every open.
+        self.env.reader_check()
         self.dbs = {}
         for name in _DBS:
             self.dbs[name] = self.env.open_db(name.encode(), dupsort=(name == "referrers"))
         self._check_meta(store_dir)
 
     def _check_meta(self, store_dir: str) -> None:
-        with self.env.begin(write=True, db=self.dbs["meta"]) as txn:
+        # Read first: opening an existing store takes no write lock (a read-only command
+        # does not queue behind a writer, and works on a full disk).
+        with self.env.begin(db=self.dbs["meta"]) as txn:
             existing = txn.get(b"store-dir")
-            if existing is None:
-                txn.put(b"store-dir", store_dir.encode())
-                txn.put(b"schema", SCHEMA)
-            elif existing.decode() != store_dir:
-                raise UsageError(
-                    f"this store's logical directory is '{existing.decode()}', not '{store_dir}'",
-                    "use --store-dir to match, or another --root",
-                )
+        if existing is None:
+            with self.env.begin(write=True, db=self.dbs["meta"]) as txn:
+                existing = txn.get(b"store-dir")
+                if existing is None:
+                    txn.put(b"store-dir", store_dir.encode())
+                    txn.put(b"schema", SCHEMA)
+                    return
+        if bytes(existing).decode() != store_dir:
+            raise UsageError(
+                f"this store's logical directory is '{bytes(existing).decode()}', not '{store_dir}'",
+                "use --store-dir to match, or another --root",
+            )
 
     def read(self):
         return self.env.begin(write=False)

@@ -27,6 +27,40 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}
+
+
+def exchange(a: str, b: str) -> bool:
+    """Atomically swap the names ``a`` and ``b`` (``renameat2(RENAME_EXCHANGE)``; files,
+    directories or one of each). False when this kernel or filesystem cannot; OSError on
+    other failures (e.g. ENOENT when either is missing)."""
+    import ctypes
+    import platform
+
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    args = (_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    fn = getattr(_libc, "renameat2", None)
+    if fn is not None:
+        rc = fn(ctypes.c_int(args[0]), ctypes.c_char_p(args[1]), ctypes.c_int(args[2]), ctypes.c_char_p(args[3]),
+                ctypes.c_uint(args[4]))
+    elif platform.machine() in _SYS_RENAMEAT2:
+        rc = _libc.syscall(ctypes.c_long(_SYS_RENAMEAT2[platform.machine()]), ctypes.c_int(args[0]),
+                           ctypes.c_char_p(args[1]), ctypes.c_int(args[2]), ctypes.c_char_p(args[3]),
+                           ctypes.c_uint(args[4]))
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -68,9 +68,12 @@ def live_temp_roots(store) -> set[str]:
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                # nobody holds it: the process is gone
-                os.unlink(path)
-                continue
+                # Nobody holds it. Either its process is gone, or it has created the file
+                # and not locked it yet (TempRoots.__init__): only the first is stale.
+                # Unlinking the second's file would hide every root it is about to record.
+                if not name.isdigit() or not _alive(int(name)):
+                    os.unlink(path)
+                    continue
             except BlockingIOError:
                 pass
             with os.fdopen(os.dup(fd)) as f:
@@ -78,6 +81,16 @@ def live_temp_roots(store) -> set[str]:
         finally:
             os.close(fd)
     return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def add_root(store, link: str, target: StorePath) -> str:
