@@ -18,6 +18,7 @@ transaction that puts its ``paths`` record commits.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
@@ -28,6 +29,35 @@ from .errors import IntegrityError, UsageError
 
 SCHEMA = b"1"
 _DBS = ("paths", "referrers", "trees", "realisations", "records", "checks", "meta", "statcache", "evalcache")
+
+
+_SYSTEM_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOMEM)
+
+
+def _errno(e: lmdb.Error) -> int | None:
+    """The system errno behind an LMDB error, if it is one. py-lmdb's C binding gives only
+    a message (``"mdb_txn_commit: No space left on device"``), its cffi binding
+    ``(what, rc)``; ENOSPC has its own class."""
+    if isinstance(e, lmdb.DiskError):
+        return errno.ENOSPC
+    if len(e.args) > 1 and isinstance(e.args[1], int) and 0 < e.args[1] < 4096:
+        return e.args[1]
+    text = str(e)
+    for code in _SYSTEM_ERRORS:
+        if os.strerror(code) in text:
+            return code
+    return None
+
+
+def _os_error(e: lmdb.Error, path: str) -> OSError:
+    code = _errno(e)
+    return OSError(code, os.strerror(code), path)
+
+
+def _translate(e: lmdb.Error, path: str) -> Exception:
+    if _errno(e) is not None:
+        return _os_error(e, path)
+    return IntegrityError(f"store database '{path}': {e}", "run 'fimio verify'")
 
 
 def dumps(obj) -> bytes:
@@ -46,14 +76,21 @@ class Database:
         try:
             self.env = lmdb.open(path, max_dbs=len(_DBS) + 1, map_size=1 << 38, subdir=True, sync=True)
         except lmdb.Error as e:
+            if _errno(e) is not None:
+                raise _os_error(e, path) from None
             raise IntegrityError(f"cannot open store database '{path}': {e}", "run 'fimio verify'") from None
         # Reader slots of killed processes would pin old pages (the file then only grows):
         # free them. Cheap (one pass over the small lock table), so done on every open.
         self.env.reader_check()
+        self.path = path
         self.dbs = {}
-        for name in _DBS:
-            self.dbs[name] = self.env.open_db(name.encode(), dupsort=(name == "referrers"))
-        self._check_meta(store_dir)
+        try:
+            for name in _DBS:
+                self.dbs[name] = self.env.open_db(name.encode(), dupsort=(name == "referrers"))
+            self._check_meta(store_dir)
+        except lmdb.Error as e:
+            self.env.close()
+            raise _translate(e, path) from None
 
     def _check_meta(self, store_dir: str) -> None:
         # Read first: opening an existing store takes no write lock (a read-only command
@@ -78,8 +115,17 @@ class Database:
 
     @contextmanager
     def write(self):
-        with self.env.begin(write=True) as txn:
-            yield txn
+        """A write transaction, committed when the block ends (aborted on an exception).
+
+        LMDB's own failures become ordinary errors: a system error (a full disk at commit,
+        EIO, a quota) an OSError -- the CLI's one-line "check free space" message, exit 1 --
+        anything else an IntegrityError (exit 4). The transaction is then aborted: the
+        database is as it was before it."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error as e:
+            raise _translate(e, self.path) from None
 
     def scan_prefix(self, db: str, prefix: bytes) -> list:
         """Every JSON record of sub-database ``db`` whose key starts with ``prefix``, in key order."""
