@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from . import fsutil
 from .bundle import (CHUNK_HEAD, DIGEST, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
                      MAX_REALISATION, MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH,
                      T_REALISATION, T_RECORD, VERSION, trailer_fingerprint)
@@ -49,6 +48,7 @@ class BundlePath:
     blobs: int
     new: bool = True  # not valid here yet
     node: object = None
+    tmp: str | None = None  # where its tree is laid out under tmp/
 
 
 @dataclass
@@ -73,7 +73,6 @@ class Importer:
         self.by_path: dict[StorePath, BundlePath] = {}
         self.blob_sizes: dict[bytes, int] = {}  # every blob declared so far -> its size
         self.received: set[bytes] = set()
-        self.variants: dict[bytes, set[bool]] = {}  # blobs new paths need -> executable variants
         self.realisations: list = []
         self.logs: list[str] = []
         self.records: list[tuple[str, str, bytes]] = []
@@ -224,14 +223,17 @@ class Importer:
                     self._declare(bp, child)
         if pending:
             raise bad(f"'{bp.path}' lacks {len(pending)} of its directory objects")
+        # the tree is complete before its blobs: check it against the signed info, lay it out
+        node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
+        if node.digest != bp.root or tree_size(node) != bp.size:
+            raise bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
+        if bp.new:
+            bp.tmp = self.staging.lay_out(node)
         for _ in range(bp.blobs):
             rtype, length = self._next(s)
             if rtype != T_BLOB:
                 raise bad(f"'{bp.path}' declares {bp.blobs} blobs but has fewer")
             self._blob(s, bp, length)
-        node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
-        if node.digest != bp.root or tree_size(node) != bp.size:
-            raise bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
         missing = [d for d in _blobs_of(node) if d not in self.received]
         if missing:
             raise bad(f"'{bp.path}' needs {len(missing)} blob(s) the bundle does not hold")
@@ -255,14 +257,12 @@ class Importer:
         return SymlinkNode(target)
 
     def _declare(self, bp: BundlePath, node) -> None:
-        """Note a file node: its blob's size must agree everywhere; new paths need its variant."""
+        """Note a file node: its blob's size must agree everywhere."""
         if not isinstance(node, FileNode):
             return
         size = self.blob_sizes.setdefault(node.blob, node.size)
         if size != node.size:
             raise bad(f"blob {node.blob.hex()[:16]}… is declared with two sizes ({size} and {node.size})")
-        if bp.new:
-            self.variants.setdefault(node.blob, set()).add(node.executable)
 
     def _blob(self, s: RecordStream, bp: BundlePath, length: int) -> None:
         if length < DIGEST:
@@ -275,13 +275,10 @@ class Importer:
             raise bad(f"blob {digest.hex()[:16]}… record holds {length - DIGEST} bytes, its tree says {size}")
         if digest in self.received:
             raise bad(f"blob {digest.hex()[:16]}… appears twice")
-        # staged unless .links has it already (in either variant: the other is a local copy away)
-        stage = not any(os.path.exists(self.store.link_path(digest, x)) for x in (False, True))
-        executable = self.variants.get(digest) == {True}
         if size <= SMALL:
-            self.staging.add_small(digest, s.read(size), stage, executable)
+            self.staging.add_small(digest, s.read(size))
         else:
-            self.staging.add_stream(digest, size, s.read, stage, executable)
+            self.staging.add_stream(digest, size, s.read)
         self.received.add(digest)
 
     def _assemble(self, digest: bytes, decoded: dict) -> DirNode:
@@ -393,21 +390,11 @@ class Importer:
 
         store = self.store
         result = ImportResult([bp.path for bp in self.sections], realisations=0, signers=sorted(self.signers))
-        new = [bp for bp in self.sections if bp.new]
-        self.staging.publish(self.variants)
-        items = []
-        try:
-            for bp in new:
-                tmp = os.path.join(store.tmp, f"import-{os.getpid()}-{os.urandom(6).hex()}")
-                items.append((tmp, bp, bp.node))
-                store.materialise(bp.node, tmp)
-            realisations = self._good_realisations()
-            result.imported = register(store, items, realisations)
-            result.realisations = len(realisations)
-        except BaseException:
-            for tmp, _, _ in items:
-                fsutil.remove_tree(tmp)
-            raise
+        realisations = self._good_realisations()
+        self.staging.publish()
+        items = [(bp.tmp, bp, bp.node) for bp in self.sections if bp.new]
+        result.imported = register(store, items, realisations)  # leftovers: removed with the staging
+        result.realisations = len(realisations)
         self._commit_logs_and_records()
         return result
 

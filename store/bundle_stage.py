@@ -1,29 +1,40 @@
-"""The staging area of a bundle import: verified blobs and logs under ``tmp/import-*``.
+"""Where a bundle import puts bytes before they are trusted: trees under ``tmp/import-*``.
 
-Nothing here is visible in ``store/`` until :meth:`Staging.publish`, which the importer
-calls only after the whole bundle verified. Small blobs are hashed (and written, when the
-store lacks them) on a small thread pool in batches, so that decompression on the
-reading thread overlaps file creation, which dominates on trees of many small files;
-the bytes in flight are bounded. Large blobs are streamed in chunks on the reading thread.
+Nothing here is visible in ``store/`` (not even ``.links``) until the importer, after the
+whole bundle verified, calls :meth:`Staging.publish` and registers the trees. To create
+each file once (file creation is what an import of many small files spends its time on):
+as soon as a path section's directories are read and checked, its tree is laid out under
+``tmp/`` (directories, symlinks) and every file location is noted; each blob is then
+written straight to its first location as it streams in and hard-linked to the others
+(copied where the executable bit differs, since the mode belongs to the inode). Blobs the
+store already has are linked from ``.links``. Publishing links each blob written here into
+``.links`` and gives the directories their normal form.
+
+Small blobs are hashed and written on a small thread pool in batches, so decompression on
+the reading thread overlaps file creation; every placing decision is taken on the reading
+thread, the workers only do I/O, and the bytes in flight are bounded. Large blobs stream
+in chunks on the reading thread.
 """
 
 from __future__ import annotations
 
 import collections
+import errno
 import os
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 
 from . import fsutil
 from .errors import IntegrityError
+from .tree import DirNode, FileNode, SymlinkNode
 
 SMALL = 1 << 20  # blobs up to this size are handled whole on the pool
 _BATCH_BYTES = 1 << 20
 _BATCH_ITEMS = 128
 _MAX_INFLIGHT = 8  # batches; bounds memory to about 8 MiB of small blobs
 _CHUNK = 1 << 20
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
 def mismatch(digest: bytes) -> IntegrityError:
@@ -32,19 +43,22 @@ def mismatch(digest: bytes) -> IntegrityError:
 
 
 class Staging:
-    """Blobs and logs of one import in progress. Use as a context manager: leaving removes
-    the staging directory (whatever was not published) and stops the pool."""
+    """The files of one import in progress. Use as a context manager: leaving removes every
+    tree and file still under ``tmp/`` (after a successful registration, none is left)."""
 
     def __init__(self, store, jobs: int = 2):
         self.store = store
-        self.dir = os.path.join(store.tmp, f"import-{os.getpid()}-{os.urandom(6).hex()}")
+        self.dir = os.fsencode(store._tmp_name("import"))  # logs, and blobs no tree needs yet
         os.mkdir(self.dir)
         self.pool = ThreadPoolExecutor(max_workers=jobs)
         self._batch: list = []
         self._batch_bytes = 0
         self._inflight: collections.deque = collections.deque()
-        self._subdirs: set[str] = set()
-        self.staged: dict[bytes, bool] = {}  # digest -> executable bit of the staged file's mode
+        self.trees: list[bytes] = []  # tmp roots laid out so far
+        self._dirs: list[bytes] = []  # every directory made, parents first
+        self._pending: dict[bytes, list] = {}  # blob digest -> [(location, executable)] awaiting it
+        self._copies: dict[tuple[bytes, bool], bytes] = {}  # (digest, executable) -> a file of ours with it
+        self._stash: dict[bytes, bytes] = {}  # blobs received before any tree needed them
 
     def __enter__(self):
         return self
@@ -54,24 +68,77 @@ class Staging:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        fsutil.remove_tree(self.dir)
+        for tree in self.trees:
+            fsutil.remove_tree(os.fsdecode(tree))
+        fsutil.remove_tree(os.fsdecode(self.dir))
 
-    def _path(self, digest: bytes) -> str:
-        h = digest.hex()
-        sub = os.path.join(self.dir, h[:2])
-        if sub not in self._subdirs:  # spread over 256 directories: creates in one directory serialise
-            os.makedirs(sub, exist_ok=True)
-            self._subdirs.add(sub)
-        return os.path.join(sub, h)
+    def log_path(self, drv_hash: str) -> str:
+        return os.path.join(os.fsdecode(self.dir), f"log-{drv_hash}")
 
-    # ---- blobs --------------------------------------------------------------------------------
+    # ---- trees ----------------------------------------------------------------------------
 
-    def add_small(self, digest: bytes, data: bytes, stage: bool, executable: bool) -> None:
-        """Check ``data`` against ``digest`` on the pool, and stage it when ``stage``."""
-        path = self._path(digest) if stage else None
-        if stage:
-            self.staged[digest] = executable
-        self._batch.append((digest, data, path, executable))
+    def lay_out(self, node) -> str:
+        """Create ``node`` under ``tmp/`` except for the contents of files whose blobs are still
+        to come (they are written when they arrive). The tree must have been checked (names,
+        digest) already. Returns the tmp path."""
+        self.drain()  # files of earlier sections are complete before anything links to them
+        root = os.fsencode(self.store._tmp_name("import"))
+        self.trees.append(root)
+        stack = [(root, node)]
+        while stack:
+            path, n = stack.pop()
+            if isinstance(n, DirNode):
+                os.mkdir(path, 0o755)
+                self._dirs.append(path)
+                stack.extend((path + b"/" + name, child) for name, child in n.entries.items())
+            elif isinstance(n, SymlinkNode):
+                os.symlink(n.target, path)
+                os.utime(path, (1, 1), follow_symlinks=False)
+            else:
+                self._place(n, path)
+        return os.fsdecode(root)
+
+    def _place(self, n: FileNode, path: bytes) -> None:
+        key = (n.blob, n.executable)
+        if key in self._copies:
+            _link_or_copy(self._copies[key], path, n.executable)
+            return
+        link = self.store.link_path(n.blob, n.executable)
+        if os.path.exists(link):
+            _link_or_copy(os.fsencode(link), path, n.executable)
+            return
+        other = self._copies.get((n.blob, not n.executable)) or self._stash.get(n.blob)
+        if other is None and os.path.exists(self.store.link_path(n.blob, not n.executable)):
+            other = os.fsencode(self.store.link_path(n.blob, not n.executable))
+        if other is not None:
+            _copy(other, path, n.executable, n.blob)
+            self._copies[key] = path
+            return
+        self._pending.setdefault(n.blob, []).append((path, n.executable))
+
+    # ---- blobs ----------------------------------------------------------------------------
+
+    def _plan(self, digest: bytes):
+        """Where an arriving blob goes: ``[(location, executable, source)]``. The first entry
+        (source None) is written from the data; the others are hard links to an earlier
+        location of the same variant, or (source None) copies of the first. Empty: only check
+        the blob. Also records what later sections may link to."""
+        locations = self._pending.pop(digest, [])
+        if not locations:
+            if not any(os.path.exists(self.store.link_path(digest, x)) for x in (False, True)):
+                stash = self.dir + b"/" + digest.hex().encode()  # a later section may need it
+                self._stash[digest] = stash
+                return [(stash, False, None)]
+            return []
+        plan = []
+        for path, executable in locations:
+            plan.append((path, executable, self._copies.get((digest, executable))))
+            self._copies.setdefault((digest, executable), path)
+        return plan
+
+    def add_small(self, digest: bytes, data: bytes) -> None:
+        """Check ``data`` against ``digest`` and write it where it goes, on the pool."""
+        self._batch.append((digest, data, self._plan(digest)))
         self._batch_bytes += len(data)
         if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_ITEMS:
             self._submit()
@@ -83,11 +150,11 @@ class Staging:
         while len(self._inflight) > _MAX_INFLIGHT:
             self._inflight.popleft().result()
 
-    def add_stream(self, digest: bytes, size: int, read, stage: bool, executable: bool) -> None:
-        """Stream a large blob from ``read(n)`` (exact reads), checking and maybe staging it."""
+    def add_stream(self, digest: bytes, size: int, read) -> None:
+        """Stream a large blob from ``read(n)`` (exact reads), checking and placing it."""
+        plan = self._plan(digest)
         h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size > (8 << 20) else blake3.blake3()
-        fd = os.open(self._path(digest), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                     0o555 if executable else 0o444) if stage else None
+        fd = os.open(plan[0][0], _CREATE, 0o555 if plan[0][1] else 0o444) if plan else None
         try:
             left = size
             while left:
@@ -103,8 +170,7 @@ class Staging:
                 os.close(fd)
         if h.digest() != digest:
             raise mismatch(digest)
-        if stage:
-            self.staged[digest] = executable
+        _place_rest(plan, digest)
 
     def drain(self) -> None:
         """Wait for every blob in flight; raise the first error (a digest mismatch)."""
@@ -112,37 +178,23 @@ class Staging:
         while self._inflight:
             self._inflight.popleft().result()
 
-    def publish(self, variants: dict[bytes, set[bool]]) -> None:
-        """Put into ``.links`` every ``(digest, executable)`` variant in ``variants`` that the
-        store lacks, from the staged blob or, if none was staged, from the other variant in
-        ``.links``. Call only after the bundle verified, under the store's writer lock."""
-        store = self.store
-        for digest, wanted in variants.items():
-            todo = [x for x in sorted(wanted) if not os.path.exists(store.link_path(digest, x))]
-            if not todo:
-                continue
-            mode_x = self.staged.get(digest)
-            if mode_x is None:
-                for x in todo:
-                    _copy_variant(store, digest, x)
-                continue
-            staged = self._path(digest)
-            # the staged file becomes the variant its mode already has, if that one is wanted
-            last = mode_x if mode_x in todo else todo[-1]
-            for x in [y for y in todo if y != last]:
-                tmp = staged + f".{int(x)}"
-                shutil.copyfile(staged, tmp)
-                _finish(tmp, x)
-                os.rename(tmp, store.link_path(digest, x))
-            if last != mode_x:
-                _finish(staged, last)
-            os.rename(staged, store.link_path(digest, last))
-            del self.staged[digest]
+    # ---- publishing ---------------------------------------------------------------------------
 
-    # ---- logs ---------------------------------------------------------------------------------
-
-    def log_path(self, drv_hash: str) -> str:
-        return os.path.join(self.dir, f"log-{drv_hash}")
+    def publish(self) -> None:
+        """After the bundle verified: link every blob written here into ``.links`` and give the
+        directories their normal form (mtime 1, mode 0555). Call under the store's writer lock."""
+        self.drain()
+        for (digest, executable), path in self._copies.items():
+            try:
+                os.link(path, self.store.link_path(digest, executable))
+            except FileExistsError:
+                pass  # another writer published the same content meanwhile: both copies are right
+            except OSError as e:
+                if e.errno != errno.EMLINK:
+                    raise
+        for d in reversed(self._dirs):
+            os.utime(d, (1, 1))
+            os.chmod(d, 0o555)
 
 
 def _write_all(fd: int, data) -> None:
@@ -151,42 +203,50 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
-def _finish(path: str, executable: bool) -> None:
-    os.chmod(path, 0o555 if executable else 0o444)
-    os.utime(path, (1, 1))
+def _link_or_copy(src: bytes, dst: bytes, executable: bool) -> None:
+    try:
+        os.link(src, dst)
+    except OSError as e:
+        if e.errno != errno.EMLINK:
+            raise
+        _copy(src, dst, executable, None)
+
+
+def _copy(src: bytes, dst: bytes, executable: bool, digest: bytes | None) -> None:
+    """Copy a blob file to a new inode with the given executable bit (checked when ``digest``)."""
+    h = blake3.blake3()
+    with open(src, "rb") as f:
+        fd = os.open(dst, _CREATE, 0o555 if executable else 0o444)
+        try:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                _write_all(fd, chunk)
+            os.utime(fd, (1, 1))
+        finally:
+            os.close(fd)
+    if digest is not None and h.digest() != digest:
+        raise IntegrityError(f"local blob {digest.hex()[:16]}… is damaged", "run 'fimio verify --check-contents'")
+
+
+def _place_rest(plan, digest: bytes) -> None:
+    first = plan[0][0]
+    for path, executable, source in plan[1:]:
+        if source is None:
+            _copy(first, path, executable, None)
+        else:
+            _link_or_copy(source, path, executable)
 
 
 def _write_batch(batch) -> None:
-    for digest, data, path, executable in batch:
+    for digest, data, plan in batch:
         if blake3.blake3(data).digest() != digest:
             raise mismatch(digest)
-        if path is not None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o555 if executable else 0o444)
+        if plan:
+            path, executable, _ = plan[0]
+            fd = os.open(path, _CREATE, 0o555 if executable else 0o444)
             try:
                 _write_all(fd, data)
                 os.utime(fd, (1, 1))
             finally:
                 os.close(fd)
-
-
-def _copy_variant(store, digest: bytes, executable: bool) -> None:
-    """Make the ``executable`` variant of a blob from the other one in ``.links``, streaming and
-    checking it (a damaged local blob must not spread)."""
-    src = store.link_path(digest, not executable)
-    tmp = os.path.join(store.tmp, f"blob-{os.getpid()}-{os.urandom(6).hex()}")
-    h = blake3.blake3()
-    try:
-        with open(src, "rb") as f, open(tmp, "xb") as out:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-        if h.digest() != digest:
-            raise IntegrityError(f"local blob {digest.hex()[:16]}… is damaged", "run 'fimio verify --check-contents'")
-        _finish(tmp, executable)
-        os.rename(tmp, store.link_path(digest, executable))
-    except FileNotFoundError:
-        raise IntegrityError(f"blob {digest.hex()[:16]}… vanished from the store during the import",
-                             "run the import again") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            _place_rest(plan, digest)

@@ -282,3 +282,47 @@ def test_export_to_stdout_and_import_from_stdin(tmp_path, vector_key, trusting):
     proc = other("import", "-", input=data, env=trusting, check=0)
     assert proc.stdout.decode().strip() == str(other.physical_store / os.path.basename(path))
     assert_one_error_line(other("import", "-", input=data[:-3], env=trusting), 4)
+
+
+def test_shared_blobs_executable_variants_and_single_file_paths(tmp_path, vector_key, trusting):
+    """One content as a plain and an executable file, in one path and across paths, a blob
+    the importing store already has, single-file and symlink paths: all placed right."""
+    a = tmp_path / "a"
+    (a / "d").mkdir(parents=True)
+    for name, mode in (("plain", 0o644), ("exec", 0o755), ("d/plain2", 0o644), ("d/exec2", 0o755)):
+        (a / name).write_text("same bytes\n")
+        os.chmod(a / name, mode)
+    (a / "empty").write_text("")
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "only-exec").write_text("same bytes\n")
+    os.chmod(b / "only-exec", 0o755)
+    (b / "known").write_text("the importer has this one\n")
+    single = tmp_path / "single.txt"
+    single.write_text("same bytes\n")
+    link = tmp_path / "link"
+    os.symlink("/fimio/store/somewhere", link)
+    cli = Fimio(tmp_path / "root")
+    paths = [cli.out("add", p) for p in (a, b, single, link)]
+    bundle = tmp_path / "mix.bundle"
+    cli("export", *paths, "-o", bundle, "--key", vector_key, check=0)
+    other = Fimio(tmp_path / "other")
+    other("add", b / "known", check=0)  # its blob is in .links already
+    other("import", bundle, env=trusting, check=0)
+    other("verify", "--check-contents", check=0)
+    logical = ["/fimio/store/" + os.path.basename(p) for p in paths]
+    assert digests(other, logical) == digests(cli, logical)
+    pa = other.physical_store / os.path.basename(paths[0])
+    assert os.stat(pa / "plain").st_ino == os.stat(pa / "d" / "plain2").st_ino
+    assert os.stat(pa / "exec").st_ino == os.stat(pa / "d" / "exec2").st_ino
+    assert os.stat(pa / "plain").st_ino != os.stat(pa / "exec").st_ino
+    pb = other.physical_store / os.path.basename(paths[1])
+    assert os.stat(pb / "only-exec").st_ino == os.stat(pa / "exec").st_ino  # across paths
+    for p in (pa, pa / "d", pa / "plain", pa / "exec", pb / "only-exec"):
+        st = os.lstat(p)
+        assert st.st_mtime == 1 and st.st_mode & 0o777 in (0o444, 0o555), p
+    assert os.lstat(pa / "exec").st_mode & 0o777 == 0o555
+    links = set(os.listdir(other.physical_store / ".links"))
+    h = __import__("blake3").blake3(b"same bytes\n").hexdigest()
+    assert {h, h + "x"} <= links
+    assert os.listdir(other.root / "tmp") == []
