@@ -686,14 +686,16 @@ class LocalStore:
         valid = {i.path.hash_part for i in infos}
         for info in infos:
             logical = self.logical(info.path)
-            for ref in info.references:
-                if ref.hash_part not in valid:
-                    problems.append(Problem(logical, f"references '{self.logical(ref)}', which is not valid"))
+            found = [Problem(logical, f"references '{self.logical(ref)}', which is not valid")
+                     for ref in info.references if ref.hash_part not in valid]
             if not os.path.lexists(self.physical(info.path)):
-                problems.append(Problem(logical, "is registered but missing on disk"))
-                continue
-            if check_contents:
-                problems.extend(self._check_contents(info))
+                found.append(Problem(logical, "is registered but missing on disk"))
+            elif check_contents:
+                found.extend(self._check_contents(info))
+            # A concurrent gc invalidates a path before deleting its files: one that is no
+            # longer valid once looked at was collected meanwhile, and is no problem.
+            if found and self.is_valid(info.path):
+                problems.extend(found)
         self._remove_garbage(valid)
         return problems
 
