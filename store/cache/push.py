@@ -144,11 +144,14 @@ class Pusher:
     def _read_blob(self, work: _Work, digest: bytes, size: int) -> bytes:
         """A blob's bytes, checked against its digest (one open on the common path)."""
         try:
-            with open(self.store.link_path(digest, work.where[digest][0]), "rb") as f:
-                data = f.read(size + 1)
+            fd = os.open(self.store.link_path(digest, work.where[digest][0]), os.O_RDONLY)
         except FileNotFoundError:
-            with open(self._blob_file(work, digest), "rb") as f:
-                data = f.read(size + 1)
+            fd = os.open(self._blob_file(work, digest), os.O_RDONLY)
+        try:
+            # raw system calls: a file object per small file costs more than the read itself
+            data = os.read(fd, size + 1)
+        finally:
+            os.close(fd)
         if len(data) != size or blake3.blake3(data).digest() != digest:
             raise IntegrityError(f"local file {digest.hex()[:16]}… of '{self.store.logical(work.info.path)}' "
                                  "is damaged; refusing to push it", "run 'fimio verify --check-contents'")
