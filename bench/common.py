@@ -192,24 +192,60 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# ---- where scratch stores go ----------------------------------------------------------
+
+_FS_IOC_GETFLAGS, _FS_IOC_SETFLAGS, _FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
+
+
+def scratch_parent(workdir: str) -> str:
+    """The directory under which scratch stores (fresh FIMIO_ROOTs) are created.
+
+    On ext4 it carries the "top of directory hierarchy" flag (``chattr +T``), so each store
+    created in it is placed like a top-level directory: in a block group of its own, away
+    from the groups where /tmp's other users keep creating and deleting files (which make
+    every file creation there scan past their recently freed inodes, see README). The Nix
+    store enjoys that placement already, /nix having been created at install time.
+    Elsewhere the flag is simply not set.
+    """
+    import fcntl
+    import struct
+
+    path = os.path.join(workdir, "roots")
+    os.makedirs(path, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            flags = struct.unpack("i", fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 4))[0]
+            if not flags & _FS_TOPDIR_FL:
+                fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("i", flags | _FS_TOPDIR_FL))
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
 # ---- deletions --------------------------------------------------------------------------
 
-# On ext4 without a journal, inodes freed in the last 60 s (300 s while their inode-table
-# block is dirty) are skipped by the allocator, one by one: after deleting a large tree,
-# every file creation is slower for a while, whichever tool creates it. Groups therefore
-# delete scratch trees only after their timed runs, record when, and the next group waits.
-QUIET_AFTER_DELETE = 65.0
+# On ext4 without a journal, a free inode whose deletion time is less than 60 s old (360 s
+# while its inode-table block is dirty again, which the next creations nearby make it) is
+# skipped by the allocator, one by one: after deleting a large tree, every file creation in
+# that block group is slower for minutes, whichever tool creates it. Groups therefore delete
+# scratch trees only after their timed runs, record when, and the next timed run waits.
+QUIET_AFTER_DELETE = 360.0  # run.py --after-delete-wait sets it
 
 
 def note_deletion(workdir: str) -> None:
-    """Record that a large deletion just finished (after a sync, so inode tables are clean)."""
+    """Record that a large deletion just finished."""
     os.sync()
     with open(os.path.join(workdir, "last-delete"), "w") as f:
         f.write(f"{time.time()}\n")
 
 
-def wait_after_deletion(workdir: str, quiet: float = QUIET_AFTER_DELETE) -> None:
-    """Sleep until ``quiet`` seconds have passed since the last recorded large deletion."""
+def wait_after_deletion(workdir: str, quiet: float | None = None) -> None:
+    """Sleep until ``quiet`` seconds (default QUIET_AFTER_DELETE) have passed since the last
+    recorded large deletion."""
+    quiet = QUIET_AFTER_DELETE if quiet is None else quiet
     try:
         with open(os.path.join(workdir, "last-delete")) as f:
             last = float(f.read().strip())
@@ -217,5 +253,6 @@ def wait_after_deletion(workdir: str, quiet: float = QUIET_AFTER_DELETE) -> None
         return
     left = last + quiet - time.time()
     if left > 0:
-        log(f"waiting {left:.0f} s after the last large deletion (freed inodes slow down file creation)")
+        log(f"waiting {left:.0f} s after the last large deletion (freed inodes slow down file creation; "
+            "--after-delete-wait)")
         time.sleep(left)

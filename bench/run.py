@@ -20,6 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common as bench_common  # noqa: E402
 import trees  # noqa: E402
 from common import have_nix, log, machine_info, row_json, table  # noqa: E402
 
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     common.add_argument("--seed", type=int, default=trees.BIG_SEED, help="seed of the generated big tree")
     common.add_argument("--no-peer", action="store_true", help="do not run the peer even if it is installed")
+    common.add_argument("--after-delete-wait", type=float, default=bench_common.QUIET_AFTER_DELETE, metavar="S",
+                        help="before timing, wait until S seconds have passed since the harness last deleted "
+                             "a large tree (default %(default)g; see README)")
     sub = ap.add_subparsers(dest="group", required=True, metavar="GROUP")
     for name in GROUPS:
         mod = _load(name)
@@ -63,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    bench_common.QUIET_AFTER_DELETE = args.after_delete_wait
     names = list(GROUPS) if args.group == "all" else [args.group]
     os.makedirs(args.workdir, exist_ok=True)
     nix = have_nix() and not args.no_peer

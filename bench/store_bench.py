@@ -27,8 +27,8 @@ import subprocess
 import time
 
 import trees
-from common import (Row, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd, settle,
-                    wait_after_deletion)
+from common import (Row, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd, scratch_parent,
+                    settle, wait_after_deletion)
 
 NAME = "store"
 HELP = "add (std, big), dump (big), peak memory of a 2 GiB add; against nix-store"
@@ -56,7 +56,7 @@ class _Ctx:
 
     def fresh_root(self, label: str) -> str:
         self.counter += 1
-        root = os.path.join(self.workdir, "roots", f"{label}-{os.getpid()}-{self.counter}")
+        root = os.path.join(scratch_parent(self.workdir), f"{label}-{os.getpid()}-{self.counter}")
         remove_tree(root)
         os.makedirs(root)
         self.roots.append(root)
@@ -124,6 +124,7 @@ def run(args, workdir: str, nix: bool, notes: list[str]) -> tuple[list[Row], lis
     if "rss" in only:
         used.append(trees.make_large(workdir))
     wait_after_deletion(workdir)
+    load = os.getloadavg()[0]
     try:
         for tree in used:
             if tree.kind == "std":
@@ -139,6 +140,8 @@ def run(args, workdir: str, nix: bool, notes: list[str]) -> tuple[list[Row], lis
         for tree in used:
             if tree.kind != "large":
                 _remove_marker(tree.path)
+        notes.append(f"load average (1 min) at the first timed run {load:.1f}, after the last "
+                     f"{os.getloadavg()[0]:.1f}, on {os.cpu_count()} CPUs")
         ctx.cleanup()
     return rows, used
 
