@@ -104,8 +104,15 @@ def add_root(store, link: str, target: StorePath) -> str:
         pass
     os.symlink(physical, tmp)
     os.replace(tmp, link)
+    # Durable before we return: a root lost to a power cut would let gc delete an output
+    # the user was told is there.
+    fsutil.fsync_dir(os.path.dirname(link))
     reg = os.path.join(store.root, "gcroots", "auto-" + hashlib.sha256(link.encode()).hexdigest()[:32])
-    if os.path.realpath(reg) != link:
+    try:
+        registered = os.readlink(reg) == link
+    except OSError:
+        registered = False
+    if not registered:
         tmp = f"{reg}.tmp-{os.getpid()}"
         try:
             os.unlink(tmp)
@@ -113,6 +120,7 @@ def add_root(store, link: str, target: StorePath) -> str:
             pass
         os.symlink(link, tmp)
         os.replace(tmp, reg)
+        fsutil.fsync_dir(os.path.dirname(reg))
     return link
 
 
