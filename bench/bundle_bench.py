@@ -1,6 +1,6 @@
 """bundle: moving the *big* closure to another store through one file, against Nix.
 
-fimio: ``fimio export P --closure -o F --key K`` (signed, zstd level 3), then
+fimio: ``fimio export P --closure -o F --key K`` (signed, zstd level 2, the default), then
 ``fimio import F`` into a fresh, empty store that trusts K (every signature and digest is
 verified, and the import is durable: one ``syncfs`` before registration).
 
@@ -128,7 +128,7 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     r.met = max(rss) <= RSS_TARGET
     rows.append(r)
     rows.append(Row("file size (bundle vs NAR export)", "bytes", bundle_size, nar_size))
-    notes.append("fimio: signed with one key, zstd level 3, import verifies signatures and digests and syncs; "
+    notes.append("fimio: signed with one key, zstd level 2, import verifies signatures and digests and syncs; "
                  "nix: unsigned, uncompressed, path deleted (untimed) before each import")
     return rows, [big]
 

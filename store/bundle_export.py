@@ -46,7 +46,7 @@ class ExportStats:
     digest: bytes = b""
 
 
-def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 3) -> ExportStats:
+def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> ExportStats:
     """Write ``plan`` as a bundle to the binary file object ``out``, signed by ``keys``.
 
     Every blob is checked against its digest as it is read, so a damaged local store is
@@ -159,7 +159,7 @@ def _read_small(store, info, where, digest: bytes, size: int) -> bytes:
 
 
 def _stream_blob(store, info, where, digest: bytes, size: int):
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    h = blake3.blake3()
     done = 0
     with open(_blob_file(store, info, where, digest), "rb", buffering=0) as f:
         while done < size:

@@ -25,7 +25,7 @@ from .bundle import (CHUNK_HEAD, DIGEST, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INF
                      T_REALISATION, T_RECORD, VERSION, trailer_fingerprint)
 from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_exact_raw
 from .bundle_stage import SMALL, Staging
-from .errors import FimioError, IntegrityError, NotFound, UsageError
+from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
 from .tree import DirNode, FileNode, SymlinkNode, TreeError, decode_dir, tree_size
 
@@ -441,7 +441,5 @@ def import_bundle(store, f, trusted, require_sigs: bool = True, warn=None) -> Im
     """Import the bundle read from binary file ``f`` (see :class:`Importer`)."""
     try:
         return Importer(store, trusted, require_sigs, warn).run(f)
-    except RecursionError:
+    except RecursionError:  # MAX_DEPTH keeps legitimate trees far from it
         raise bad("tree too deep") from None
-    except FimioError:
-        raise
