@@ -326,3 +326,38 @@ def test_shared_blobs_executable_variants_and_single_file_paths(tmp_path, vector
     h = __import__("blake3").blake3(b"same bytes\n").hexdigest()
     assert {h, h + "x"} <= links
     assert os.listdir(other.root / "tmp") == []
+
+
+@pytest.mark.parametrize("after", [0.15, 0.4, 0.8])
+def test_killed_import_leaves_nothing_valid_or_half_written(tmp_path, vector_key, trusting, after):
+    import signal
+    import time
+
+    tree = tmp_path / "tree"
+    (tree / "many").mkdir(parents=True)
+    with open(tree / "large.bin", "wb") as f:
+        for i in range(96):
+            f.write(os.urandom(1 << 20))
+    for i in range(2000):
+        (tree / "many" / f"f{i}").write_text(f"{i}\n" * 30)
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", tree)
+    bundle = tmp_path / "b.bundle"
+    cli("export", path, "-o", bundle, "--key", vector_key, check=0)
+    other = Fimio(tmp_path / "other")
+    other("add", VECTORS / "make_vectors.py", check=0)
+    proc = subprocess.Popen([fimio_executable(), "import", str(bundle)], env=fimio_env(other.root, trusting),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logical = "/fimio/store/" + os.path.basename(path)
+    valid = other("path-info", logical).returncode == 0
+    out = other("verify", "--check-contents", check=0)
+    assert "no problems" in out.stdout + out.stderr
+    assert os.listdir(other.root / "tmp") == []  # verify removed the dead importer's trees
+    names = set(os.listdir(other.physical_store))
+    assert (os.path.basename(path) in names) == valid
+    if not valid:  # and the import can simply be run again
+        other("import", bundle, env=trusting, check=0)
+    assert digests(other, [logical]) == digests(cli, [logical])
