@@ -57,3 +57,52 @@ def test_kill_long(world, tmp_path, name):
     tally = _run(world, tmp_path, name, LONG)
     # most kills must land while the command runs, or the test proves little
     assert tally.kills >= LONG // 2, tally.line()
+
+
+def test_kill_server_during_push(world, tmp_path):
+    """SIGKILL ``fimio serve`` while a push uploads through it: the client fails cleanly
+    (exit 6, one line), the cache never shows an info whose objects are missing, a server
+    restarted on the same cache serves what was completed, and the push rerun completes."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    from cachefixtures import WRITE_TOKEN, Serve, write_config
+    from conftest import fimio_env, fimio_executable
+
+    rnd = random.Random(f"{faults.SEED}:serve-kill")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    outcomes = []
+    for i in range(2):
+        server = Serve(f"file://{cache}", tmp_path, tokens={WRITE_TOKEN: "write"})
+        cfg = write_config(tmp_path / f"c{i}.toml", trusted=[world.public], tokens={server.url: WRITE_TOKEN})
+        payload = faults.make_tree(tmp_path / f"p{i}", seed=1000 + i, files=200, large=4, large_size=3_000_000)
+        path = faults.fim(["add", payload], world.source, cfg, check=0).stdout.strip()
+        push = subprocess.Popen([fimio_executable(), "push", server.url, path, "--key", world.secret],
+                                env=fimio_env(world.source, {"FIMIO_CONFIG": cfg}),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        before = sum(1 for _ in cache.rglob("*.zst"))
+        deadline = time.monotonic() + 30
+        while push.poll() is None and time.monotonic() < deadline and sum(1 for _ in cache.rglob("*.zst")) == before:
+            time.sleep(0.005)  # kill once uploads have begun...
+        time.sleep(rnd.uniform(0.0, 0.3))  # ...at a random moment of them
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        _, err = push.communicate(timeout=120)
+        if push.returncode != 0:
+            assert push.returncode == 6 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        outcomes.append(push.returncode)
+        assert faults.cache_problems(cache, deep=True) == []
+        server = Serve(f"file://{cache}", tmp_path, tokens={WRITE_TOKEN: "write"})
+        try:
+            cfg = write_config(tmp_path / f"d{i}.toml", trusted=[world.public], tokens={server.url: WRITE_TOKEN})
+            faults.fim(["push", server.url, path, "--key", world.secret], world.source, cfg, check=0)
+            reader = tmp_path / f"reader{i}"
+            faults.fim(["copy", "--from", server.url, "/fimio/store/" + os.path.basename(path)], reader, cfg, check=0)
+            faults.assert_verify_clean(reader, f"server kill {i}", cfg)
+        finally:
+            server.stop()
+        assert faults.cache_problems(cache, deep=True) == []
+    print(f"push exit codes when the server was killed: {outcomes}")
