@@ -20,7 +20,8 @@ import errno
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -38,6 +39,8 @@ _WORKERS = 4  # threads reading/hashing/publishing files (and linking a large tr
 _BATCH_FILES = 64  # small files handed to a worker at once
 _BATCH_BYTES = 8 << 20
 _PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
+_WRITEBACK_MIN = 256 << 10  # blobs from this size on start their writeback once written...
+_WRITEBACK_STEP = 8 << 20  # ...and large ones every 8 MiB, so commit's flush finds little left
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW
 _tmpfile_ok: bool | None = None  # O_TMPFILE + linkat through /proc works here (None: not tried)
 
@@ -299,6 +302,8 @@ class LocalStore:
                 hasher.update(chunk)
                 _write_all(out, chunk)
                 size += n
+                if size % _WRITEBACK_STEP < n:  # another step written: start writing it back
+                    _start_writeback(out, size - size % _WRITEBACK_STEP - _WRITEBACK_STEP, _WRITEBACK_STEP)
             digest = hasher.digest()
             key = self.link_path(digest, executable)
             if tmp is None:
@@ -323,6 +328,8 @@ class LocalStore:
         out, tmp = self._new_blob_file(mode)
         try:
             _write_all(out, data)
+            if len(data) >= _WRITEBACK_MIN:
+                _start_writeback(out, 0, 0)
             if tmp is None:
                 _normalise_fd(out, mode)
                 _link_anonymous(out, key)
@@ -486,8 +493,7 @@ class LocalStore:
         # The main thread walks the tree; worker threads read, hash and publish the files,
         # which release the GIL in blake3 and in every system call. Files go to the workers
         # in batches: one pool task per file costs more Python time than a small file does.
-        with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-            futures = []
+        with _Workers(_WORKERS) as pool:
             batch: list = []
             batch_bytes = 0
             count = 0
@@ -497,19 +503,15 @@ class LocalStore:
                 batch.append((p, st))
                 batch_bytes += st.st_size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
-                    futures.append(pool.submit(self._ingest_batch, batch))
+                    pool.submit(self._ingest_batch, batch)
                     batch, batch_bytes = [], 0
                 count += 1
                 return count - 1, 0
 
-            try:
-                node = scan(src, on_file=on_file)
-                if batch:
-                    futures.append(pool.submit(self._ingest_batch, batch))
-                results = [r for f in futures for r in f.result()]
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+            node = scan(src, on_file=on_file)
+            if batch:
+                pool.submit(self._ingest_batch, batch)
+            results = [r for done in pool.results() for r in done]
         return _resolve_pending(node, results)
 
     def _ingest_batch(self, items) -> list[tuple[bytes, int]]:
@@ -534,10 +536,10 @@ class LocalStore:
                 self._link_files(links, files)
             else:
                 step = -(-len(files) // (_WORKERS * 4))
-                with ThreadPoolExecutor(max_workers=_WORKERS) as pool:
-                    for f in [pool.submit(self._link_files, links, files[i:i + step])
-                              for i in range(0, len(files), step)]:
-                        f.result()
+                with _Workers(_WORKERS) as pool:
+                    for i in range(0, len(files), step):
+                        pool.submit(self._link_files, links, files[i:i + step])
+                    pool.results()
         finally:
             os.close(links)
         for d in reversed(dirs):
@@ -737,6 +739,56 @@ class LocalStore:
                 fsutil.remove_tree(entry.path)
 
 
+class _Workers:
+    """A small thread pool: ``submit(fn, *args)``, then ``results()`` in submission order
+    (the first exception is raised there). Leaving the ``with`` block stops the threads;
+    after an exception, queued tasks are skipped. (``concurrent.futures`` takes longer to
+    import than a small ``fimio add`` takes to run.)"""
+
+    def __init__(self, n: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: dict[int, object] = {}
+        self._error: BaseException | None = None
+        self._count = 0
+        self._threads = [threading.Thread(target=self._work, daemon=True) for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            i, fn, args = item
+            if self._error is None:
+                try:
+                    self._results[i] = fn(*args)
+                except BaseException as e:  # noqa: BLE001 -- handed to the caller
+                    self._error = self._error or e
+
+    def submit(self, fn, *args) -> None:
+        self._queue.put((self._count, fn, args))
+        self._count += 1
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+
+    def results(self) -> list:
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return [self._results[i] for i in range(self._count)]
+
+    def __enter__(self) -> "_Workers":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is not None and self._error is None:
+            self._error = value  # skip what is still queued
+        self._stop()
+
+
 def compare_trees(expected: Node, actual: Node, prefix: str = "") -> list[tuple[str, str]]:
     """List ``(relative path, what differs)`` between two trees, cheaply skipping equal subtrees."""
     here = prefix or "."
@@ -825,6 +877,27 @@ def _normalise_fd(fd: int, mode: int) -> None:
     narrowed the one asked at creation) and mtime 1."""
     os.fchmod(fd, mode)
     os.utime(fd, (1, 1))
+
+
+_sync_file_range = None
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range of a file to disk, without waiting
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Durability still comes from the flush in
+    :meth:`LocalStore.commit`; this only lets the disk work while the CPU hashes and copies."""
+    global _sync_file_range
+    if _sync_file_range is None:
+        try:
+            import ctypes
+
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            _sync_file_range = f
+        except (OSError, AttributeError):
+            _sync_file_range = False
+    if _sync_file_range:
+        _sync_file_range(fd, max(offset, 0), length, 2)  # SYNC_FILE_RANGE_WRITE; errors ignored
 
 
 def _link_anonymous(fd: int, key: str) -> None:

@@ -189,15 +189,20 @@ def tree_size(node: Node) -> int:
 
 def hash_file(path: str | bytes, chunk: int = 1 << 20) -> tuple[bytes, int]:
     """Return ``(blake3 digest, size)`` of a file, streaming in ``chunk``-sized reads."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO) if os.path.getsize(path) > (8 << 20) else blake3.blake3()
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            data = f.read(chunk)
-            if not data:
-                break
-            h.update(data)
-            size += len(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        expected = os.fstat(fd).st_size
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO) if expected > (8 << 20) else blake3.blake3()
+        # one reused buffer (flat memory, no allocation per read); a small file takes one
+        # read plus the one that sees its end
+        buf = bytearray(min(chunk, expected + 1))
+        view = memoryview(buf)
+        size = 0
+        while n := os.readv(fd, [buf]):
+            h.update(view[:n])
+            size += n
+    finally:
+        os.close(fd)
     return h.digest(), size
 
 
@@ -234,10 +239,22 @@ def _scan_entry(path: bytes, st: os.stat_result, on_file) -> Node:
             node = DirNode()
             with os.scandir(path) as it:
                 children = [(e.name, e.path, e.stat(follow_symlinks=False)) for e in it]
+            entries = node.entries
             for name, child_path, child_st in children:
                 if not valid_name(name):
                     raise UsageError(f"invalid file name {name!r} in '{os.fsdecode(path)}'")
-                node.entries[name] = _scan_entry(child_path, child_st, on_file)
+                child_mode = child_st.st_mode
+                if not stat.S_ISREG(child_mode):
+                    entries[name] = _scan_entry(child_path, child_st, on_file)
+                    continue
+                # regular files, the bulk of a tree, are handled inline (as _scan_entry would)
+                try:
+                    digest, size = on_file(child_path, child_st)
+                except PermissionError:
+                    raise UsageError(f"cannot read '{os.fsdecode(child_path)}': permission denied") from None
+                except FileNotFoundError:
+                    raise UsageError(f"'{os.fsdecode(child_path)}' vanished while reading") from None
+                entries[name] = FileNode(digest, size, bool(child_mode & 0o100))
             return node
     except PermissionError:
         raise UsageError(f"cannot read '{os.fsdecode(path)}': permission denied") from None
