@@ -12,7 +12,8 @@ fsync file contents; fimio does more work per byte, which the ratio includes.
 
 Every timed command is a whole process as a user runs it; ``sync()`` (untimed) before each.
 The ``-qR`` query of Nix and the creation of fimio's empty target root are untimed. The
-big tree is added once to each tool's store (untimed) before the runs.
+big tree is added once to each tool's store (untimed) before the runs; the rounds
+alternate between the tools so that a change in machine load affects both.
 """
 
 from __future__ import annotations
@@ -90,28 +91,38 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     big = trees.make_big(workdir, args.seed)
     f = _Fimio(workdir)
     n = args.runs
-    log(f"bundle: adding the big tree to the stores (untimed), then {n} export/import rounds per tool")
+    log(f"bundle: adding the big tree to the stores (untimed), then {n} rounds, each tool in turn "
+        "(interleaved, so that a change in machine load hits both)")
     src = f.fresh_root("src")
     path = run_cmd([*f.argv, "add", big.path], env=f.env(src)).stdout.decode().strip()
     bundle = os.path.join(f.base, "big.bundle")
-    exp, imp, rss = [], [], []
-    for i in range(n):
-        settle()
-        exp.append(run_cmd([*f.argv, "export", path, "--closure", "-o", bundle, "--key", f.key, "-q"],
-                           env=f.env(src)).seconds)
-        dest = f.fresh_root("dest")
-        settle()
-        s = run_cmd([*f.argv, "import", bundle, "-q"], env=f.env(dest))
-        imp.append(s.seconds)
-        rss.append(s.maxrss_bytes)
-        remove_tree(dest)
-        log(f"  fimio round {i + 1}: export {exp[-1]:.2f} s, import {imp[-1]:.2f} s, "
-            f"import peak RSS {rss[-1] / 1e6:.0f} MB")
-    bundle_size = os.path.getsize(bundle)
-    nexp, nimp, nrss, nar_size = [], [], [], None
-    if nix:
-        nexp, nimp, nrss, nar_size = _nix(big, f.base, n)
-    remove_tree(f.base)
+    peer = _Nix(big, f.base) if nix else None
+    exp, imp, rss, nexp, nimp, nrss = [], [], [], [], [], []
+    try:
+        for i in range(n):
+            settle()
+            exp.append(run_cmd([*f.argv, "export", path, "--closure", "-o", bundle, "--key", f.key, "-q"],
+                               env=f.env(src)).seconds)
+            dest = f.fresh_root("dest")
+            settle()
+            s = run_cmd([*f.argv, "import", bundle, "-q"], env=f.env(dest))
+            imp.append(s.seconds)
+            rss.append(s.maxrss_bytes)
+            remove_tree(dest)
+            line = f"  round {i + 1}: fimio export {exp[-1]:.2f} s, import {imp[-1]:.2f} s ({rss[-1] / 1e6:.0f} MB)"
+            if peer is not None:
+                e, m, r = peer.round()
+                nexp.append(e)
+                nimp.append(m)
+                nrss.append(r)
+                line += f"; nix export {e:.2f} s, import {m:.2f} s ({r / 1e6:.0f} MB)"
+            log(line)
+        bundle_size = os.path.getsize(bundle)
+        nar_size = peer.size if peer is not None else None
+    finally:
+        if peer is not None:
+            peer.close()
+        remove_tree(f.base)
     rows = []
     label = f"*big* ({big.files:,} files, {big.bytes / 1e6:,.0f} MB), median of {n}"
     rows.append(Row(f"export {label}", "time", median(exp), median(nexp) if nexp else None,
@@ -133,27 +144,28 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     return rows, [big]
 
 
-def _nix(big, base: str, n: int):
-    log("  nix: adding the big tree (untimed)")
-    p = run_cmd(["nix-store", "--add", big.path]).stdout.decode().strip()
-    closure = run_cmd(["nix-store", "-qR", p]).stdout.decode().split()
-    nar = os.path.join(base, "big.nar-export")
-    exp, imp, rss = [], [], []
-    try:
-        for i in range(n):
-            settle()
-            with open(nar, "wb") as out:
-                exp.append(run_cmd(["nix-store", "--export", *closure], stdout=out).seconds)
-            subprocess.run(["nix-store", "--delete", p], capture_output=True, check=True)
-            settle()
-            s = _run_stdin(["nix-store", "--import"], nar)
-            imp.append(s.seconds)
-            rss.append(s.maxrss_bytes)
-            log(f"  nix round {i + 1}: export {exp[-1]:.2f} s, import {imp[-1]:.2f} s, "
-                f"import peak RSS {rss[-1] / 1e6:.0f} MB")
-        size = os.path.getsize(nar)
-    finally:
-        subprocess.run(["nix-store", "--delete", p], capture_output=True)
-        if os.path.exists(nar):
-            os.unlink(nar)
-    return exp, imp, rss, size
+class _Nix:
+    """The peer's side: the tree added once; each round exports the closure and imports it
+    again after deleting the path (untimed)."""
+
+    def __init__(self, big, base: str):
+        log("  nix: adding the big tree (untimed)")
+        self.path = run_cmd(["nix-store", "--add", big.path]).stdout.decode().strip()
+        self.closure = run_cmd(["nix-store", "-qR", self.path]).stdout.decode().split()
+        self.nar = os.path.join(base, "big.nar-export")
+        self.size = None
+
+    def round(self) -> tuple[float, float, int]:
+        settle()
+        with open(self.nar, "wb") as out:
+            e = run_cmd(["nix-store", "--export", *self.closure], stdout=out).seconds
+        self.size = os.path.getsize(self.nar)
+        subprocess.run(["nix-store", "--delete", self.path], capture_output=True, check=True)
+        settle()
+        s = _run_stdin(["nix-store", "--import"], self.nar)
+        return e, s.seconds, s.maxrss_bytes
+
+    def close(self) -> None:
+        subprocess.run(["nix-store", "--delete", self.path], capture_output=True)
+        if os.path.exists(self.nar):
+            os.unlink(self.nar)
