@@ -230,8 +230,13 @@ class Builder:
 
     def _cleanup_failed(self, scratch: str, err: BuildError) -> None:
         if self.keep_failed:
-            err.kept = scratch
-            err.message += f"; build directory kept at '{scratch}/build'"
+            # out of tmp/, whose leftovers of dead processes are removed when a store opens
+            failed = os.path.join(self.store.root, "failed")
+            os.makedirs(failed, exist_ok=True)
+            kept = os.path.join(failed, os.path.basename(scratch))
+            os.rename(scratch, kept)
+            err.kept = kept
+            err.message += f"; build directory kept at '{kept}/build'"
         else:
             fsutil.remove_tree(scratch)
 

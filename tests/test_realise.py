@@ -261,11 +261,12 @@ def test_keep_failed(cli, tmp_path):
     assert "build directory kept at '" in last
     kept = pathlib.Path(last.split("build directory kept at '")[1].split("'")[0])
     assert kept.is_dir() and (kept / "partial.txt").read_text() == "partial\n" and (kept / "sub").is_dir()
-    assert str(cli.root) in str(kept)
-    # the same failure without -K leaves nothing behind
+    assert kept.parent.parent == cli.root / "failed"
+    # the same failure without -K leaves nothing behind, and the kept directory survives
     proc = cli("realise", "--no-out-link", f)
     assert proc.returncode == 1 and "build directory kept" not in proc.stderr
-    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == [kept.parent.name]
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == []
+    assert os.listdir(cli.root / "failed") == [kept.parent.name] and kept.is_dir()
 
 
 # ---- log, why-depends, run ---------------------------------------------------------------
