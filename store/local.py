@@ -39,8 +39,6 @@ _WORKERS = 4  # threads reading/hashing/publishing files (and linking a large tr
 _BATCH_FILES = 64  # small files handed to a worker at once
 _BATCH_BYTES = 8 << 20
 _PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
-_WRITEBACK_MIN = 256 << 10  # blobs from this size on start their writeback once written...
-_WRITEBACK_STEP = 8 << 20  # ...and large ones every 8 MiB, so commit's flush finds little left
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW
 _tmpfile_ok: bool | None = None  # O_TMPFILE + linkat through /proc works here (None: not tried)
 
@@ -302,8 +300,6 @@ class LocalStore:
                 hasher.update(chunk)
                 _write_all(out, chunk)
                 size += n
-                if size % _WRITEBACK_STEP < n:  # another step written: start writing it back
-                    _start_writeback(out, size - size % _WRITEBACK_STEP - _WRITEBACK_STEP, _WRITEBACK_STEP)
             digest = hasher.digest()
             key = self.link_path(digest, executable)
             if tmp is None:
@@ -328,8 +324,6 @@ class LocalStore:
         out, tmp = self._new_blob_file(mode)
         try:
             _write_all(out, data)
-            if len(data) >= _WRITEBACK_MIN:
-                _start_writeback(out, 0, 0)
             if tmp is None:
                 _normalise_fd(out, mode)
                 _link_anonymous(out, key)
@@ -877,27 +871,6 @@ def _normalise_fd(fd: int, mode: int) -> None:
     narrowed the one asked at creation) and mtime 1."""
     os.fchmod(fd, mode)
     os.utime(fd, (1, 1))
-
-
-_sync_file_range = None
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range of a file to disk, without waiting
-    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``). Durability still comes from the flush in
-    :meth:`LocalStore.commit`; this only lets the disk work while the CPU hashes and copies."""
-    global _sync_file_range
-    if _sync_file_range is None:
-        try:
-            import ctypes
-
-            f = ctypes.CDLL(None, use_errno=True).sync_file_range
-            f.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            _sync_file_range = f
-        except (OSError, AttributeError):
-            _sync_file_range = False
-    if _sync_file_range:
-        _sync_file_range(fd, max(offset, 0), length, 2)  # SYNC_FILE_RANGE_WRITE; errors ignored
 
 
 def _link_anonymous(fd: int, key: str) -> None:
