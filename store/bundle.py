@@ -177,6 +177,13 @@ class BundleWriter:
                 self._emit(chunk)
         self.records += 1
 
+    def framed(self, data: bytes, count: int) -> None:
+        """``count`` whole records already framed (blob records built on a worker thread)."""
+        self._flush()
+        self._z.write(data)
+        self.bytes += len(data)
+        self.records += count
+
     def finish(self, keys=(), signatures=None) -> bytes:
         """End the zstd stream and the chunks, then write the trailer signed by ``keys`` (or
         carrying ``signatures`` as given). Returns the digest the trailer signs."""
