@@ -303,7 +303,7 @@ class LocalStore:
             digest = hasher.digest()
             key = self.link_path(digest, executable)
             if tmp is None:
-                _normalise_fd(out, mode)
+                _normalise_fd(out, mode, self.__dict__.get("_exact_mode", False))
                 _link_anonymous(out, key)
             else:
                 os.close(out)
@@ -325,7 +325,7 @@ class LocalStore:
         try:
             _write_all(out, data)
             if tmp is None:
-                _normalise_fd(out, mode)
+                _normalise_fd(out, mode, self.__dict__.get("_exact_mode", False))
                 _link_anonymous(out, key)
             else:
                 os.close(out)
@@ -487,6 +487,7 @@ class LocalStore:
         # The main thread walks the tree; worker threads read, hash and publish the files,
         # which release the GIL in blake3 and in every system call. Files go to the workers
         # in batches: one pool task per file costs more Python time than a small file does.
+        self._exact_mode = _creation_mode_exact(self.links)  # new blobs need no chmod
         with _Workers(_WORKERS) as pool:
             batch: list = []
             batch_bytes = 0
@@ -866,11 +867,30 @@ def _write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
-def _normalise_fd(fd: int, mode: int) -> None:
-    """Give a new blob its normal form: the exact mode (the umask or a default ACL may have
-    narrowed the one asked at creation) and mtime 1."""
-    os.fchmod(fd, mode)
+def _normalise_fd(fd: int, mode: int, exact: bool = False) -> None:
+    """Give a new blob its normal form: mtime 1 and its exact mode, which creation already
+    gave it when ``exact`` (see :func:`_creation_mode_exact`)."""
+    if not exact:
+        os.fchmod(fd, mode)
     os.utime(fd, (1, 1))
+
+
+def _creation_mode_exact(directory: str) -> bool:
+    """Whether a file created in ``directory`` with mode 0o444 or 0o555 gets exactly that
+    mode: the process umask clears none of those bits and the directory has no default ACL
+    (either could narrow the mode). Checked once per add: it saves a chmod per new blob."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith(b"Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    if umask & 0o555:
+        return False
+    try:
+        os.getxattr(directory, "system.posix_acl_default")
+    except OSError as e:
+        return e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+    return False
 
 
 def _link_anonymous(fd: int, key: str) -> None:
