@@ -40,7 +40,8 @@ _BATCH_FILES = 64  # small files handed to a worker at once
 _BATCH_BYTES = 8 << 20
 _PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW
-_tmpfile_ok: bool | None = None  # O_TMPFILE + linkat through /proc works here (None: not tried)
+# an O_TMPFILE file is given its name through /proc/self/fd (see _link_anonymous)
+_PROC_FD = os.path.isdir("/proc/self/fd")
 
 
 @dataclass
@@ -344,18 +345,16 @@ class LocalStore:
         (``O_TMPFILE``: nothing is visible until it is linked, nothing is left by a crash,
         and creations in one directory do not serialise on its lock), or ``(fd, tmp path)``
         under ``tmp/`` where the filesystem cannot do that."""
-        global _tmpfile_ok
-        if _tmpfile_ok is None and not os.path.isdir(f"/proc/{os.getpid()}/fd"):
-            _tmpfile_ok = False  # no /proc: an anonymous file could not be given a name
-        if _tmpfile_ok is not False:
+        if self.__dict__.get("_tmpfile_ok", _PROC_FD):
             try:
                 fd = os.open(self.links, os.O_WRONLY | os.O_TMPFILE, mode)
-                _tmpfile_ok = True
+                self._tmpfile_ok = True
                 return fd, None
             except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                # EISDIR: a kernel without O_TMPFILE; EOPNOTSUPP: a filesystem without it
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                     raise
-                _tmpfile_ok = False
+                self._tmpfile_ok = False
         tmp = self._tmp_name("blob")
         return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), tmp
 
