@@ -59,6 +59,10 @@ class Staging:
         self._pending: dict[bytes, list] = {}  # blob digest -> [(location, executable)] awaiting it
         self._copies: dict[tuple[bytes, bool], bytes] = {}  # (digest, executable) -> a file of ours with it
         self._stash: dict[bytes, bytes] = {}  # blobs received before any tree needed them
+        # An empty .links (a fresh store) has nothing to link from: skip two stats per file.
+        # A blob another writer publishes meanwhile is merely not shared (publish tolerates it).
+        with os.scandir(store.links) as it:
+            self._links_empty = next(it, None) is None
 
     def __enter__(self):
         return self
@@ -98,18 +102,24 @@ class Staging:
                 self._place(n, path)
         return os.fsdecode(root)
 
+    def _in_links(self, digest: bytes, executable: bool) -> bytes | None:
+        """The ``.links`` file of a blob variant, if the store has it."""
+        if self._links_empty:
+            return None
+        link = self.store.link_path(digest, executable)
+        return os.fsencode(link) if os.path.exists(link) else None
+
     def _place(self, n: FileNode, path: bytes) -> None:
         key = (n.blob, n.executable)
         if key in self._copies:
             _link_or_copy(self._copies[key], path, n.executable)
             return
-        link = self.store.link_path(n.blob, n.executable)
-        if os.path.exists(link):
-            _link_or_copy(os.fsencode(link), path, n.executable)
+        link = self._in_links(n.blob, n.executable)
+        if link is not None:
+            _link_or_copy(link, path, n.executable)
             return
-        other = self._copies.get((n.blob, not n.executable)) or self._stash.get(n.blob)
-        if other is None and os.path.exists(self.store.link_path(n.blob, not n.executable)):
-            other = os.fsencode(self.store.link_path(n.blob, not n.executable))
+        other = (self._copies.get((n.blob, not n.executable)) or self._stash.get(n.blob)
+                 or self._in_links(n.blob, not n.executable))
         if other is not None:
             _copy(other, path, n.executable, n.blob)
             self._copies[key] = path
@@ -125,7 +135,7 @@ class Staging:
         the blob. Also records what later sections may link to."""
         locations = self._pending.pop(digest, [])
         if not locations:
-            if not any(os.path.exists(self.store.link_path(digest, x)) for x in (False, True)):
+            if not any(self._in_links(digest, x) for x in (False, True)):
                 stash = self.dir + b"/" + digest.hex().encode()  # a later section may need it
                 self._stash[digest] = stash
                 return [(stash, False, None)]
