@@ -1,15 +1,15 @@
-"""Importing a bundle (``spec/bundle.md`` §Import): verify everything, then register.
+"""Importing a bundle (``spec/bundle.md`` §6): verify everything, then register.
 
-One streaming pass with flat memory: records are read with their declared lengths checked
-against caps and expectations *before* their bytes are read; each blob is hashed as it
-streams and must match the digest (and size) a directory of its path declared; blobs are
-staged under ``tmp/import-*`` (never in ``store/``), directories are decoded and checked
-as they arrive (names, sorting, depth), each path's signed info is checked against the
-trusted keys when it arrives and against the reconstructed tree when its section ends.
-Only after the trailer's digest of the whole file and its signature verify, and every reference is
-valid here or in the bundle, are blobs published into ``.links``, paths materialised
-under ``tmp/`` and registered in one transaction (``cache.ingest.register``). Any failure
-before that point leaves the store exactly as it was (the staging directory is removed).
+One streaming pass with flat memory. Every record's declared length is checked against its
+cap (a blob's against the size its tree declared) *before* its bytes are read. A path's
+signed info is checked against the trusted keys when it arrives; its directories are
+decoded and checked as they arrive (names, sorting, depth) and the tree they make must
+match the signed root digest and size before any of its blobs is read; each blob is hashed
+as it streams and must match its digest. Bytes go only under ``tmp/`` meanwhile
+(``bundle_stage``). Only after the trailer's digest of the whole file and its signature
+verify, and every reference is valid here or in the bundle, are blobs published into
+``.links`` and the paths registered in one transaction (``cache.ingest.register``). Any
+failure before that leaves the store exactly as it was.
 """
 
 from __future__ import annotations
