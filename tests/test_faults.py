@@ -106,3 +106,30 @@ def test_kill_server_during_push(world, tmp_path):
             server.stop()
         assert faults.cache_problems(cache, deep=True) == []
     print(f"push exit codes when the server was killed: {outcomes}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "store/bundle_stage.py:242 _place_rest: plan[0] IndexError (traceback, exit 1) when a large "
+    "blob of an imported path is already in .links while the path is not valid -- after a killed "
+    "import (found by test_kill_long[import], attempt 4: kill just after a rename into store/), or "
+    "whenever another valid path shares the blob"))
+@pytest.mark.parametrize("how", ["killed-import-leftovers", "shared-with-a-valid-path"])
+def test_import_when_its_blobs_are_already_here(world, tmp_path, how):
+    """A rerun of a killed import finds the blobs the killed one published (its paths are not
+    valid); an import into a store holding the same big files in other paths finds them too.
+    Both must import normally."""
+    from fimio.store import fsutil
+
+    root = tmp_path / "root"
+    s = faults.open_store(root)
+    try:
+        info = s.add_path(str(world.tree), name="other" if how == "shared-with-a-valid-path" else None)
+        if how == "killed-import-leftovers":  # the path never committed; its blobs are in .links
+            with s.db.write() as txn:
+                s.invalidate(txn, info)
+            fsutil.remove_tree(s.physical(info.path))
+    finally:
+        s.close()
+    p = faults.fim(["import", world.bundle], root, world.config)
+    assert p.returncode == 0, p.stderr[-2000:]
+    faults.assert_verify_clean(root, how, world.config)
