@@ -847,8 +847,12 @@ def _alive(pid: int) -> bool:
 
 
 def _read_all(fd: int, size: int) -> bytes:
-    """Read an open file to its end; ``size`` (from the scan) is only the first guess."""
+    """Read an open file whose scan found ``size`` bytes. Asking for one byte more tells
+    in one call whether it is still that size (a short read of a regular file is its end);
+    a file that changed since is read to its actual end."""
     data = os.read(fd, size + 1)
+    if len(data) == size:
+        return data
     if not data:
         return data
     more = os.read(fd, 1 << 16)  # small: a large read buffer would be allocated for nothing
