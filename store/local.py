@@ -8,6 +8,7 @@ Layout under the physical root (``spec/local-store.md``)::
     tmp/                      work in progress (same filesystem: rename is atomic)
     locks/                    per-path and global fcntl locks
     gcroots/ temproots/ logs/
+    failed/                   build directories kept by --keep-failed (never removed by fimio)
 
 A path is *valid* exactly when its record is in the database. Anything in ``store/``
 without a record is garbage left by a crash; it is never served and is removed by
@@ -282,7 +283,7 @@ class LocalStore:
             os.close(fd)
         digest = blake3.blake3(data).digest()
         key = self.link_path(digest, executable)
-        if not os.access(key, os.F_OK):  # (no exception object when absent, unlike stat)
+        if not _blob_intact(key, len(data)):
             self._publish_blob(key, executable, data)
         return digest, len(data)
 
@@ -303,6 +304,7 @@ class LocalStore:
                 size += n
             digest = hasher.digest()
             key = self.link_path(digest, executable)
+            _blob_intact(key, size)  # drops a torn blob of that name so ours replaces it
             if tmp is None:
                 _normalise_fd(out, mode, self.__dict__.get("_exact_mode", False))
                 _link_anonymous(out, key)
@@ -893,6 +895,20 @@ def _creation_mode_exact(directory: str) -> bool:
         os.getxattr(directory, "system.posix_acl_default")
     except OSError as e:
         return e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+    return False
+
+
+def _blob_intact(key: str, size: int) -> bool:
+    """Whether blob ``key`` exists with the right size. A blob of the wrong size can only be
+    one torn by a power cut before it was flushed (blobs are published complete): it is
+    removed so that the caller publishes the content again. Paths still linking to the
+    torn inode are damaged either way; ``verify --check-contents`` finds them."""
+    try:
+        if os.stat(key).st_size == size:
+            return True
+    except FileNotFoundError:
+        return False
+    _unlink(key)
     return False
 
 

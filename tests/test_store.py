@@ -277,3 +277,17 @@ def test_store_dir_is_fixed_per_database(tmp_path):
     s.close()
     with pytest.raises(UsageError, match="logical directory"):
         LocalStore(str(tmp_path / "r"), "/other/store")
+
+
+def test_a_torn_blob_is_replaced_not_trusted(store, tmp_path):
+    """A blob name left empty by a power cut (published, never flushed) must not be reused."""
+    import blake3
+
+    src = tmp_path / "f.txt"
+    src.write_bytes(b"content that a power cut tore\n" * 10)
+    key = store.link_path(blake3.blake3(src.read_bytes()).digest(), False)
+    with open(key, "wb"):
+        pass  # the torn blob: the right name, no data
+    info = store.add_path(str(src))
+    assert pathlib.Path(store.physical(info.path)).read_bytes() == src.read_bytes()
+    assert store.verify(check_contents=True) == []
