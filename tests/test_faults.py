@@ -9,8 +9,8 @@ moments (calibrated from one uninterrupted run); after each kill ``fimio verify
 substituting from a killed push's cache gets each path whole or not at all; gc never
 loses a rooted path), and rerunning the command completes with the same result.
 
-Quick mode (the default run): a few kills per operation. Long mode (``-m slow``):
-``FIMIO_FAULT_KILLS`` kills per operation, 200 by default.
+Quick mode (the default run): a few kills per operation. Long mode (``-m slow``): at least
+``FIMIO_FAULT_KILLS`` (200) SIGKILLs of a running command per operation.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ def world(tmp_path_factory):
     return faults.build_world(tmp_path_factory.mktemp("faults"))
 
 
-def _run(world, tmp_path, name, kills):
+def _run(world, tmp_path, name, kills, min_kills=0):
     op = OPS[name](world, tmp_path / name)
     # the world's own realise and push are calibration runs of those operations
     calibration = {"realise": (world.realise_seconds, world.top_outputs),
                    "push-file": (world.push_seconds, faults.PushOp.cache_result(world.cache))}.get(name)
     try:
-        tally = faults.run_kills(op, kills, calibration=calibration)
+        tally = faults.run_kills(op, kills, calibration=calibration, min_kills=min_kills)
     finally:
         if hasattr(op, "close"):
             op.close()
-    assert tally.attempts == kills
+    assert tally.attempts >= kills
     return tally
 
 
@@ -54,9 +54,9 @@ def test_kill_quick(world, tmp_path, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(QUICK))
 def test_kill_long(world, tmp_path, name):
-    tally = _run(world, tmp_path, name, LONG)
-    # most kills must land while the command runs, or the test proves little
-    assert tally.kills >= LONG // 2, tally.line()
+    tally = _run(world, tmp_path, name, LONG, min_kills=LONG)
+    # the kills must land while the command runs, or the test proves little
+    assert tally.kills >= LONG, tally.line()
 
 
 def test_kill_server_during_push(world, tmp_path):
