@@ -180,7 +180,8 @@ class Staging:
                 os.close(fd)
         if h.digest() != digest:
             raise mismatch(digest)
-        _place_rest(plan, digest)
+        if plan:  # empty: the blob is already here and was only checked
+            _place_rest(plan, digest)
 
     def drain(self) -> None:
         """Wait for every blob in flight; raise the first error (a digest mismatch)."""

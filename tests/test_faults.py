@@ -108,11 +108,6 @@ def test_kill_server_during_push(world, tmp_path):
     print(f"push exit codes when the server was killed: {outcomes}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store/bundle_stage.py:242 _place_rest: plan[0] IndexError (traceback, exit 1) when a large "
-    "blob of an imported path is already in .links while the path is not valid -- after a killed "
-    "import (found by test_kill_long[import], attempt 4: kill just after a rename into store/), or "
-    "whenever another valid path shares the blob"))
 @pytest.mark.parametrize("how", ["killed-import-leftovers", "shared-with-a-valid-path"])
 def test_import_when_its_blobs_are_already_here(world, tmp_path, how):
     """A rerun of a killed import finds the blobs the killed one published (its paths are not
