@@ -361,3 +361,23 @@ def test_killed_import_leaves_nothing_valid_or_half_written(tmp_path, vector_key
     if not valid:  # and the import can simply be run again
         other("import", bundle, env=trusting, check=0)
     assert digests(other, [logical]) == digests(cli, [logical])
+
+
+def test_large_blob_already_here_is_only_checked(tmp_path, vector_key, trusting):
+    """A large (streamed) blob that .links already holds while its path is not valid."""
+    tree = tmp_path / "t"
+    tree.mkdir()
+    big = os.urandom(3 << 20)
+    (tree / "big.bin").write_bytes(big)
+    (tree / "small").write_text("x\n")
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", tree)
+    bundle = tmp_path / "b.bundle"
+    cli("export", path, "-o", bundle, "--key", vector_key, check=0)
+    other = Fimio(tmp_path / "other")
+    (tmp_path / "copy.bin").write_bytes(big)
+    other("add", tmp_path / "copy.bin", check=0)  # the blob is in .links, the path is not valid
+    other("import", bundle, env=trusting, check=0)
+    other("verify", "--check-contents", check=0)
+    logical = "/fimio/store/" + os.path.basename(path)
+    assert digests(other, [logical]) == digests(cli, [logical])
