@@ -255,6 +255,12 @@ def test_offline_from_config_file_never_connects(tmp_path, listener, two_fetches
     # an online-only request is refused up front
     proc = cli("prefetch", "--to", sub, two_fetches / "use.toml", env=cfg)
     assert_one_error_line(proc, 6, "offline", sub)
+    # so are push, copy and challenge against a network cache
+    built = tmp_path / "hello.txt"
+    built.write_text("hello\n")
+    path = cli.out("add", built).strip()
+    for args in (["push", sub, path], ["copy", "--to", sub, path], ["copy", "--from", sub, path]):
+        assert_one_error_line(cli(*args, env=cfg), 6, "offline", sub)
     assert listener.close() == 0
 
 

@@ -121,6 +121,10 @@ def open_backend(url: str | CacheURL, token: str | None = None):
 def open_with_config(url: str, config=None):
     """:func:`open_backend` with the token the config (or FIMIO_TOKEN) gives for ``url``."""
     cu = parse_cache_url(url)
+    if config is not None and getattr(config, "offline", False) and cu.scheme != "file":
+        from ..prefetch import refuse_network
+
+        refuse_network(cu.text, "offline = true in the config file")
     token = config.token_for(cu.text) if config is not None and cu.scheme in ("http", "https") else None
     if token is None and cu.scheme in ("http", "https"):
         import os
