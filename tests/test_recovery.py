@@ -118,8 +118,6 @@ def test_after_a_power_cut_an_unwritten_blob_is_never_linked(tmp_path):
 
 def test_reboot_recovery_waits_for_nobody_and_retries_later(tmp_path):
     """A busy GC lock (a gc, or writers of this boot) postpones the blob sweep to a later open."""
-    from fimio.store import fsutil
-
     root = tmp_path / "root"
     open_store(root).close()
     simulate_reboot(root)
@@ -141,7 +139,6 @@ def test_reboot_recovery_waits_for_nobody_and_retries_later(tmp_path):
     store = open_store(root)
     store.close()
     assert (root / recovery.MARKER).read_text().strip() == recovery.boot_id()
-    del fsutil
 
 
 def test_gc_does_not_drop_temp_roots_of_a_process_that_has_not_locked_them_yet(tmp_path):

@@ -145,10 +145,9 @@ def test_a_cache_with_another_digest_is_refused(origin, tmp_path):
     flip(f, 0)
     damaged = f.read_bytes()
     p = run_fimio(["verify", "--check-contents", "--repair"], tmp_path / "A", env={"FIMIO_CONFIG": cfg})
-    line = assert_one_error_line(p, 4, "1 problem(s)")
+    assert_one_error_line(p, 4, "1 problem(s)")
     assert "refused" in p.stdout and "not the registered blake3:" in p.stdout, p.stdout
     assert f.read_bytes() == damaged  # left as it was: the registered digest still says it is damaged
-    del line
 
 
 def test_without_a_usable_substituter_repair_reports_why(origin, damaged, tmp_path):

@@ -31,7 +31,7 @@ import pytest
 
 import faults
 from cachefixtures import WRITE_TOKEN, Serve, make_keys, write_config
-from conftest import STORE_DIR, fimio_env, fimio_executable
+from conftest import fimio_env, fimio_executable
 
 SOAK = float(os.environ.get("FIMIO_SOAK_SECONDS", "20"))
 SERVE_SOAK = float(os.environ.get("FIMIO_SERVE_SOAK_SECONDS", "15"))
