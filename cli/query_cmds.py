@@ -107,17 +107,20 @@ def _tree_json(store, path, stack=()):
 @click.command()
 @click.option("--check-contents", is_flag=True, help="Rehash every file of every valid path.")
 @click.option("--repair", is_flag=True, help="Fetch damaged paths again from substituters.")
+@click.option("--substituter", "substituters", multiple=True, metavar="URL",
+              help="With --repair: a cache to fetch from (repeatable; replaces the config's list).")
 @json_option
 @global_options
 @pass_options
-def verify(opts, check_contents, repair, as_json):
+def verify(opts, check_contents, repair, substituters, as_json):
     """Check the database and (with --check-contents) every file; exit 4 on any problem."""
     store = opts.store()
     problems = store.verify(check_contents=check_contents)
     if repair and problems:
         from fimio.store.repair import repair_paths
 
-        problems = repair_paths(store, problems, opts)
+        opts.substituters = list(substituters)
+        problems = repair_paths(store, problems, opts, log=lambda m: info(opts, m))
     if as_json:
         emit_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
     else:
