@@ -140,3 +140,20 @@ def file_lock(path: str, shared: bool = False, blocking: bool = True):
         yield True
     finally:
         os.close(fd)
+
+
+def pid_of(name: str) -> int | None:
+    """The pid in a ``<tag>-<pid>-<random>`` name under ``tmp/``, or None."""
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine, in this PID namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -730,8 +730,8 @@ class LocalStore:
                 if taken and self.query_hash(hash_part) is None:
                     fsutil.remove_tree(entry.path)
         for entry in os.scandir(self.tmp):
-            pid = _pid_of(entry.name)
-            if pid is not None and not _alive(pid):
+            pid = fsutil.pid_of(entry.name)
+            if pid is not None and not fsutil.alive(pid):
                 fsutil.remove_tree(entry.path)
 
 
@@ -833,19 +833,8 @@ def _resolve_pending(node: Node, results: list[tuple[bytes, int]]) -> Node:
     return node
 
 
-def _pid_of(name: str) -> int | None:
-    parts = name.split("-")
-    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_all(fd: int, size: int) -> bytes:

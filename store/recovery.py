@@ -54,20 +54,8 @@ def boot_time() -> float:
         return 0.0
 
 
-def pid_of(name: str) -> int | None:
-    """The pid in a ``<tag>-<pid>-<random>`` name under ``tmp/``, or None."""
-    parts = name.split("-")
-    return int(parts[1]) if len(parts) >= 3 and parts[1].isdigit() else None
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def recover(store) -> dict:
@@ -105,8 +93,8 @@ def clean_tmp(store, older_than: float | None = None) -> int:
     with os.scandir(store.tmp) as it:
         entries = list(it)
     for entry in entries:
-        pid = pid_of(entry.name)
-        stale = pid is not None and pid != os.getpid() and not alive(pid)
+        pid = fsutil.pid_of(entry.name)
+        stale = pid is not None and pid != os.getpid() and not fsutil.alive(pid)
         if not stale and older_than is not None:
             try:
                 stale = entry.stat(follow_symlinks=False).st_ctime < older_than
@@ -140,7 +128,7 @@ def clean_temproots(store) -> int:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
-            if same and not alive(int(name)):
+            if same and not fsutil.alive(int(name)):
                 os.unlink(path)
                 removed += 1
         finally:

@@ -71,7 +71,7 @@ def live_temp_roots(store) -> set[str]:
                 # Nobody holds it. Either its process is gone, or it has created the file
                 # and not locked it yet (TempRoots.__init__): only the first is stale.
                 # Unlinking the second's file would hide every root it is about to record.
-                if not name.isdigit() or not _alive(int(name)):
+                if not name.isdigit() or not fsutil.alive(int(name)):
                     os.unlink(path)
                     continue
             except BlockingIOError:
@@ -83,14 +83,6 @@ def live_temp_roots(store) -> set[str]:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def add_root(store, link: str, target: StorePath) -> str:
