@@ -290,43 +290,34 @@ class LocalStore:
     def _ingest_stream(self, fd: int, executable: bool) -> tuple[bytes, int]:
         """A large file: streamed through one reused buffer (flat memory), hashed with
         blake3's threads, written to an anonymous file that is linked once complete."""
-        mode = 0o555 if executable else 0o444
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         size = 0
-        out, tmp = self._new_blob_file(mode)
-        try:
+
+        def fill(out: int) -> str:
+            nonlocal size
             while n := os.readv(fd, [buf]):
-                chunk = view[:n]
-                hasher.update(chunk)
-                _write_all(out, chunk)
+                hasher.update(view[:n])
+                _write_all(out, view[:n])
                 size += n
-            digest = hasher.digest()
-            key = self.link_path(digest, executable)
+            key = self.link_path(hasher.digest(), executable)
             _blob_intact(key, size)  # drops a torn blob of that name so ours replaces it
-            if tmp is None:
-                _normalise_fd(out, mode, self.__dict__.get("_exact_mode", False))
-                _link_anonymous(out, key)
-            else:
-                os.close(out)
-                out = -1
-                self._finish_blob(tmp, key, executable)
-        except BaseException:
-            if tmp is not None:
-                _unlink(tmp)
-            raise
-        finally:
-            if out >= 0:
-                os.close(out)
-        return digest, size
+            return key
+
+        self._write_blob(executable, fill)
+        return hasher.digest(), size
 
     def _publish_blob(self, key: str, executable: bool, data) -> None:
         """Write ``data`` as the blob ``key``: complete, normalised, then given its name."""
+        self._write_blob(executable, lambda out: (_write_all(out, data), key)[1])
+
+    def _write_blob(self, executable: bool, fill) -> None:
+        """Create a new blob file, let ``fill(fd) -> key`` write it, then give it its name."""
         mode = 0o555 if executable else 0o444
         out, tmp = self._new_blob_file(mode)
         try:
-            _write_all(out, data)
+            key = fill(out)
             if tmp is None:
                 _normalise_fd(out, mode, self.__dict__.get("_exact_mode", False))
                 _link_anonymous(out, key)
