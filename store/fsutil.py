@@ -27,6 +27,53 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
+class EarlyFlush:
+    """Flush a filesystem in the background while a large write goes on, so that the
+    ``syncfs`` that makes it durable at the end finds little left to write.
+
+    Without it, nothing of a 1 GB add reaches the disk before that final ``syncfs`` (the
+    kernel starts writing back only at a tenth of the RAM), which then takes most of a
+    second on its own. ``wrote(n)`` reports ``n`` more bytes written; every ``every`` bytes
+    a ``syncfs`` starts on a background thread, unless one is still running. Leaving the
+    ``with`` block waits for it (errors are left to the final, foreground ``syncfs``).
+    """
+
+    def __init__(self, path: str, every: int = 128 << 20):
+        self.path, self.every = path, every
+        self._pending = 0
+        self.written = 0
+        self._thread = None
+
+    def wrote(self, n: int) -> None:
+        self._pending += n
+        self.written += n
+        if self._pending >= self.every:
+            self.start()
+
+    def start(self) -> None:
+        """Start a background ``syncfs`` now, unless one is still running."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        import threading
+
+        self._pending = 0
+        self._thread = threading.Thread(target=self._flush, daemon=True)
+        self._thread.start()
+
+    def _flush(self) -> None:
+        try:
+            syncfs(self.path)
+        except OSError:
+            pass
+
+    def __enter__(self) -> "EarlyFlush":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 _SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}

@@ -33,11 +33,12 @@ from .db import Database, dumps, loads
 from .errors import FimioError, IntegrityError, NotFound, UsageError
 from .paths import StorePath, check_name, is_hash_part, source_path, text_path
 from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, tree_size
+from .ingestpool import IngestPool
 
 _SMALL_FILE = 8 << 20
 _CHUNK = 1 << 20
-_WORKERS = 4  # threads reading/hashing/publishing files (and linking a large tree)
-_BATCH_FILES = 64  # small files handed to a worker at once
+_WORKERS = min(4, max(2, len(os.sched_getaffinity(0))))  # processes ingesting files; threads linking a tree
+_BATCH_FILES = 128  # small files handed to a worker at once
 _BATCH_BYTES = 8 << 20
 _PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW
@@ -259,12 +260,12 @@ class LocalStore:
     def _tmp_name(self, tag: str) -> str:
         return os.path.join(self.tmp, f"{tag}-{os.getpid()}-{os.urandom(6).hex()}")
 
-    def ingest_copy(self, src: bytes, st) -> tuple[bytes, int]:
+    def ingest_file(self, src: bytes, size: int, executable: bool) -> tuple[bytes, int]:
         """Copy one regular file's contents into ``.links`` (once per distinct content).
 
+        ``size``: what the scan found (a file that changed since is read to its end).
         Reads the file exactly once; the digest is of the bytes actually stored.
         """
-        executable = bool(st.st_mode & 0o100)
         try:
             fd = os.open(src, _O_READ)
         except PermissionError:
@@ -276,9 +277,9 @@ class LocalStore:
                 raise
             raise UsageError(f"'{os.fsdecode(src)}' changed while reading (now a symlink)") from None
         try:
-            if st.st_size > _SMALL_FILE:
+            if size > _SMALL_FILE:
                 return self._ingest_stream(fd, executable)
-            data = _read_all(fd, st.st_size)
+            data = _read_all(fd, size)
         finally:
             os.close(fd)
         digest = blake3.blake3(data).digest()
@@ -418,19 +419,22 @@ class LocalStore:
             return self._add_path(src, name)
 
     def _add_path(self, src: str, name: str) -> PathInfo:
-        node = self._scan_parallel(src)
-        path = source_path(self.store_dir, name, node.digest)
-        self._protect(path)
-        with self.lock_path(path):
-            existing = self.query(path)
-            if existing is not None:
-                return existing
-            tmp = self._tmp_name("add")
-            try:
-                self.materialise(node, tmp)
-                return self.commit(tmp, path, node, ca="source")
-            finally:
-                fsutil.remove_tree(tmp)
+        with fsutil.EarlyFlush(self.root) as flush:
+            node = self._scan_parallel(src, flush)
+            path = source_path(self.store_dir, name, node.digest)
+            self._protect(path)
+            with self.lock_path(path):
+                existing = self.query(path)
+                if existing is not None:
+                    return existing
+                tmp = self._tmp_name("add")
+                try:
+                    if flush.written >= _BATCH_BYTES * 4:
+                        flush.start()  # the new blobs go to disk while the tree is linked
+                    self.materialise(node, tmp)
+                    return self.commit(tmp, path, node, ca="source")
+                finally:
+                    fsutil.remove_tree(tmp)
 
     def add_text(self, name: str, data: bytes, references=()) -> PathInfo:
         """Add a small text object (a ``.drv``) with the given references; return its info."""
@@ -475,35 +479,37 @@ class LocalStore:
                     fsutil.remove_tree(tmp)
         return [self.info(w[0]) for w in wanted]
 
-    def _scan_parallel(self, src: str) -> Node:
-        # The main thread walks the tree; worker threads read, hash and publish the files,
-        # which release the GIL in blake3 and in every system call. Files go to the workers
-        # in batches: one pool task per file costs more Python time than a small file does.
+    def _scan_parallel(self, src: str, flush: fsutil.EarlyFlush) -> Node:
+        # The main process walks the tree; the files' contents are read, hashed and
+        # published in batches, by worker processes once the tree proves large enough to
+        # repay starting them (see ingestpool).
         self._exact_mode = _creation_mode_exact(self.links)  # new blobs need no chmod
-        with _Workers(_WORKERS) as pool:
+        with ExitStack() as stack:
+            pool = None
             batch: list = []
             batch_bytes = 0
             count = 0
 
             def on_file(p, st):
-                nonlocal batch, batch_bytes, count
-                batch.append((p, st))
+                nonlocal pool, batch, batch_bytes, count
+                batch.append((p, st.st_size, bool(st.st_mode & 0o100)))
                 batch_bytes += st.st_size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
-                    pool.submit(self._ingest_batch, batch)
+                    if pool is None:
+                        pool = stack.enter_context(IngestPool(self.ingest_file, _WORKERS))
+                    pool.submit(batch)
+                    flush.wrote(batch_bytes)
                     batch, batch_bytes = [], 0
                 count += 1
                 return count - 1, 0
 
             node = scan(src, on_file=on_file)
-            if batch:
-                pool.submit(self._ingest_batch, batch)
-            results = [r for done in pool.results() for r in done]
+            if pool is None:
+                results = [self.ingest_file(*item) for item in batch]
+            else:
+                pool.submit(batch)
+                results = pool.results()
         return _resolve_pending(node, results)
-
-    def _ingest_batch(self, items) -> list[tuple[bytes, int]]:
-        ingest = self.ingest_copy
-        return [ingest(p, st) for p, st in items]
 
     def materialise(self, node: Node, dest: str) -> None:
         """Create ``node`` at ``dest`` from ``.links`` (hard links), normalised (mtime 1, read-only)."""
