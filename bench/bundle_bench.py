@@ -4,14 +4,16 @@ fimio: ``fimio export P --closure -o F --key K`` (signed, zstd level 2, the defa
 ``fimio import F`` into a fresh, empty store that trusts K (every signature and digest is
 verified, and the import is durable: one ``syncfs`` before registration).
 
-Nix: ``nix-store --export $(nix-store -qR P) > F`` then ``nix-store --import < F``. Nix's
-import of a path that is already valid is a no-op, so before every import the path is
-deleted with ``nix-store --delete P`` (untimed): both tools import into a store that lacks
-every byte of the tree. Nix's export is unsigned and uncompressed and its import does not
-fsync file contents; fimio does more work per byte, which the ratio includes.
+Nix: ``nix-store --export $(nix-store -qR P) > F`` then ``nix-store --store D --import < F``
+into a fresh chroot store ``D`` (Nix's import of a path already valid is a no-op): both
+tools import into a store that lacks every byte of the tree. Nix's export is unsigned and
+uncompressed and its import does not fsync file contents; fimio does more work per byte,
+which the ratio includes.
 
 Every timed command is a whole process as a user runs it; ``sync()`` (untimed) before each.
-The ``-qR`` query of Nix and the creation of fimio's empty target root are untimed. The
+The ``-qR`` query of Nix and the creation of both tools' empty target stores are untimed.
+Target stores are created under the scratch parent (common.scratch_parent) and deleted only
+after the rounds, and the first round waits out the last large deletion (see README). The
 big tree is added once to each tool's store (untimed) before the runs; the rounds
 alternate between the tools so that a change in machine load affects both.
 """
@@ -23,7 +25,8 @@ import subprocess
 import time
 
 import trees
-from common import Row, Sample, fimio_argv, fimio_env, log, median, remove_tree, run_cmd, settle
+from common import (Row, Sample, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd,
+                    scratch_parent, settle, wait_after_deletion)
 
 NAME = "bundle"
 HELP = "export + import of the big closure through one file, fimio vs nix-store --export/--import"
@@ -57,7 +60,9 @@ class _Fimio:
         self.base = os.path.join(workdir, "bundle", f"run-{os.getpid()}")
         remove_tree(self.base)
         os.makedirs(self.base)
+        self.workdir = workdir
         self.counter = 0
+        self.roots: list[str] = []
         from fimio.store.cache.keys import SecretKey
 
         key = SecretKey.generate("bench-1")
@@ -73,9 +78,18 @@ class _Fimio:
         env["FIMIO_CONFIG"] = self.config
         return env
 
-    def fresh_root(self, label: str) -> str:
+    def fresh_dir(self, label: str) -> str:
+        """A new directory in a block group of its own (see common.scratch_parent), deleted
+        only after the timed rounds, so that no round creates its files where an earlier
+        round just freed inodes."""
         self.counter += 1
-        root = os.path.join(self.base, f"{label}-{self.counter}")
+        path = os.path.join(scratch_parent(self.workdir), f"bundle-{label}-{os.getpid()}-{self.counter}")
+        self.roots.append(path)
+        return path
+
+    def fresh_root(self, label: str) -> str:
+        """A new, initialised fimio store (see fresh_dir)."""
+        root = self.fresh_dir(label)
         subprocess.run([_python(), "-c", "import sys; from fimio.store.local import LocalStore; "
                         "LocalStore.open(sys.argv[1]).close()", root], check=True)
         return root
@@ -89,6 +103,7 @@ def _python() -> str:
 
 def run(args, workdir: str, nix: bool, notes: list[str]):
     big = trees.make_big(workdir, args.seed)
+    wait_after_deletion(workdir)
     f = _Fimio(workdir)
     n = args.runs
     log(f"bundle: adding the big tree to the stores (untimed), then {n} rounds, each tool in turn "
@@ -96,7 +111,7 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     src = f.fresh_root("src")
     path = run_cmd([*f.argv, "add", big.path], env=f.env(src)).stdout.decode().strip()
     bundle = os.path.join(f.base, "big.bundle")
-    peer = _Nix(big, f.base) if nix else None
+    peer = _Nix(big, f.base, f.fresh_dir) if nix else None
     exp, imp, rss, nexp, nimp, nrss = [], [], [], [], [], []
     try:
         for i in range(n):
@@ -108,7 +123,6 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
             s = run_cmd([*f.argv, "import", bundle, "-q"], env=f.env(dest))
             imp.append(s.seconds)
             rss.append(s.maxrss_bytes)
-            remove_tree(dest)
             line = f"  round {i + 1}: fimio export {exp[-1]:.2f} s, import {imp[-1]:.2f} s ({rss[-1] / 1e6:.0f} MB)"
             if peer is not None:
                 e, m, r = peer.round()
@@ -122,7 +136,11 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     finally:
         if peer is not None:
             peer.close()
+        log("deleting scratch stores")
+        for root in f.roots:
+            remove_tree(root)
         remove_tree(f.base)
+        note_deletion(workdir)
     rows = []
     label = f"*big* ({big.files:,} files, {big.bytes / 1e6:,.0f} MB), median of {n}"
     rows.append(Row(f"export {label}", "time", median(exp), median(nexp) if nexp else None,
@@ -140,29 +158,33 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     rows.append(r)
     rows.append(Row("file size (bundle vs NAR export)", "bytes", bundle_size, nar_size))
     notes.append("fimio: signed with one key, zstd level 2, import verifies signatures and digests and syncs; "
-                 "nix: unsigned, uncompressed, path deleted (untimed) before each import")
+                 "nix: unsigned, uncompressed, imported into a fresh chroot store (--store DIR, initialised untimed)")
     return rows, [big]
 
 
 class _Nix:
     """The peer's side: the tree added once; each round exports the closure and imports it
-    again after deleting the path (untimed)."""
+    into a fresh, initialised Nix store of its own (``--store DIR``, a chroot store, created
+    untimed next to fimio's scratch stores): like fimio, Nix imports into a store that lacks
+    every byte, and neither tool creates files where the other just deleted some."""
 
-    def __init__(self, big, base: str):
+    def __init__(self, big, base: str, fresh_dir):
         log("  nix: adding the big tree (untimed)")
         self.path = run_cmd(["nix-store", "--add", big.path]).stdout.decode().strip()
         self.closure = run_cmd(["nix-store", "-qR", self.path]).stdout.decode().split()
         self.nar = os.path.join(base, "big.nar-export")
         self.size = None
+        self.fresh_dir = fresh_dir
 
     def round(self) -> tuple[float, float, int]:
         settle()
         with open(self.nar, "wb") as out:
             e = run_cmd(["nix-store", "--export", *self.closure], stdout=out).seconds
         self.size = os.path.getsize(self.nar)
-        subprocess.run(["nix-store", "--delete", self.path], capture_output=True, check=True)
+        store = self.fresh_dir("nix")
+        subprocess.run(["nix-store", "--store", store, "--init"], capture_output=True, check=True)
         settle()
-        s = _run_stdin(["nix-store", "--import"], self.nar)
+        s = _run_stdin(["nix-store", "--store", store, "--import"], self.nar)
         return e, s.seconds, s.maxrss_bytes
 
     def close(self) -> None:

@@ -34,6 +34,7 @@ _BATCH_BYTES = 1 << 20
 _BATCH_ITEMS = 128
 _MAX_INFLIGHT = 8  # batches; bounds memory to about 8 MiB of small blobs
 _CHUNK = 1 << 20
+_EARLY_FLUSH_MIN = 32 << 20  # below this, the final syncfs alone is cheaper than two
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
@@ -50,7 +51,9 @@ class Staging:
         self.store = store
         self.dir = os.fsencode(store._tmp_name("import"))  # logs, and blobs no tree needs yet
         os.mkdir(self.dir)
+        self.jobs = jobs
         self.pool = ThreadPoolExecutor(max_workers=jobs)
+        self.flush = fsutil.EarlyFlush(store.root)  # blobs go to disk while the bundle streams in
         self._batch: list = []
         self._batch_bytes = 0
         self._inflight: collections.deque = collections.deque()
@@ -72,6 +75,7 @@ class Staging:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.flush.__exit__()
         for tree in self.trees:
             fsutil.remove_tree(os.fsdecode(tree))
         fsutil.remove_tree(os.fsdecode(self.dir))
@@ -150,6 +154,7 @@ class Staging:
         """Check ``data`` against ``digest`` and write it where it goes, on the pool."""
         self._batch.append((digest, data, self._plan(digest)))
         self._batch_bytes += len(data)
+        self.flush.wrote(len(data))
         if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_ITEMS:
             self._submit()
 
@@ -163,6 +168,7 @@ class Staging:
     def add_stream(self, digest: bytes, size: int, read) -> None:
         """Stream a large blob from ``read(n)`` (exact reads), checking and placing it."""
         plan = self._plan(digest)
+        self.flush.wrote(size)
         h = blake3.blake3()  # AUTO threading costs more than it saves on 1 MiB updates
         fd = os.open(plan[0][0], _CREATE, 0o555 if plan[0][1] else 0o444) if plan else None
         try:
@@ -195,17 +201,26 @@ class Staging:
         """After the bundle verified: link every blob written here into ``.links`` and give the
         directories their normal form (mtime 1, mode 0555). Call under the store's writer lock."""
         self.drain()
-        for (digest, executable), path in self._copies.items():
-            try:
-                os.link(path, self.store.link_path(digest, executable))
-            except FileExistsError:
-                pass  # another writer published the same content meanwhile: both copies are right
-            except OSError as e:
-                if e.errno != errno.EMLINK:
-                    raise
+        if self.flush.written >= _EARLY_FLUSH_MIN:
+            self.flush.start()  # what is still dirty goes to disk while the blobs are linked
+        links = [(path, self.store.link_path(digest, executable))
+                 for (digest, executable), path in self._copies.items()]
+        step = max(1024, -(-len(links) // self.jobs))
+        list(self.pool.map(_publish_links, [links[i:i + step] for i in range(0, len(links), step)]))
         for d in reversed(self._dirs):
             os.utime(d, (1, 1))
             os.chmod(d, 0o555)
+
+
+def _publish_links(links) -> None:
+    for path, key in links:
+        try:
+            os.link(path, key)
+        except FileExistsError:
+            pass  # another writer published the same content meanwhile: both copies are right
+        except OSError as e:
+            if e.errno != errno.EMLINK:
+                raise
 
 
 def _write_all(fd: int, data) -> None:

@@ -125,3 +125,39 @@ def test_sigkill_during_add_never_leaves_a_half_valid_path(big_tree, tmp_path):
     run_fimio(["verify", "--check-contents"], root, check=0)
     info, entries, _ = _state(root, base)
     assert info is not None and info.root == digest and entries == {base}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def test_sigkill_of_add_takes_its_worker_processes_with_it(big_tree, tmp_path):
+    """A large add reads files in forked workers; killing the add must not leave them
+    running (still writing, and holding the store's GC lock, which would block a gc)."""
+    root = tmp_path / "root"
+    proc = subprocess.Popen([fimio_executable(), "add", str(big_tree)], env=fimio_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    workers: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None and not workers:
+        workers = _children(proc.pid)
+        time.sleep(0.005)
+    assert workers, "the add finished (or failed) before its workers were seen"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
+        time.sleep(0.01)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "workers outlived the killed add"
+    gc = subprocess.run([fimio_executable(), "gc"], env=fimio_env(root), capture_output=True, timeout=30)
+    assert gc.returncode == 0, gc.stderr.decode(errors="replace")
