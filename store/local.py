@@ -33,11 +33,11 @@ from .db import Database, dumps, loads
 from .errors import FimioError, IntegrityError, NotFound, UsageError
 from .paths import StorePath, check_name, is_hash_part, source_path, text_path
 from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, tree_size
-from .ingestpool import IngestPool
+from .forkpool import ForkPool
 
 _SMALL_FILE = 8 << 20
 _CHUNK = 1 << 20
-_WORKERS = min(4, max(2, len(os.sched_getaffinity(0))))  # processes ingesting files; threads linking a tree
+_WORKERS = 4  # threads linking a large tree (each link releases the GIL)
 _BATCH_FILES = 128  # small files handed to a worker at once
 _BATCH_BYTES = 8 << 20
 _PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
@@ -486,6 +486,7 @@ class LocalStore:
         self._exact_mode = _creation_mode_exact(self.links)  # new blobs need no chmod
         with ExitStack() as stack:
             pool = None
+            futures: list = []
             batch: list = []
             batch_bytes = 0
             count = 0
@@ -496,19 +497,16 @@ class LocalStore:
                 batch_bytes += st.st_size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
                     if pool is None:
-                        pool = stack.enter_context(IngestPool(self.ingest_file, _WORKERS))
-                    pool.submit(batch)
+                        pool = stack.enter_context(ForkPool(self.ingest_file))
+                    futures.append(pool.submit(batch))
                     flush.wrote(batch_bytes)
                     batch, batch_bytes = [], 0
                 count += 1
                 return count - 1, 0
 
             node = scan(src, on_file=on_file)
-            if pool is None:
-                results = [self.ingest_file(*item) for item in batch]
-            else:
-                pool.submit(batch)
-                results = pool.results()
+            results = [r for f in futures for r in f.result()]
+            results += [self.ingest_file(*item) for item in batch]
         return _resolve_pending(node, results)
 
     def materialise(self, node: Node, dest: str) -> None:

@@ -244,3 +244,47 @@ def test_kill_during_substitution_leaves_nothing_half_valid(tmp_path):
             assert store.verify(check_contents=True) == []
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("forked", [False, True], ids=["in-process", "worker-processes"])
+def test_packs_are_checked_whether_unpacked_here_or_in_workers(setup, monkeypatch, forked):
+    """Large substitutions unpack packs in forked workers (store/forkpool.py); a damaged
+    pack must be refused there exactly as in-process, and a good one give the same tree."""
+    from fimio.store.cache import fetch
+    from fimio.store.cache.substitute import SubstituterSet
+    from fimio.store.errors import IntegrityError
+
+    monkeypatch.setattr(fetch, "_FORK_MIN_BYTES", 0 if forked else 1 << 62)
+    started = []
+    real_pool = fetch.ForkPool
+    monkeypatch.setattr(fetch, "ForkPool", lambda fn: started.append(fn) or real_pool(fn))
+
+    def substitute(label):
+        store = LocalStore(str(setup.tmp / label), STORE_DIR)
+        try:
+            with SubstituterSet(store, [setup.url], [setup.pk]) as subs:
+                return store, subs.substitute([setup.tree.path])
+        except BaseException:
+            store.close()
+            raise
+
+    (pack,) = setup.objects("packs")[:1]
+    original = open(pack, "rb").read()
+    _flip(pack)
+    assert not _same_content(original, open(pack, "rb").read())
+    with pytest.raises(IntegrityError):
+        substitute("bad")
+    bad = LocalStore(str(setup.tmp / "bad"), STORE_DIR)
+    assert bad.all_paths() == [] and os.listdir(bad.tmp) == []
+    bad.close()
+    with open(pack, "wb") as f:
+        f.write(original)
+
+    store, got = substitute("good")
+    try:
+        assert got == {setup.tree.path}
+        assert store.info(setup.tree.path).root == setup.tree.root
+        assert store.verify(check_contents=True) == []
+    finally:
+        store.close()
+    assert bool(started) == forked

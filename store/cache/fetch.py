@@ -13,6 +13,9 @@ materialisation), so nothing waits on a task of its own pool.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,12 +23,14 @@ from dataclasses import dataclass, field
 import blake3
 
 from .. import fsutil
+from ..forkpool import ForkPool
 from ..tree import DirNode, FileNode, Node
 from . import ingest, manifest, packing
 from .layout import object_key
 
 
 _EMPTY = b"empty"  # a key that is no digest
+_FORK_MIN_BYTES = 64 << 20  # packs to unpack before worker processes pay for their start
 _EMPTY_DIGEST = blake3.blake3(b"").digest()
 
 
@@ -58,8 +63,11 @@ def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None
     items = [_Item(b, i) for b, i in pairs]
     try:
         list(pool.map(lambda it: _fetch_manifest(it, stats), items))
-        _fetch_blobs(store, items, pool, stats)
-        list(pool.map(lambda it: _materialise(store, it), items))
+        with fsutil.EarlyFlush(store.root) as flush:
+            flush.wrote(_fetch_blobs(store, items, pool, stats))
+            if flush.written >= _FORK_MIN_BYTES:
+                flush.start()  # the blobs go to disk while the trees are linked
+            list(pool.map(lambda it: _materialise(store, it), items))
     except BaseException:
         for it in items:
             if it.tmp:
@@ -68,7 +76,8 @@ def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None
     return [(it.tmp, it.info, it.manifest.root) for it in items]
 
 
-def _get(backend, key: str, raw_size: int, stats: FetchStats) -> bytes:
+def _download(backend, key: str, raw_size: int, stats: FetchStats) -> bytes:
+    """The stored (compressed) bytes of object ``key``, capped by its raw size."""
     from ..errors import IntegrityError
 
     data = backend.get(key, packing.compress_bound(raw_size))
@@ -76,7 +85,19 @@ def _get(backend, key: str, raw_size: int, stats: FetchStats) -> bytes:
         raise IntegrityError(f"cache '{backend.url}' lacks '{key}', which a signed path needs",
                              "the cache is incomplete or was damaged")
     stats.add(len(data))
-    return packing.decompress(data, raw_size, key)
+    return data
+
+
+def _get(backend, key: str, raw_size: int, stats: FetchStats) -> bytes:
+    return packing.decompress(_download(backend, key, raw_size, stats), raw_size, key)
+
+
+def _unpack(store, data: bytes, blobs, key: str, wanted: dict) -> None:
+    """Decompress a pack, check it against its manifest entry ``blobs`` and every blob
+    against its digest, and publish the ``wanted`` ones ({digest: executable variants})."""
+    for digest, piece in packing.split_pack(packing.decompress(data, packing.pack_raw_size(blobs), key), blobs, key):
+        for executable in wanted.get(digest, ()):
+            ingest.write_blob(store, digest, executable, piece)
 
 
 def _fetch_manifest(item: _Item, stats: FetchStats) -> None:
@@ -98,16 +119,18 @@ def _variants(node: Node, out: dict) -> None:
             out.setdefault(_EMPTY, set())  # marks: the tree has empty files
 
 
-def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: FetchStats) -> None:
+def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: FetchStats) -> int:
+    """Download and publish the blobs the store lacks; return how many bytes that wrote."""
     needed: dict[bytes, set] = {}
     for it in items:
         _variants(it.manifest.root, needed)
+    fresh = _links_empty(store)  # a fresh store has nothing: two stats per blob saved
     if needed.pop(_EMPTY, None) is not None:
         # empty files are in no pack: their blob is made here
         for executable in needed.pop(_EMPTY_DIGEST, ()):
             ingest.write_blob(store, _EMPTY_DIGEST, executable, b"")
     # what we already have, or can make from the other variant, is not downloaded
-    for digest, variants in list(needed.items()):
+    for digest, variants in list(needed.items()) if not fresh else ():
         missing = {x for x in variants if not ingest.has_blob(store, digest, x)}
         if len(missing) == 1:
             # the other variant, if this store has it, is copied instead of downloaded
@@ -135,22 +158,35 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
                 for c in blob.chunks:
                     tasks.append(("chunk", it.backend, c, target, offset))
                     offset += c.raw_size
-    try:
-        list(pool.map(lambda t: _run_task(store, t, needed, stats), tasks))
-        list(pool.map(lambda lf: lf[0].publish(lf[1]), large_files))
-    finally:
-        for target, _ in large_files:
-            target.close()
+    pack_bytes = sum(t[2].raw_size for t in tasks if t[0] == "pack")
+    with contextlib.ExitStack() as stack:
+        # many small blobs: unpacked and written by worker processes (see forkpool)
+        unpack = (stack.enter_context(ForkPool(functools.partial(_unpack, store)))
+                  if pack_bytes >= _FORK_MIN_BYTES else None)
+        try:
+            list(pool.map(lambda t: _run_task(store, t, needed, stats, unpack), tasks))
+            list(pool.map(lambda lf: lf[0].publish(lf[1]), large_files))
+        finally:
+            for target, _ in large_files:
+                target.close()
+    return pack_bytes + sum(target.size for target, _ in large_files)
 
 
-def _run_task(store, task, needed, stats: FetchStats) -> None:
+def _links_empty(store) -> bool:
+    with os.scandir(store.links) as it:
+        return next(it, None) is None
+
+
+def _run_task(store, task, needed, stats: FetchStats, unpack) -> None:
     kind, backend, obj, target, offset = task
     if kind == "pack":
         key = object_key("packs", obj.digest)
-        raw = _get(backend, key, obj.raw_size, stats)
-        for digest, piece in packing.split_pack(raw, obj.blobs, key):
-            for executable in needed.get(digest, ()):
-                ingest.write_blob(store, digest, executable, piece)
+        data = _download(backend, key, obj.raw_size, stats)
+        wanted = {d: tuple(needed[d]) for d, _ in obj.blobs if d in needed}
+        if unpack is None:
+            _unpack(store, data, obj.blobs, key, wanted)
+        else:
+            unpack.submit([(data, obj.blobs, key, wanted)]).result()
     else:
         key = object_key("chunks", obj.digest)
         raw = _get(backend, key, obj.raw_size, stats)
