@@ -10,8 +10,8 @@ Workers are forked, so they inherit the open store and the function they run as 
 (only the work items and results are pickled), and they die with the process that forked
 them (``PR_SET_PDEATHSIG``): a killed ``fimio add`` leaves no worker behind holding the
 store's locks. What runs in a worker must not use anything the fork did not copy in a
-usable state: no threads of the parent (blake3's multi-threaded hashing, a cache client),
-only system calls, zstd and single-threaded hashing.
+usable state: no threads of the parent (a cache client; blake3's multi-threaded hashing,
+hence :func:`hash_threads`), only system calls, zstd and single-threaded hashing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,16 @@ from __future__ import annotations
 import os
 
 _functions: dict = {}  # pool id -> what its workers call on each item; set before they fork
+_in_worker = False
+
+
+def hash_threads() -> int:
+    """``max_threads`` for hashing a large input with blake3: all CPUs, except in a worker,
+    where the thread pool blake3 keeps for that (if the parent had started it) did not
+    survive the fork -- using it there would wait forever."""
+    import blake3
+
+    return 1 if _in_worker else blake3.blake3.AUTO
 
 
 def _run_batch(pool_id: int, batch: list) -> list:
@@ -31,6 +41,9 @@ def _die_with_parent(parent: int) -> None:
     """In a new worker: be killed when the forking process dies (and exit if it already has)."""
     import ctypes
     import signal
+
+    global _in_worker
+    _in_worker = True
 
     pr_set_pdeathsig = 1
     try:

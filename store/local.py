@@ -33,7 +33,7 @@ from .db import Database, dumps, loads
 from .errors import FimioError, IntegrityError, NotFound, UsageError
 from .paths import StorePath, check_name, is_hash_part, source_path, text_path
 from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, tree_size
-from .forkpool import ForkPool
+from .forkpool import ForkPool, hash_threads
 
 _SMALL_FILE = 8 << 20
 _CHUNK = 1 << 20
@@ -291,7 +291,7 @@ class LocalStore:
     def _ingest_stream(self, fd: int, executable: bool) -> tuple[bytes, int]:
         """A large file: streamed through one reused buffer (flat memory), hashed with
         blake3's threads, written to an anonymous file that is linked once complete."""
-        hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        hasher = blake3.blake3(max_threads=hash_threads())
         buf = bytearray(_CHUNK)
         view = memoryview(buf)
         size = 0

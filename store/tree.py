@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from .errors import IntegrityError, UsageError
+from .forkpool import hash_threads
 
 DIGEST_SIZE = 32
 MAX_NAME = 255
@@ -192,7 +193,7 @@ def hash_file(path: str | bytes, chunk: int = 1 << 20) -> tuple[bytes, int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         expected = os.fstat(fd).st_size
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO) if expected > (8 << 20) else blake3.blake3()
+        h = blake3.blake3(max_threads=hash_threads()) if expected > (8 << 20) else blake3.blake3()
         # one reused buffer (flat memory, no allocation per read); a small file takes one
         # read plus the one that sees its end
         buf = bytearray(min(chunk, expected + 1))

@@ -7,6 +7,8 @@ import os
 import pathlib
 import socket
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -291,3 +293,26 @@ def test_a_torn_blob_is_replaced_not_trusted(store, tmp_path):
     info = store.add_path(str(src))
     assert pathlib.Path(store.physical(info.path)).read_bytes() == src.read_bytes()
     assert store.verify(check_contents=True) == []
+
+
+def test_large_add_after_multithreaded_hashing_in_the_same_process(tmp_path):
+    """A large add forks worker processes. blake3's own thread pool, once the process has
+    used it, does not survive a fork: a worker hashing a large file with it would wait
+    forever. The add must finish (it runs in a child interpreter with a timeout)."""
+    src = tmp_path / "src"
+    for i in range(3):
+        (src / f"d{i}").mkdir(parents=True)
+        (src / f"d{i}" / "large").write_bytes(os.urandom(9 << 20))
+        for j in range(100):
+            (src / f"d{i}" / f"small{j}").write_bytes(b"%d %d\n" % (i, j))
+    program = (
+        "import sys, blake3\n"
+        "from fimio.store.local import LocalStore\n"
+        "blake3.blake3(bytes(32 << 20), max_threads=blake3.blake3.AUTO).digest()  # starts its pool\n"
+        "store = LocalStore(sys.argv[1], '/fimio/store')\n"
+        "print(store.add_path(sys.argv[2]).path.base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", program, str(tmp_path / "root"), str(src)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("-src")

@@ -28,6 +28,7 @@ import blake3
 import zstandard
 
 from ..errors import IntegrityError
+from ..forkpool import hash_threads
 from ..tree import DirNode, FileNode, Node
 from .layout import CacheParams
 
@@ -123,7 +124,7 @@ def decompress(data: bytes, raw_size: int, where: str) -> bytes:
 
 
 def check_digest(data, digest: bytes, where: str) -> None:
-    got = blake3.blake3(data, max_threads=blake3.blake3.AUTO if len(data) > (4 << 20) else 1).digest()
+    got = blake3.blake3(data, max_threads=hash_threads() if len(data) > (4 << 20) else 1).digest()
     if got != digest:
         raise IntegrityError(f"object '{where}' does not match its digest", "the cache is corrupt or hostile",
                              expected=digest.hex(), got=got.hex())
