@@ -8,7 +8,10 @@ its digest once assembled. Sizes are capped before decompression. Blobs the loca
 already has (either executable variant) are not downloaded.
 
 All work runs in phases on one thread pool (manifests, then packs and chunks, then
-materialisation), so nothing waits on a task of its own pool.
+materialisation), so nothing waits on a task of its own pool. When there are many packs,
+the threads only download them: decompressing, checking and writing their blobs (a few
+system calls per small file) is handed to worker processes (``forkpool``), which share
+no GIL. The new blobs are flushed in the background meanwhile (``fsutil.EarlyFlush``).
 """
 
 from __future__ import annotations
