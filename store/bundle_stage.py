@@ -34,7 +34,6 @@ _BATCH_BYTES = 1 << 20
 _BATCH_ITEMS = 128
 _MAX_INFLIGHT = 8  # batches; bounds memory to about 8 MiB of small blobs
 _CHUNK = 1 << 20
-_EARLY_FLUSH_MIN = 32 << 20  # below this, the final syncfs alone is cheaper than two
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
 
 
@@ -75,7 +74,7 @@ class Staging:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
-        self.flush.__exit__()
+        self.flush.join()
         for tree in self.trees:
             fsutil.remove_tree(os.fsdecode(tree))
         fsutil.remove_tree(os.fsdecode(self.dir))
@@ -201,8 +200,7 @@ class Staging:
         """After the bundle verified: link every blob written here into ``.links`` and give the
         directories their normal form (mtime 1, mode 0555). Call under the store's writer lock."""
         self.drain()
-        if self.flush.written >= _EARLY_FLUSH_MIN:
-            self.flush.start()  # what is still dirty goes to disk while the blobs are linked
+        self.flush.start()  # what is still dirty goes to disk while the blobs are linked
         links = [(path, self.store.link_path(digest, executable))
                  for (digest, executable), path in self._copies.items()]
         step = max(1024, -(-len(links) // self.jobs))

@@ -34,12 +34,15 @@ class EarlyFlush:
     Without it, nothing of a 1 GB add reaches the disk before that final ``syncfs`` (the
     kernel starts writing back only at a tenth of the RAM), which then takes most of a
     second on its own. ``wrote(n)`` reports ``n`` more bytes written; every ``every`` bytes
-    a ``syncfs`` starts on a background thread, unless one is still running. Leaving the
-    ``with`` block waits for it (errors are left to the final, foreground ``syncfs``).
+    a ``syncfs`` starts on a background thread, unless one is still running. ``start()``
+    starts one at once (when the writing is done and what remains is cheap to do alongside),
+    if at least ``minimum`` bytes were written: for less, the final ``syncfs`` alone costs
+    less than two. Leaving the ``with`` block (or ``join()``) waits for it; errors are left
+    to the final, foreground ``syncfs``.
     """
 
-    def __init__(self, path: str, every: int = 128 << 20):
-        self.path, self.every = path, every
+    def __init__(self, path: str, every: int = 128 << 20, minimum: int = 32 << 20):
+        self.path, self.every, self.minimum = path, every, minimum
         self._pending = 0
         self.written = 0
         self._thread = None
@@ -51,8 +54,8 @@ class EarlyFlush:
             self.start()
 
     def start(self) -> None:
-        """Start a background ``syncfs`` now, unless one is still running."""
-        if self._thread is not None and self._thread.is_alive():
+        """Start a background ``syncfs`` now, unless one is running or too little was written."""
+        if self.written < self.minimum or (self._thread is not None and self._thread.is_alive()):
             return
         import threading
 
@@ -66,12 +69,15 @@ class EarlyFlush:
         except OSError:
             pass
 
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
     def __enter__(self) -> "EarlyFlush":
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        self.join()
 
 
 _RENAME_EXCHANGE = 2

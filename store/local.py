@@ -429,8 +429,7 @@ class LocalStore:
                     return existing
                 tmp = self._tmp_name("add")
                 try:
-                    if flush.written >= _BATCH_BYTES * 4:
-                        flush.start()  # the new blobs go to disk while the tree is linked
+                    flush.start()  # the new blobs go to disk while the tree is linked
                     self.materialise(node, tmp)
                     return self.commit(tmp, path, node, ca="source")
                 finally:

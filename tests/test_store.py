@@ -316,3 +316,22 @@ def test_large_add_after_multithreaded_hashing_in_the_same_process(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("-src")
+
+
+def test_early_flush_syncs_in_the_background_only_when_worth_it(monkeypatch, tmp_path):
+    from fimio.store import fsutil
+
+    calls = []
+    monkeypatch.setattr(fsutil, "syncfs", calls.append)
+    with fsutil.EarlyFlush(str(tmp_path), every=100, minimum=50) as flush:
+        flush.start()
+        flush.join()
+        assert calls == []  # nothing written: the final syncfs alone is cheaper
+        flush.wrote(60)
+        flush.join()
+        assert calls == []  # below `every`
+        flush.start()
+        flush.join()
+        assert calls == [str(tmp_path)]
+        flush.wrote(100)  # crosses `every`
+    assert calls == [str(tmp_path)] * 2

@@ -68,8 +68,7 @@ def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None
         list(pool.map(lambda it: _fetch_manifest(it, stats), items))
         with fsutil.EarlyFlush(store.root) as flush:
             flush.wrote(_fetch_blobs(store, items, pool, stats))
-            if flush.written >= _FORK_MIN_BYTES:
-                flush.start()  # the blobs go to disk while the trees are linked
+            flush.start()  # the blobs go to disk while the trees are linked
             list(pool.map(lambda it: _materialise(store, it), items))
     except BaseException:
         for it in items:
