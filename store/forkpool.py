@@ -16,6 +16,7 @@ hence :func:`hash_threads`), only system calls, zstd and single-threaded hashing
 
 from __future__ import annotations
 
+import errno
 import os
 
 _functions: dict = {}  # pool id -> what its workers call on each item; set before they fork
@@ -75,18 +76,38 @@ class ForkPool:
         self._pool = ProcessPoolExecutor(workers or default_workers(),
                                          mp_context=multiprocessing.get_context("fork"),
                                          initializer=_die_with_parent, initargs=(os.getpid(),))
-        # fork now, from this thread: the workers' death signal follows the thread that
-        # forked them, which must not be a short-lived one
-        self._pool.submit(_run_batch, self._id, [])
+        try:
+            # fork now, from this thread: the workers' death signal follows the thread
+            # that forked them, which must not be a short-lived one
+            self._pool.submit(_run_batch, self._id, [])
+        except OSError:
+            # no process to be had (a process limit, no memory): the work is done here
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def submit(self, items: list):
-        return self._pool.submit(_run_batch, self._id, items)
+        if self._pool is not None:
+            return self._pool.submit(_run_batch, self._id, items)
+        from concurrent.futures import Future
+
+        done: Future = Future()
+        try:
+            done.set_result(_run_batch(self._id, items))
+        except Exception as e:  # noqa: BLE001 -- raised by result(), as from a worker
+            done.set_exception(e)
+        return done
 
     def __enter__(self) -> "ForkPool":
         return self
 
     def __exit__(self, kind, value, tb) -> None:
+        from concurrent.futures.process import BrokenProcessPool
+
         try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
         finally:
             del _functions[self._id]
+        if isinstance(value, BrokenProcessPool):
+            # a worker was killed (out of memory?): an error like any failed system call
+            raise OSError(errno.ECHILD, "a worker process died unexpectedly (killed? out of memory?)") from None

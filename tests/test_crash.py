@@ -161,3 +161,47 @@ def test_sigkill_of_add_takes_its_worker_processes_with_it(big_tree, tmp_path):
     assert not any(os.path.exists(f"/proc/{w}") for w in workers), "workers outlived the killed add"
     gc = subprocess.run([fimio_executable(), "gc"], env=fimio_env(root), capture_output=True, timeout=30)
     assert gc.returncode == 0, gc.stderr.decode(errors="replace")
+
+
+def test_a_killed_worker_fails_the_add_cleanly(big_tree, tmp_path):
+    """A worker killed by the system (the OOM killer, an operator) fails the add with the
+    documented one-line error and exit 1; nothing is registered, verify stays clean."""
+    from conftest import assert_one_error_line
+
+    root = tmp_path / "root"
+    proc = subprocess.Popen([fimio_executable(), "add", str(big_tree)], env=fimio_env(root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    workers: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None and not workers:
+        workers = _children(proc.pid)
+        time.sleep(0.002)
+    assert workers, "the add finished (or failed) before its workers were seen"
+    os.kill(workers[0], signal.SIGKILL)
+    proc.stdout, proc.stderr = proc.communicate(timeout=60)
+    assert_one_error_line(proc, 1, "worker process died")
+    info, entries, _ = _state(root, "x" * 40)
+    assert entries == set()
+    assert run_fimio(["verify", "--check-contents"], root).returncode == 0
+
+
+def test_add_works_without_worker_processes(tmp_path, monkeypatch):
+    """Where no process can be forked (a process limit), a large add does the work itself."""
+    src = tmp_path / "src"
+    for i in range(300):
+        (src / f"d{i % 7}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 7}" / f"f{i}").write_bytes(os.urandom(i * 37))
+
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    store = LocalStore(str(tmp_path / "root"), STORE_DIR)
+    try:
+        info = store.add_path(str(src))
+        from fimio.store.tree import scan
+
+        assert info.root == scan(str(src)).digest
+        assert store.verify(check_contents=True) == []
+    finally:
+        store.close()
