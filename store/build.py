@@ -269,7 +269,7 @@ class Builder:
         if stat.S_ISREG(mode):
             executable = bool(mode & 0o111)
             digest, size = _hash_and_scan(path, candidates, found)
-            self.store.adopt_file(path, digest, executable)
+            self.store.blobs.adopt(path, digest, executable)
             return FileNode(digest, size, executable)
         if stat.S_ISDIR(mode):
             os.chmod(path, 0o755)
@@ -375,7 +375,7 @@ def fetch(store, drv: Derivation, offline: bool = False) -> BuildResult:
                              f"declared {declared}, got {algo}:{got}", expected=declared, got=f"{algo}:{got}")
     os.chmod(tmp, 0o444)
     digest, size = _hash_and_scan(os.fsencode(tmp), {}, set())
-    store.adopt_file(os.fsencode(tmp), digest, False)
+    store.blobs.adopt(os.fsencode(tmp), digest, False)
     node = FileNode(digest, size, False)
     end = time.time()
     from . import __version__

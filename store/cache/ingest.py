@@ -1,8 +1,9 @@
 """Putting fetched content into the local store: blobs into ``.links``, paths registered atomically.
 
-Blobs are written under ``tmp/`` and renamed to their ``.links`` key (the same keying as
-``LocalStore.link_path``: ``<blake3 hex>`` plus ``x`` for the executable variant) only after
-their digest was checked, so ``.links`` never holds a wrong blob. Paths are materialised
+Blobs are published through the store's own :class:`~fimio.store.blobs.Blobs` (complete
+and normalised before they get their ``.links`` name) only after their digest was
+checked, so ``.links`` never holds a wrong blob; a large blob assembled from chunks is
+renamed to its key once its whole digest is checked. Paths are materialised
 under ``tmp/`` and registered by :func:`register` -- all of them in one LMDB transaction,
 after one ``syncfs``: a kill at any point leaves each path either valid with its whole
 closure, or absent (an unregistered directory in ``store/`` is garbage that ``verify``
@@ -34,28 +35,8 @@ def has_blob(store, digest: bytes, executable: bool) -> bool:
 def write_blob(store, digest: bytes, executable: bool, data) -> None:
     """Publish verified ``data`` as the blob ``digest`` (the caller checked the digest)."""
     key = store.link_path(digest, executable)
-    if os.access(key, os.F_OK):
-        return
-    publish = getattr(store, "_publish_blob", None)
-    if publish is not None:
-        # the local store's own publication: anonymous O_TMPFILE files linked when complete,
-        # normalised exactly as every other blob
-        publish(key, executable, data)
-        return
-    tmp = tmp_name(store, "blob")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o555 if executable else 0o444)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.utime(fd, (1, 1))
-        finally:
-            os.close(fd)
-        os.rename(tmp, key)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    if not os.access(key, os.F_OK):
+        store.blobs.publish(key, executable, data)
 
 
 def copy_variant(store, digest: bytes, executable: bool) -> bool:
