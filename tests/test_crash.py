@@ -141,18 +141,24 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_sigkill_of_add_takes_its_worker_processes_with_it(big_tree, tmp_path):
-    """A large add reads files in forked workers; killing the add must not leave them
-    running (still writing, and holding the store's GC lock, which would block a gc)."""
-    root = tmp_path / "root"
-    proc = subprocess.Popen([fimio_executable(), "add", str(big_tree)], env=fimio_env(root),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _add_with_workers(tree, root) -> tuple[subprocess.Popen, list[int]]:
+    """Start ``fimio add tree`` and return once its worker processes exist."""
+    proc = subprocess.Popen([fimio_executable(), "add", str(tree)], env=fimio_env(root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     workers: list[int] = []
     while time.monotonic() < deadline and proc.poll() is None and not workers:
         workers = _children(proc.pid)
-        time.sleep(0.005)
+        time.sleep(0.002)
     assert workers, "the add finished (or failed) before its workers were seen"
+    return proc, workers
+
+
+def test_sigkill_of_add_takes_its_worker_processes_with_it(big_tree, tmp_path):
+    """A large add reads files in forked workers; killing the add must not leave them
+    running (still writing, and holding the store's GC lock, which would block a gc)."""
+    root = tmp_path / "root"
+    proc, workers = _add_with_workers(big_tree, root)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     deadline = time.monotonic() + 10
@@ -169,18 +175,11 @@ def test_a_killed_worker_fails_the_add_cleanly(big_tree, tmp_path):
     from conftest import assert_one_error_line
 
     root = tmp_path / "root"
-    proc = subprocess.Popen([fimio_executable(), "add", str(big_tree)], env=fimio_env(root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    workers: list[int] = []
-    while time.monotonic() < deadline and proc.poll() is None and not workers:
-        workers = _children(proc.pid)
-        time.sleep(0.002)
-    assert workers, "the add finished (or failed) before its workers were seen"
+    proc, workers = _add_with_workers(big_tree, root)
     os.kill(workers[0], signal.SIGKILL)
     proc.stdout, proc.stderr = proc.communicate(timeout=60)
     assert_one_error_line(proc, 1, "worker process died")
-    info, entries, _ = _state(root, "x" * 40)
+    _, entries, _ = _state(root, "x" * 40)
     assert entries == set()
     assert run_fimio(["verify", "--check-contents"], root).returncode == 0
 
