@@ -127,6 +127,7 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
     for it in items:
         _variants(it.manifest.root, needed)
     fresh = _links_empty(store)  # a fresh store has nothing: two stats per blob saved
+    store.blobs.prepare_bulk()
     if needed.pop(_EMPTY, None) is not None:
         # empty files are in no pack: their blob is made here
         for executable in needed.pop(_EMPTY_DIGEST, ()):
