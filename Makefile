@@ -14,11 +14,11 @@ test: test-deps
 	$(PYTHON) -m pytest -q
 
 # bubblewrap is the build sandbox; gcc builds the C examples; Nix is the test oracle
-# for NAR bytes and the benchmark peer.
+# for NAR bytes and the benchmark peer; util-linux gives unshare and setpriv (isolation tests).
 system-deps:
 	@if command -v apt-get >/dev/null; then \
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc nix-bin >/dev/null; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc nix-bin util-linux >/dev/null; \
 	else echo "install bubblewrap, gcc and nix with your package manager"; fi
 
 deps: system-deps

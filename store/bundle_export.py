@@ -20,7 +20,7 @@ from .bundle import (DIGEST, MAX_LOG, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LO
                      T_RECORD, VERSION, BundleWriter, canonical, info_payload)
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
-from .tree import DirNode, FileNode, Node
+from .tree import DirNode, FileNode, Node, blob_sizes
 
 _SMALL = 4 << 20  # blobs up to this size are read whole (and hashed on a worker thread)
 _CHUNK = 1 << 20
@@ -75,7 +75,7 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> Expo
             w.record(T_PATH, info_payload(store_dir, info, node, sigs, len(dirs), len(blobs)))
             for d in dirs:
                 w.record(T_DIR, d.encoding())
-            sizes = _blob_sizes(node)
+            sizes = blob_sizes(node)
             for digest, records, count in _read_ahead(pool, store, info, where, [(b, sizes[b]) for b in blobs]):
                 if records is not None:  # a batch of small blob records, framed on the pool
                     w.framed(records, count)
@@ -122,27 +122,9 @@ def _blob_places(node: Node, rel: bytes, where: dict) -> None:
         where.setdefault(node.blob, (node.executable, rel))
 
 
-def _blob_sizes(node: Node) -> dict[bytes, int]:
-    out: dict[bytes, int] = {}
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, DirNode):
-            stack.extend(n.entries.values())
-        elif isinstance(n, FileNode):
-            out[n.blob] = n.size
-    return out
-
-
 def _blob_file(store, info, where, digest: bytes) -> str:
-    """A readable file with the blob: its ``.links`` entry (either variant), else the store file."""
     executable, rel = where[digest]
-    for x in (executable, not executable):
-        p = store.link_path(digest, x)
-        if os.path.exists(p):
-            return p
-    physical = os.fsencode(store.physical(info.path))
-    return os.fsdecode(physical + b"/" + rel if rel else physical)
+    return store.blob_file(info.path, digest, executable, rel)
 
 
 def _damaged(store, info, digest: bytes) -> IntegrityError:
@@ -150,26 +132,10 @@ def _damaged(store, info, digest: bytes) -> IntegrityError:
                           "refusing to export it", "run 'fimio verify --check-contents'")
 
 
-def _open_blob(store, info, where, digest: bytes) -> int:
-    """An fd on the blob: ``.links`` (either variant), else the file in the store path. Tries
-    the open directly rather than a stat first: one system call per blob on the common path."""
-    executable, rel = where[digest]
-    for x in (executable, not executable):
-        try:
-            return os.open(store.link_path(digest, x), os.O_RDONLY)
-        except FileNotFoundError:
-            pass
-    physical = os.fsencode(store.physical(info.path))
-    return os.open(physical + b"/" + rel if rel else physical, os.O_RDONLY)
-
-
 def _read_small(store, info, where, digest: bytes, size: int) -> bytes:
-    fd = _open_blob(store, info, where, digest)  # no file object: 50,000 of them add up
-    try:
-        data = os.read(fd, size + 1)
-    finally:
-        os.close(fd)
-    if len(data) != size or blake3.blake3(data).digest() != digest:
+    executable, rel = where[digest]
+    data = store.read_blob(info.path, digest, executable, rel, size)
+    if data is None:
         raise _damaged(store, info, digest)
     return data
 

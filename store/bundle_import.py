@@ -27,7 +27,7 @@ from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_ex
 from .bundle_stage import SMALL, Staging
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
-from .tree import DirNode, FileNode, SymlinkNode, TreeError, decode_dir, tree_size
+from .tree import DirNode, FileNode, SymlinkNode, TreeError, blob_sizes, decode_dir, tree_size
 
 _CHUNK = 1 << 20
 
@@ -234,7 +234,7 @@ class Importer:
             if rtype != T_BLOB:
                 raise bad(f"'{bp.path}' declares {bp.blobs} blobs but has fewer")
             self._blob(s, bp, length)
-        missing = [d for d in _blobs_of(node) if d not in self.received]
+        missing = [d for d in blob_sizes(node) if d not in self.received]
         if missing:
             raise bad(f"'{bp.path}' needs {len(missing)} blob(s) the bundle does not hold")
         bp.node = node
@@ -424,17 +424,6 @@ class Importer:
             with store.db.write() as txn:
                 for drv_hash, rid, data in self.records:
                     txn.put(f"{drv_hash}!{rid}".encode(), data, db=store.db.dbs["records"], overwrite=False)
-
-
-def _blobs_of(node) -> set[bytes]:
-    out, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, DirNode):
-            stack.extend(n.entries.values())
-        elif isinstance(n, FileNode):
-            out.add(n.blob)
-    return out
 
 
 def import_bundle(store, f, trusted, require_sigs: bool = True, warn=None) -> ImportResult:

@@ -255,6 +255,36 @@ class LocalStore:
 
         return hash_file(path)
 
+    def blob_file(self, path: StorePath, digest: bytes, executable: bool, rel) -> str:
+        """A readable file holding a blob: its ``.links`` entry (either variant), else the
+        file at ``rel`` (relative, bytes or str; empty for the root) in store path ``path``."""
+        for x in (executable, not executable):
+            p = self.link_path(digest, x)
+            if os.path.exists(p):
+                return p
+        physical = self.physical(path)
+        return os.path.join(physical, os.fsdecode(rel)) if rel else physical
+
+    def read_blob(self, path: StorePath, digest: bytes, executable: bool, rel, size: int) -> bytes | None:
+        """A small blob's bytes (see :meth:`blob_file` for where from), or None when they do
+        not match ``size`` and ``digest`` (a damaged store). Opens directly rather than
+        checking first, and uses no file object: one open per blob on the common path."""
+        fd = None
+        for x in (executable, not executable):
+            try:
+                fd = os.open(self.link_path(digest, x), os.O_RDONLY)
+                break
+            except FileNotFoundError:
+                pass
+        if fd is None:
+            physical = self.physical(path)
+            fd = os.open(os.path.join(physical, os.fsdecode(rel)) if rel else physical, os.O_RDONLY)
+        try:
+            data = os.read(fd, size + 1)
+        finally:
+            os.close(fd)
+        return data if len(data) == size and blake3.blake3(data).digest() == digest else None
+
     def _tmp_name(self, tag: str) -> str:
         return os.path.join(self.tmp, f"{tag}-{os.getpid()}-{os.urandom(6).hex()}")
 

@@ -27,11 +27,11 @@ a stale lock cannot exist. LMDB's reader slots of dead processes are cleared on 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 
 from . import fsutil
+from .roots import clean_temp_roots
 
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 MARKER = "boot-id"
@@ -78,7 +78,7 @@ def recover(store) -> dict:
     done["rebooted"] = rebooted
     try:
         done["tmp"] = clean_tmp(store, boot_time() if rebooted else None)
-        done["temproots"] = clean_temproots(store)
+        done["temproots"] = clean_temp_roots(store)
         if rebooted:
             _after_reboot(store, marker, current, done)
     except OSError:
@@ -103,36 +103,6 @@ def clean_tmp(store, older_than: float | None = None) -> int:
         if stale:
             fsutil.remove_tree(entry.path)
             removed += 1
-    return removed
-
-
-def clean_temproots(store) -> int:
-    """Remove temp-roots files whose owner is gone (nobody holds their lock)."""
-    directory = os.path.join(store.root, "temproots")
-    removed = 0
-    for name in os.listdir(directory):
-        if name == str(os.getpid()) or not name.isdigit():
-            continue
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # its process is alive
-            # Unlink only the file we locked: its owner may have replaced it meanwhile.
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same and not fsutil.alive(int(name)):
-                os.unlink(path)
-                removed += 1
-        finally:
-            os.close(fd)
     return removed
 
 

@@ -30,7 +30,7 @@ from . import fsutil
 from .errors import FimioError
 from .local import Problem, compare_trees
 from .paths import StorePath
-from .tree import DirNode, FileNode, format_digest, hash_file, iter_dirs, scan
+from .tree import blob_sizes, format_digest, hash_file, iter_dirs, scan
 
 
 def _store_path(logical: str) -> StorePath | None:
@@ -183,16 +183,8 @@ def _manifest(backend, remote):
 def _purge_damaged_blobs(store, root) -> int:
     """Unlink the ``.links`` entries of ``root``'s blobs whose contents no longer match their
     digest (so the fetch downloads them again); return how many."""
-    blobs: dict[bytes, int] = {}
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, DirNode):
-            stack.extend(node.entries.values())
-        elif isinstance(node, FileNode):
-            blobs[node.blob] = node.size
     purged = 0
-    for digest, size in blobs.items():
+    for digest, size in blob_sizes(root).items():
         for executable in (False, True):
             key = store.link_path(digest, executable)
             try:

@@ -53,36 +53,62 @@ class TempRoots:
         os.close(self.fd)
 
 
-def live_temp_roots(store) -> set[str]:
-    """Base names listed by every process whose temp-roots file is still locked; removes stale files."""
-    out: set[str] = set()
+def _other_temp_roots(store):
+    """Yield ``(name, path, fd)`` for the temp-roots file of every other process (the fd,
+    read-only, is closed when the iteration moves on)."""
     directory = os.path.join(store.root, "temproots")
     for name in os.listdir(directory):
-        path = os.path.join(directory, name)
         if name == str(os.getpid()):
             continue
+        path = os.path.join(directory, name)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             continue
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                # Nobody holds it. Either its process is gone, or it has created the file
-                # and not locked it yet (TempRoots.__init__): only the first is stale.
-                # Unlinking the second's file would hide every root it is about to record.
-                if not name.isdigit() or not fsutil.alive(int(name)):
-                    os.unlink(path)
-                    continue
-            except BlockingIOError:
-                pass
-            with os.fdopen(os.dup(fd)) as f:
-                out.update(line.strip() for line in f if line.strip())
+            yield name, path, fd
         finally:
             os.close(fd)
+
+
+def live_temp_roots(store) -> set[str]:
+    """Base names listed by every process whose temp-roots file is still locked; removes stale files."""
+    out: set[str] = set()
+    for name, path, fd in _other_temp_roots(store):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            # Nobody holds it. Either its process is gone, or it has created the file
+            # and not locked it yet (TempRoots.__init__): only the first is stale.
+            # Unlinking the second's file would hide every root it is about to record.
+            if not name.isdigit() or not fsutil.alive(int(name)):
+                os.unlink(path)
+                continue
+        except BlockingIOError:
+            pass
+        with os.fdopen(os.dup(fd)) as f:
+            out.update(line.strip() for line in f if line.strip())
     return out
 
 
+def clean_temp_roots(store) -> int:
+    """Remove temp-roots files whose owner is gone (nobody holds their lock); return how many."""
+    removed = 0
+    for name, path, fd in _other_temp_roots(store):
+        if not name.isdigit():
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its process is alive
+        # Unlink only the file we locked: its owner may have replaced it meanwhile.
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same and not fsutil.alive(int(name)):
+            os.unlink(path)
+            removed += 1
+    return removed
 
 
 def add_root(store, link: str, target: StorePath) -> str:

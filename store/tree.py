@@ -183,6 +183,19 @@ def iter_files(node: Node, prefix: bytes = b""):
         yield prefix, node
 
 
+def blob_sizes(node: Node) -> dict[bytes, int]:
+    """``{blob digest: size}`` of every file of a tree (iterative: deep trees need no recursion)."""
+    out: dict[bytes, int] = {}
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, DirNode):
+            stack.extend(n.entries.values())
+        elif isinstance(n, FileNode):
+            out[n.blob] = n.size
+    return out
+
+
 def tree_size(node: Node) -> int:
     """Total size of the file contents in the tree."""
     return sum(n.size for _, n in iter_files(node) if isinstance(n, FileNode))

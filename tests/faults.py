@@ -341,6 +341,26 @@ class Operation:
         shutil.rmtree(a.root, ignore_errors=True)
 
 
+class FreshRootOp(Operation):
+    """An operation that runs into a fresh root per attempt (``base/r<index>``); after a
+    kill, verify must be clean and :meth:`check_store` judges what the store holds."""
+
+    def __init__(self, world: "World", base: pathlib.Path):
+        self.w, self.base, self.config = world, base, world.config
+
+    def prepare(self, index) -> Attempt:
+        return Attempt(index, self.base / f"r{index}")
+
+    def after_kill(self, a, where):
+        assert_verify_clean(a.root, where, self.config)
+        if not (a.root / "db").exists():
+            return "no-store"
+        return self.check_store(a, where)
+
+    def check_store(self, a: Attempt, where: str) -> str:
+        raise NotImplementedError
+
+
 @dataclass
 class Tally:
     name: str
@@ -517,17 +537,14 @@ def _output_appeared(root):
     return pred
 
 
-class AddOp(Operation):
+class AddOp(FreshRootOp):
     """``fimio add`` of the big tree into a fresh root."""
 
     name = "add"
 
     def __init__(self, world: World, base: pathlib.Path):
-        self.w, self.base, self.config = world, base, world.config
+        super().__init__(world, base)
         self.digest = None
-
-    def prepare(self, index) -> Attempt:
-        return Attempt(index, self.base / f"r{index}")
 
     def argv(self, a):
         return ["add", self.w.tree]
@@ -535,10 +552,7 @@ class AddOp(Operation):
     def triggers(self, a):
         return {"renamed": _grows(a.root), "materialising": lambda: _tmp_has(a.root, "add-")}
 
-    def after_kill(self, a, where):
-        assert_verify_clean(a.root, where, self.config)
-        if not (a.root / "db").exists():
-            return "no-store"
+    def check_store(self, a, where):
         got = store_digests(a.root, [os.path.basename(self.w.tree_path)])
         if not got:
             return "absent"
@@ -551,16 +565,11 @@ class AddOp(Operation):
         return base
 
 
-class RealiseOp(Operation):
+class RealiseOp(FreshRootOp):
     """``fimio realise -j 2`` of the 31-derivation graph into a fresh root (builds everything)."""
 
     name = "realise"
 
-    def __init__(self, world: World, base: pathlib.Path):
-        self.w, self.base, self.config = world, base, world.config
-
-    def prepare(self, index) -> Attempt:
-        return Attempt(index, self.base / f"r{index}")
 
     def argv(self, a):
         return ["realise", "--json", "--no-out-link", "-j", "2", self.w.graph]
@@ -569,10 +578,7 @@ class RealiseOp(Operation):
         # the .drv files arrive in one commit (31 entries); the next entry is a build output
         return {"output-renamed": _output_appeared(a.root), "building": lambda: _tmp_has(a.root, "build-")}
 
-    def after_kill(self, a, where):
-        assert_verify_clean(a.root, where, self.config)
-        if not (a.root / "db").exists():
-            return "no-store"
+    def check_store(self, a, where):
         got = store_digests(a.root, self.w.top_outputs)
         wrong = {b: d for b, d in got.items() if d != self.w.top_outputs[b]}
         assert not wrong, f"{where}: outputs with other digests than a complete build's: {wrong}"
@@ -582,16 +588,11 @@ class RealiseOp(Operation):
         return realise_result(a.root, proc)
 
 
-class SubstituteOp(Operation):
+class SubstituteOp(FreshRootOp):
     """``fimio realise --substituter file://…`` of the graph into a fresh root (builds nothing)."""
 
     name = "substitute"
 
-    def __init__(self, world: World, base: pathlib.Path):
-        self.w, self.base, self.config = world, base, world.config
-
-    def prepare(self, index) -> Attempt:
-        return Attempt(index, self.base / f"r{index}")
 
     def argv(self, a):
         return ["realise", "--json", "--no-out-link", "--substituter", self.w.cache_url, self.w.graph]
@@ -599,10 +600,7 @@ class SubstituteOp(Operation):
     def triggers(self, a):
         return {"fetching": lambda: _tmp_has(a.root, "sub-"), "renamed": _output_appeared(a.root)}
 
-    def after_kill(self, a, where):
-        assert_verify_clean(a.root, where, self.config)
-        if not (a.root / "db").exists():
-            return "no-store"
+    def check_store(self, a, where):
         got = store_digests(a.root, self.w.top_outputs)
         assert all(d == self.w.top_outputs[b] for b, d in got.items()), f"{where}: wrong digests"
         return "closure valid" if len(got) == len(self.w.top_outputs) else ("none" if not got else "partial")
@@ -614,16 +612,11 @@ class SubstituteOp(Operation):
         return self.w.top_outputs, []
 
 
-class ImportOp(Operation):
+class ImportOp(FreshRootOp):
     """``fimio import`` of the signed bundle (graph closure + big tree) into a fresh root."""
 
     name = "import"
 
-    def __init__(self, world: World, base: pathlib.Path):
-        self.w, self.base, self.config = world, base, world.config
-
-    def prepare(self, index) -> Attempt:
-        return Attempt(index, self.base / f"r{index}")
 
     def argv(self, a):
         return ["import", self.w.bundle]
@@ -631,10 +624,7 @@ class ImportOp(Operation):
     def triggers(self, a):
         return {"renamed": _grows(a.root), "staging": lambda: _tmp_has(a.root, "import")}
 
-    def after_kill(self, a, where):
-        assert_verify_clean(a.root, where, self.config)
-        if not (a.root / "db").exists():
-            return "no-store"
+    def check_store(self, a, where):
         n = len(store_digests(a.root))
         return "none" if n == 0 else ("all" if n >= len(self.w.top_outputs) + 1 else "partial")
 
@@ -674,16 +664,20 @@ class PushOp(Operation):
         assert not problems, f"{where}: the cache shows incomplete paths: {problems[:5]}"
         return self.consume(a, where)
 
+    def consumed(self, a) -> list:
+        """The paths a reader substitutes after a kill."""
+        return [self.w.top_path, self.w.tree_path]
+
     def consume(self, a, where) -> str:
         """A reader substituting from the killed push's cache gets each path whole or not at all."""
         present = infos_in(a.extra["cache"])
         outcome = []
-        for path in (self.w.top_path, self.w.tree_path):
+        for path in self.consumed(a):
             reader = self.base / f"reader-{a.index}"
             proc = fim(["copy", "--from", self.url(a), path], reader, self.config)
             has = f"{path.rsplit('/', 1)[1][:32]}.json" in present
             assert proc.returncode in ((0,) if has else (5,)), (
-                f"{where}: substituting {path} from the cache (info {'present' if has else 'absent'}) "
+                f"{where}: substituting {path} from {self.url(a)} (info {'present' if has else 'absent'}) "
                 f"exited {proc.returncode}: {proc.stderr}")
             assert_verify_clean(reader, f"{where} (reader)", self.config)
             shutil.rmtree(reader, ignore_errors=True)
@@ -750,18 +744,8 @@ class ServePushOp(PushOp):
     def targets(self, a) -> list:
         return [a.extra["payload"]]
 
-    def consume(self, a, where) -> str:
-        present = infos_in(a.extra["cache"])
-        reader = self.base / f"reader-{a.index}"
-        path = a.extra["payload"]
-        proc = fim(["copy", "--from", self.url(a), path], reader, self.config)
-        has = f"{path.rsplit('/', 1)[1][:32]}.json" in present
-        assert proc.returncode in ((0,) if has else (5,)), (
-            f"{where}: substituting the payload through fimio serve (info {'present' if has else 'absent'}) "
-            f"exited {proc.returncode}: {proc.stderr}")
-        assert_verify_clean(reader, f"{where} (reader)", self.config)
-        shutil.rmtree(reader, ignore_errors=True)
-        return "whole" if has else "absent"
+    def consumed(self, a) -> list:
+        return [a.extra["payload"]]
 
     def result(self, a, proc):
         return f"{a.extra['payload'].rsplit('/', 1)[1][:32]}.json" in infos_in(a.extra["cache"])

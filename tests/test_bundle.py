@@ -263,14 +263,23 @@ def test_import_memory_stays_flat(tmp_path, vector_key, trusting):
     assert digests(Fimio(other), [logical]) == digests(cli, [logical])
 
 
+# A process forked from a large one starts with that one's resident size as its peak (the
+# kernel carries it over fork and exec): the command is therefore started by a small
+# interpreter, which reports the command's own peak, not this test process's size.
+_RSS_PROBE = (
+    "import os, subprocess, sys\n"
+    "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "_, status, usage = os.wait4(p.pid, 0)\n"
+    "print(usage.ru_maxrss * 1024)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def _peak_rss(root: pathlib.Path, args: list[str], env: dict) -> int:
-    proc = subprocess.Popen([fimio_executable(), *args], env=fimio_env(root, env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    assert proc.returncode == 0, err.decode(errors="replace")
-    return usage.ru_maxrss * 1024
+    proc = subprocess.run([sys.executable, "-c", _RSS_PROBE, fimio_executable(), *args], env=fimio_env(root, env),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout)
 
 
 def test_export_to_stdout_and_import_from_stdin(tmp_path, vector_key, trusting):

@@ -34,49 +34,37 @@ def two_paths(store, tmp_path):
     return out
 
 
-def test_verify_ignores_a_path_collected_while_it_was_being_read(tmp_path):
-    store = LocalStore(str(tmp_path / "root"), STORE_DIR)
-    try:
-        a, b = two_paths(store, tmp_path)
-        original = store._check_contents
+def test_verify_ignores_a_path_collected_while_it_was_being_read(store, tmp_path):
+    a, b = two_paths(store, tmp_path)
+    original = store._check_contents
 
-        def racing(info):
-            if info.path == a.path:
-                collect(store, info)  # gc deletes it while verify rehashes it
-            return original(info)
+    def racing(info):
+        if info.path == a.path:
+            collect(store, info)  # gc deletes it while verify rehashes it
+        return original(info)
 
-        store._check_contents = racing
-        assert store.verify(check_contents=True) == []
-        assert not store.is_valid(a.path) and store.is_valid(b.path)
-    finally:
-        store.close()
+    store._check_contents = racing
+    assert store.verify(check_contents=True) == []
+    assert not store.is_valid(a.path) and store.is_valid(b.path)
 
 
-def test_verify_ignores_a_path_collected_after_the_listing(tmp_path):
-    store = LocalStore(str(tmp_path / "root"), STORE_DIR)
-    try:
-        a, b = two_paths(store, tmp_path)
-        listing = store.all_paths()
+def test_verify_ignores_a_path_collected_after_the_listing(store, tmp_path):
+    a, b = two_paths(store, tmp_path)
+    listing = store.all_paths()
 
-        def listed_then_collected():
-            collect(store, store.info(a.path))  # gc runs between the listing and the checks
-            return listing
+    def listed_then_collected():
+        collect(store, store.info(a.path))  # gc runs between the listing and the checks
+        return listing
 
-        store.all_paths = listed_then_collected
-        assert store.verify(check_contents=False) == []
-    finally:
-        store.close()
+    store.all_paths = listed_then_collected
+    assert store.verify(check_contents=False) == []
 
 
-def test_verify_still_reports_a_valid_path_that_is_missing(tmp_path):
-    store = LocalStore(str(tmp_path / "root"), STORE_DIR)
-    try:
-        a, _ = two_paths(store, tmp_path)
-        fsutil.remove_tree(store.physical(a.path))
-        problems = store.verify()
-        assert [p.what for p in problems] == ["is registered but missing on disk"]
-    finally:
-        store.close()
+def test_verify_still_reports_a_valid_path_that_is_missing(store, tmp_path):
+    a, _ = two_paths(store, tmp_path)
+    fsutil.remove_tree(store.physical(a.path))
+    problems = store.verify()
+    assert [p.what for p in problems] == ["is registered but missing on disk"]
 
 
 def test_cli_verify_during_gc_exits_0(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from conftest import STORE_DIR, run_fimio
 from fimio.store import recovery
 from fimio.store.local import LocalStore
-from fimio.store.roots import TempRoots, live_temp_roots
+from fimio.store.roots import TempRoots, clean_temp_roots, live_temp_roots
 
 
 def dead_pid() -> int:
@@ -153,7 +153,7 @@ def test_gc_does_not_drop_temp_roots_of_a_process_that_has_not_locked_them_yet(t
             f.write_text("abc-not-locked-yet\n")  # created, not locked: the window
             assert "abc-not-locked-yet" in live_temp_roots(store)
             assert f.exists()
-            assert recovery.clean_temproots(store) == 0 and f.exists()
+            assert clean_temp_roots(store) == 0 and f.exists()
         finally:
             sleeper.kill()
             sleeper.wait()

@@ -134,25 +134,13 @@ class Pusher:
     def _blob_file(self, work: _Work, digest: bytes) -> str:
         """A readable file holding the blob: its ``.links`` entry, else the file in the store path."""
         executable, rel = work.where[digest]
-        for x in (executable, not executable):
-            p = self.store.link_path(digest, x)
-            if os.path.exists(p):
-                return p
-        physical = self.store.physical(work.info.path)
-        return os.path.join(physical, rel) if rel else physical
+        return self.store.blob_file(work.info.path, digest, executable, rel)
 
     def _read_blob(self, work: _Work, digest: bytes, size: int) -> bytes:
         """A blob's bytes, checked against its digest (one open on the common path)."""
-        try:
-            fd = os.open(self.store.link_path(digest, work.where[digest][0]), os.O_RDONLY)
-        except FileNotFoundError:
-            fd = os.open(self._blob_file(work, digest), os.O_RDONLY)
-        try:
-            # raw system calls: a file object per small file costs more than the read itself
-            data = os.read(fd, size + 1)
-        finally:
-            os.close(fd)
-        if len(data) != size or blake3.blake3(data).digest() != digest:
+        executable, rel = work.where[digest]
+        data = self.store.read_blob(work.info.path, digest, executable, rel, size)
+        if data is None:
             raise IntegrityError(f"local file {digest.hex()[:16]}… of '{self.store.logical(work.info.path)}' "
                                  "is damaged; refusing to push it", "run 'fimio verify --check-contents'")
         return data
