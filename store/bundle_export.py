@@ -20,7 +20,7 @@ from .bundle import (DIGEST, MAX_LOG, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LO
                      T_RECORD, VERSION, BundleWriter, canonical, info_payload)
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
-from .tree import DirNode, FileNode, Node, blob_sizes
+from .tree import DirNode, FileNode, Node
 
 _SMALL = 4 << 20  # blobs up to this size are read whole (and hashed on a worker thread)
 _CHUNK = 1 << 20
@@ -65,7 +65,8 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> Expo
             node = store.load_tree(info)
             dirs = _dirs_preorder(node)
             where: dict[bytes, tuple[bool, bytes]] = {}
-            _blob_places(node, b"", where)
+            sizes: dict[bytes, int] = {}
+            _blob_places(node, b"", where, sizes)
             blobs = [d for d in where if d not in sent]
             sent.update(blobs)
             fp = _path_fingerprint(store_dir, info)
@@ -75,7 +76,6 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> Expo
             w.record(T_PATH, info_payload(store_dir, info, node, sigs, len(dirs), len(blobs)))
             for d in dirs:
                 w.record(T_DIR, d.encoding())
-            sizes = blob_sizes(node)
             for digest, records, count in _read_ahead(pool, store, info, where, [(b, sizes[b]) for b in blobs]):
                 if records is not None:  # a batch of small blob records, framed on the pool
                     w.framed(records, count)
@@ -113,13 +113,15 @@ def _dirs_preorder(node: Node) -> list[DirNode]:
     return out
 
 
-def _blob_places(node: Node, rel: bytes, where: dict) -> None:
-    """``{blob digest: (executable, relative path)}`` of first occurrences, depth-first by name."""
+def _blob_places(node: Node, rel: bytes, where: dict, sizes: dict) -> None:
+    """Fill ``where`` with ``{blob digest: (executable, relative path)}`` of first
+    occurrences, depth-first by name, and ``sizes`` with ``{blob digest: size}``."""
     if isinstance(node, DirNode):
         for name in sorted(node.entries):
-            _blob_places(node.entries[name], rel + b"/" + name if rel else name, where)
+            _blob_places(node.entries[name], rel + b"/" + name if rel else name, where, sizes)
     elif isinstance(node, FileNode):
         where.setdefault(node.blob, (node.executable, rel))
+        sizes[node.blob] = node.size
 
 
 def _blob_file(store, info, where, digest: bytes) -> str:
