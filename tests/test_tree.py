@@ -111,7 +111,9 @@ names = st.one_of(
     st.binary(min_size=1, max_size=12),
     st.binary(min_size=250, max_size=255),
     st.sampled_from([b"a", b"B", b"\xff", b"\xc3\xa9", b"...", b"-", b" x"]),
-).filter(lambda n: n not in (b".", b"..") and b"/" not in n and b"\0" not in n)
+).map(lambda n: n.replace(b"/", b"_").replace(b"\0", b"_")).filter(lambda n: n not in (b".", b".."))
+# (mapped, not filtered: most long random names hold a '/' or a NUL, and filtering them out
+# made Hypothesis give up on the test now and then)
 
 targets = st.one_of(
     st.binary(min_size=1, max_size=40),
