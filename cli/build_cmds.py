@@ -20,16 +20,10 @@ from .main import emit_json, global_options, info, json_option, pass_options
 def instantiate(opts, files, as_json):
     """Write the derivation graph of FILES into the store; print the .drv store paths."""
     from fimio.store.instantiate import Graph
-    from fimio.store.roots import TempRoots
 
-    store = opts.store()
+    store = opts.store(protect=True)  # what we add stays alive until the .drv refers to it
     graph = Graph(store)
-    store.temp_roots = TempRoots(store)  # what we add stays alive until the .drv refers to it
-    try:
-        drvs = [graph.from_file(f) for f in files]
-    finally:
-        store.temp_roots.close()
-        store.temp_roots = None
+    drvs = [graph.from_file(f) for f in files]
     if as_json:
         emit_json([_drv_json(store, d) for d in drvs])
     else:

@@ -142,7 +142,7 @@ def push(opts, cache, targets, key_files, jobs, as_json):
     from fimio.store.cache.url import parse_cache_url
 
     parse_cache_url(cache)  # a bad URL is exit 2 before any work
-    store = opts.store()
+    store = opts.store(protect=True)
     paths, realisations, hashes = _push_targets(store, targets)
     backend, stats = _do_push(opts, store, cache, paths, realisations, hashes, key_files, jobs)
     if as_json:
@@ -200,7 +200,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
     for u in (src, dst):
         if u:
             parse_cache_url(u)
-    store = opts.store()
+    store = opts.store(protect=True)
     if src:
         from fimio.store.cache.substitute import SubstituterSet
 

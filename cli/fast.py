@@ -8,6 +8,10 @@ output's validity in the database, print the paths and refresh the out-links. An
 this path does not handle — a flag it does not know, a cache miss, an invalid output, any
 error — returns None and the full command runs instead, with its complete checks and
 messages. It never writes to the store except the GC-root registration of out-links.
+
+The GC lock is held shared from the validity check until the out-links are registered,
+as the full path does with its temp roots: otherwise a collection could delete an output
+between the check and its new root, leaving ``./result`` dangling.
 """
 
 from __future__ import annotations
@@ -57,16 +61,28 @@ def try_realise(argv: list[str]) -> int | None:
 
 
 def _realise(opts, targets) -> int | None:
-    import lmdb
-
-    from fimio.store.config import resolve_root, resolve_store_dir
+    from fimio.store.config import resolve_root
 
     root = resolve_root(opts.get("--root"))
+    locks = os.path.join(root, "locks")
+    if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
+        return None
+    if opts.get("--no-out-link"):
+        return _realise_locked(opts, targets, root)
+    from fimio.store.fsutil import file_lock
+
+    with file_lock(os.path.join(locks, "gc.lock"), shared=True):
+        return _realise_locked(opts, targets, root)
+
+
+def _realise_locked(opts, targets, root) -> int | None:
+    import lmdb
+
+    from fimio.store.config import resolve_store_dir
+
     store_dir = resolve_store_dir(opts.get("--store-dir"))
     store = os.path.join(root, "store")
     db_path = os.path.join(root, "db")
-    if not os.path.isdir(db_path):
-        return None
     env = lmdb.open(db_path, max_dbs=16, readonly=True, lock=True, subdir=True)
     try:
         with env.begin() as txn:

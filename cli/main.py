@@ -75,13 +75,23 @@ class Options:
             self._config = load_config()
         return self._config
 
-    def store(self):
-        """Open the store once per command."""
+    def store(self, protect: bool = False):
+        """Open the store once per command. ``protect``: give it temp roots for the rest of
+        the command, so the paths it reads or adds survive a concurrent ``gc``."""
         if self._store is None:
             from fimio.store.local import LocalStore
 
             self._store = LocalStore.open(self.root, self.store_dir)
+        if protect and self._store.temp_roots is None:
+            from fimio.store.roots import TempRoots
+
+            self._store.temp_roots = TempRoots(self._store)
+            click.get_current_context().call_on_close(self._release_temp_roots)
         return self._store
+
+    def _release_temp_roots(self) -> None:
+        self._store.temp_roots.close()
+        self._store.temp_roots = None
 
 
 def _set(attr):

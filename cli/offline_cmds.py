@@ -65,7 +65,7 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
         parse_cache_url(to_url)  # a bad URL is exit 2 before any work
         if offline:
             refuse_network(to_url, why)
-    store = opts.store()
+    store = opts.store(protect=True)
     subs = open_substituters(opts, store, substituters, no_substitute, offline)
     backend, keys = None, []
     try:
@@ -133,7 +133,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
     outputs. Import it there with `fimio import FILE`."""
     from fimio.store.bundle_export import export_bundle, plan_export
 
-    store = opts.store()
+    store = opts.store(protect=True)
     keys = _signing_keys(opts, key_files)
     if not keys:
         info(opts, "fimio: warning: exporting unsigned (no --key and no secret-key-files); "

@@ -289,6 +289,7 @@ def plan_export(store, targets, closure: bool = False, with_sources: bool = Fals
     if closure:
         roots = store.closure(roots)
     paths = order_paths(store, list(dict.fromkeys(roots + store.closure(closed))))
+    store.hold(paths)
     in_bundle = set(paths)
     # every derivation of the targets' graphs with an output in the bundle (a runtime closure
     # holds intermediate outputs too) contributes its realisations, and with_logs its logs

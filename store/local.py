@@ -217,6 +217,20 @@ class LocalStore:
                 stack.extend(StorePath.parse(r) for r in loads(data)["references"])
         return sorted(seen.values())
 
+    def hold(self, paths) -> None:
+        """Keep ``paths`` from a concurrent gc while this process keeps temp roots, and
+        confirm they are still valid: a gc may have run since they were looked up."""
+        if self.temp_roots is None:
+            return
+        paths = list(paths)
+        self.temp_roots.add(paths)
+        with self.db.read() as txn:
+            pdb = self.db.dbs["paths"]
+            for p in paths:
+                if txn.get(p.hash_part.encode(), db=pdb) is None:
+                    raise NotFound(f"'{self.logical(p)}' was just deleted by a concurrent gc",
+                                   "root what you need (e.g. 'fimio realise -o LINK') and run again")
+
     def load_tree(self, digest_or_info) -> Node:
         """Rebuild the registered tree of a path (or a directory digest) from the database."""
         if isinstance(digest_or_info, PathInfo):

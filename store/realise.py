@@ -71,21 +71,24 @@ class Realiser:
             store, cores=options.cores, keep_failed=options.keep_failed, log_sink=options.log_sink,
             fingerprinter=fingerprinter,
         )
-        self._temp_roots: TempRoots | None = None
+        self._owns_temp_roots = False
         self._lock = threading.Lock()
         self.substituted: list[str] = []
         self.warn = lambda message: None  # the CLI shows these on stderr
 
     @property
     def temp_roots(self) -> TempRoots:
-        if self._temp_roots is None:
-            self._temp_roots = TempRoots(self.store)
-            self.store.temp_roots = self._temp_roots
-        return self._temp_roots
+        # One temp-roots file per process: a second one would wait forever for the first's lock.
+        if self.store.temp_roots is None:
+            self.store.temp_roots = TempRoots(self.store)
+            self._owns_temp_roots = True
+        return self.store.temp_roots
 
     def close(self) -> None:
-        if self._temp_roots is not None:
-            self._temp_roots.close()
+        if self._owns_temp_roots:
+            self.store.temp_roots.close()
+            self.store.temp_roots = None
+            self._owns_temp_roots = False
 
     # ---- planning ----------------------------------------------------------------------
 

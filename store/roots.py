@@ -33,7 +33,13 @@ class TempRoots:
         self.store = store
         self.path = os.path.join(store.root, "temproots", str(os.getpid()))
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Only a live process with our pid can hold it: this one, through a second
+            # TempRoots. Waiting would wait forever.
+            os.close(self.fd)
+            raise RuntimeError("this process already keeps temp roots in this store") from None
         self.added: set[str] = set()
 
     def add(self, paths) -> None:

@@ -216,3 +216,83 @@ def test_instantiate_concurrent_with_gc_keeps_what_it_adds(cli, tmp_path, store)
     drv_run = run_of[f"{STORE_DIR}/{os.path.basename(drv)}"]
     early = sorted(p for p, n in run_of.items() if n < drv_run)
     assert early == [], f"{len(early)} sources were deleted while instantiate was still using them"
+
+
+def test_noop_realise_roots_its_output_atomically_with_respect_to_gc(cli, tmp_path):
+    """A no-op realise with an out-link waits while a collection holds the GC lock.
+
+    Otherwise it could find the output valid, a GC could then delete it (nothing roots it
+    yet), and the new ``./result`` would dangle.
+    """
+    from fimio.store.fsutil import file_lock
+
+    drv = write_drv(tmp_path / "a.toml", "a", "echo a > $out")
+    realise_json(cli, drv)  # valid, rooted by nothing
+    work = tmp_path / "work"
+    work.mkdir()
+    with file_lock(str(cli.root / "locks" / "gc.lock")):  # a collection is running
+        proc = subprocess.Popen([fimio_executable(), "realise", drv], cwd=work, env=fimio_env(cli.root),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.5)
+            assert proc.poll() is None, "the realise rooted its output while a GC was running"
+            assert not (work / "result").exists()
+        finally:
+            if proc.poll() is not None:
+                proc.communicate()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert os.path.realpath(work / "result") == out.strip()
+
+
+def test_push_keeps_its_closure_from_a_gc_that_runs_during_the_upload(cli, tmp_path, store):
+    """``push`` holds the closure it sends as temp roots: a collection that runs while the
+    upload is under way deletes none of it, and the push completes."""
+    from cachefixtures import make_keys
+    from fimio.store.cache.push import Pusher
+    from fimio.store.cache.url import open_backend
+    from fimio.store.roots import TempRoots
+
+    (tmp_path / "dep").write_text("a dependency\n")
+    dep = store.add_path(str(tmp_path / "dep"))
+    top = store.add_text("top", dep.path.logical(STORE_DIR).encode(), references=[dep.path])
+    collections = []
+
+    class CollectingBackend:  # a gc runs just as the push asks the cache what it lacks
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def missing(self, keys):
+            collections.append(gc(cli))
+            return self.inner.missing(keys)
+
+    sk, _ = make_keys()
+    store.temp_roots = TempRoots(store)  # as the push command does
+    try:
+        stats = Pusher(store, CollectingBackend(open_backend(f"file://{tmp_path / 'cache'}")), [sk]).push([top.path])
+    finally:
+        store.temp_roots.close()
+        store.temp_roots = None
+    assert collections and collections[0]["deleted"] == []
+    assert stats.paths_sent == 2
+    assert valid(cli, top.path.logical(STORE_DIR)) and valid(cli, dep.path.logical(STORE_DIR))
+    assert set(gc(cli)["deleted"]) == {top.path.logical(STORE_DIR), dep.path.logical(STORE_DIR)}
+
+
+def test_hold_refuses_a_path_a_gc_deleted_since_it_was_looked_up(cli, tmp_path, store):
+    from fimio.store.errors import NotFound
+    from fimio.store.roots import TempRoots
+
+    (tmp_path / "x").write_text("x\n")
+    x = store.add_path(str(tmp_path / "x"))
+    assert gc(cli)["deleted"] == [x.path.logical(STORE_DIR)]
+    store.temp_roots = TempRoots(store)
+    try:
+        with pytest.raises(NotFound, match="deleted by a concurrent gc"):
+            store.hold([x.path])
+    finally:
+        store.temp_roots.close()
+        store.temp_roots = None
