@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -13,6 +14,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] != "serve":
+        # A command is one short process holding large acyclic structures (trees of 50k
+        # entries): the cycle collector would walk them again and again (8% of an export)
+        # and find nothing to free. The long-running server keeps it.
+        gc.disable()
     if args and args[0] == "realise":
         from .fast import try_realise
 

@@ -121,8 +121,8 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
 @click.option("--with-logs", is_flag=True, help="Include build logs and build records of included outputs.")
 @click.option("--key", "key_files", multiple=True, metavar="FILE",
               help="Secret key file to sign with (repeatable) [default: config secret-key-files].")
-@click.option("--level", type=click.IntRange(1, 19), default=2, show_default=True,
-              help="zstd level (2: about 2x smaller than the NAR at nearly level 1 speed).")
+@click.option("--level", type=click.IntRange(-7, 19), default=2, show_default=True,
+              help="zstd level, -7 (fastest) to 19 (2: about half the NAR size at nearly level 1 speed).")
 @json_option
 @global_options
 @pass_options

@@ -4,7 +4,7 @@
 
     MAGIC  { u32le n, n bytes of zstd stream }*  u32le 0  u32le m, m bytes trailer
 
-The chunk payloads concatenated are one zstd stream whose content is the record stream,
+The chunk payloads concatenated are zstd frames whose content is the record stream,
 records being ``type:u8 length:u64le payload``::
 
     H header                       version, store directory, number of path sections
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 
 import blake3
 
@@ -50,7 +51,7 @@ MAX_RECORD = 1 << 20
 MAX_TRAILER = 64 << 10
 MAX_DEPTH = 512  # directory nesting an importer accepts (the store's tree code is recursive)
 
-_CHUNK = 1 << 20  # uncompressed bytes buffered before the compressor; compressed bytes per chunk
+_CHUNK = 1 << 20  # record bytes per frame the writer compresses; compressed bytes per chunk
 
 
 def trailer_fingerprint(digest: bytes) -> str:
@@ -95,8 +96,8 @@ def info_payload(store_dir: str, info, node: Node, signatures, dirs: int, blobs:
 
 
 class _Framer:
-    """The zstd writer's sink: cuts compressed bytes into length-prefixed chunks and hashes
-    every byte written to ``out`` (what the trailer signs)."""
+    """Cuts compressed bytes into length-prefixed chunks and hashes every byte written to
+    ``out`` (what the trailer signs)."""
 
     def __init__(self, out):
         self.out = out
@@ -110,11 +111,10 @@ class _Framer:
         self.hash.update(data)
         self.size += len(data)
 
-    def write(self, data) -> int:
+    def write(self, data) -> None:
         self.buf += data
         if len(self.buf) >= _CHUNK:
             self.emit()
-        return len(data)
 
     def emit(self) -> None:
         view = memoryview(self.buf)
@@ -125,23 +125,33 @@ class _Framer:
         view.release()
         self.buf = bytearray()
 
-    def flush(self) -> None:
-        pass  # chunks are cut by size; the end is written by BundleWriter.finish
+
+_compressors = threading.local()
+
+
+def compress_frame(data, level: int) -> bytes:
+    """``data`` as one zstd frame (checksummed) at ``level``, with this thread's compressor:
+    exporters compress frames on worker threads, and a bundle is their concatenation."""
+    cctx = getattr(_compressors, "by_level", {}).get(level)
+    if cctx is None:
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
+        _compressors.by_level = {**getattr(_compressors, "by_level", {}), level: cctx}
+    return cctx.compress(data)
 
 
 class BundleWriter:
-    """Writes records into the chunked zstd stream, then the signed trailer.
+    """Writes records as a sequence of zstd frames, then the signed trailer.
 
+    Records are buffered and compressed a frame per ``_CHUNK`` bytes; :meth:`frame` takes
+    frames compressed elsewhere (worker threads), which may hold any run of record bytes.
     Low level on purpose: :func:`export_bundle` drives it for real bundles, and tests use
     it to craft hostile ones. ``out`` is a binary file object; it is not closed."""
 
-    def __init__(self, out, level: int = 2, threads: int = -1):
-        import zstandard
-
-        self._zstd = zstandard
+    def __init__(self, out, level: int = 2):
+        self.level = level
         self._framer = _Framer(out)
-        cctx = zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-        self._z = cctx.stream_writer(self._framer, write_size=1 << 20)
         self._buf = bytearray()
         self.records = 0
         self.bytes = 0  # uncompressed record bytes
@@ -153,7 +163,7 @@ class BundleWriter:
 
     def _flush(self) -> None:
         if self._buf:
-            self._z.write(self._buf)
+            self._framer.write(compress_frame(self._buf, self.level))
             self.bytes += len(self._buf)
             self._buf = bytearray()
 
@@ -169,26 +179,21 @@ class BundleWriter:
         self._emit(RECORD_HEAD.pack(T_BLOB, DIGEST + size))
         self._emit(digest)
         for chunk in chunks:
-            if len(chunk) >= _CHUNK:
-                self._flush()
-                self._z.write(chunk)
-                self.bytes += len(chunk)
-            else:
-                self._emit(chunk)
+            self._emit(chunk)
         self.records += 1
 
-    def framed(self, data: bytes, count: int) -> None:
-        """``count`` whole records already framed (blob records built on a worker thread)."""
+    def frame(self, frame: bytes, raw_size: int, records: int) -> None:
+        """A zstd frame from :func:`compress_frame` of ``raw_size`` record bytes, completing
+        ``records`` records (a large blob's record spans several frames: count it once)."""
         self._flush()
-        self._z.write(data)
-        self.bytes += len(data)
-        self.records += count
+        self._framer.write(frame)
+        self.bytes += raw_size
+        self.records += records
 
     def finish(self, keys=(), signatures=None) -> bytes:
         """End the zstd stream and the chunks, then write the trailer signed by ``keys`` (or
         carrying ``signatures`` as given). Returns the digest the trailer signs."""
         self._flush()
-        self._z.flush(self._zstd.FLUSH_FRAME)
         self._framer.emit()
         self._framer._put(CHUNK_HEAD.pack(0))
         digest = self._framer.hash.digest()

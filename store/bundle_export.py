@@ -1,8 +1,9 @@
 """Exporting: what a bundle holds (:func:`plan_export`) and writing it (:func:`export_bundle`).
 
 ``spec/bundle.md`` §4 and §7 are normative. Blobs are read from ``.links`` (or the store
-file), checked against their digests as they are read, small ones on a two-thread pool in
-batches a bounded distance ahead of the compressor, large ones streamed in chunks.
+file), checked against their digests as they are read, and compressed on a two-thread
+pool a bounded distance ahead of the writer: small ones in batches of one zstd frame each,
+large ones in pieces of a frame each.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from dataclasses import dataclass, field
 import blake3
 
 from .bundle import (DIGEST, MAX_LOG, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH, T_REALISATION,
-                     T_RECORD, VERSION, BundleWriter, canonical, info_payload)
+                     T_RECORD, VERSION, BundleWriter, canonical, compress_frame, info_payload)
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
 from .tree import DirNode, FileNode, Node
 
 _SMALL = 4 << 20  # blobs up to this size are read whole (and hashed on a worker thread)
-_CHUNK = 1 << 20
-_LOOKAHEAD_BYTES = 16 << 20  # bytes of small blobs read ahead of the compressor
-_BATCH_BYTES = 1 << 20
+_PIECE = 4 << 20  # a larger blob is read and compressed in pieces of this size
+_LOOKAHEAD_BYTES = 16 << 20  # bytes read ahead of the writer
+_BATCH_BYTES = 1 << 20  # small blobs per frame
 _BATCH_ITEMS = 128
 
 
@@ -76,12 +77,10 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> Expo
             w.record(T_PATH, info_payload(store_dir, info, node, sigs, len(dirs), len(blobs)))
             for d in dirs:
                 w.record(T_DIR, d.encoding())
-            for digest, records, count in _read_ahead(pool, store, info, where, [(b, sizes[b]) for b in blobs]):
-                if records is not None:  # a batch of small blob records, framed on the pool
-                    w.framed(records, count)
-                else:
-                    w.blob(digest, sizes[digest], _stream_blob(store, info, where, digest, sizes[digest]))
-                stats.blobs += count
+            tasks = _tasks(store, info, where, [(b, sizes[b]) for b in blobs], level)
+            for frame, raw_size, records in _frames(pool, tasks):
+                w.frame(frame, raw_size, records)
+                stats.blobs += records
     for r in plan.realisations:
         for k in keys:
             r.signatures = add_signature(r.signatures, k.sign(r.fingerprint(store_dir)))
@@ -142,75 +141,109 @@ def _read_small(store, info, where, digest: bytes, size: int) -> bytes:
     return data
 
 
-def _stream_blob(store, info, where, digest: bytes, size: int):
-    h = blake3.blake3()
-    done = 0
-    with open(_blob_file(store, info, where, digest), "rb", buffering=0) as f:
-        while done < size:
-            chunk = f.read(min(_CHUNK * 4, size - done))
-            if not chunk:
-                break
-            h.update(chunk)
-            done += len(chunk)
-            yield chunk
-        if done != size or f.read(1) or h.digest() != digest:
-            raise _damaged(store, info, digest)
-
-
-def _read_batch(store, info, where, batch) -> bytes:
-    """The blob records of ``batch`` (small blobs), read, checked and framed."""
+def _small_batch(store, info, where, batch, level: int) -> tuple[bytes, int, bytes | None]:
+    """The blob records of ``batch`` (small blobs), read, checked, framed and compressed."""
     parts = []
     for digest, size in batch:
         parts.append(RECORD_HEAD.pack(T_BLOB, DIGEST + size))
         parts.append(digest)
         parts.append(_read_small(store, info, where, digest, size))
-    return b"".join(parts)
+    raw = b"".join(parts)
+    return compress_frame(raw, level), len(raw), None
 
 
-def _read_ahead(pool, store, info, where, blobs):
-    """Yield ``(None, framed records, count)`` for batches of small blobs, read, checked and
-    framed on the pool up to ``_LOOKAHEAD_BYTES`` ahead (file I/O and blake3 release the GIL,
-    and batches keep per-blob Python work off the compressing thread), and
-    ``(digest, None, 1)`` for each large blob, which the caller streams; in blob order."""
-    queue: collections.deque = collections.deque()  # (future, count, bytes) or (digest, None, size)
-    ahead = 0
+def _large_piece(fd: int, offset: int, length: int, head: bytes, level: int) -> tuple[bytes, int, bytes]:
+    """``length`` bytes of a large blob at ``offset`` (after ``head``, its record head, for the
+    first piece) as a frame; the bytes themselves too, for the blob's digest."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        data += b"\0" * (length - len(data))  # shrank while read: the digest check refuses it
+    return compress_frame(head + data if head else data, level), len(head) + length, data
+
+
+class _LargeBlob:
+    """A large blob being exported in pieces: its open file and the digest of what was read."""
+
+    def __init__(self, store, info, where, digest: bytes, size: int):
+        self.store, self.info, self.digest = store, info, digest
+        self.fd = os.open(_blob_file(store, info, where, digest), os.O_RDONLY)
+        self.hash = blake3.blake3()
+        if os.fstat(self.fd).st_size != size:
+            self.close()
+            raise _damaged(store, info, digest)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def finish(self) -> None:
+        self.close()
+        if self.hash.digest() != self.digest:
+            raise _damaged(self.store, self.info, self.digest)
+
+
+def _tasks(store, info, where, blobs, level: int):
+    """The work of exporting ``blobs``, in bundle order: ``(function, args, bytes read,
+    large blob or None, records completed)``. Small blobs go in batches; a large blob is
+    cut into pieces, the last of which completes its record."""
     batch: list = []
     batch_bytes = 0
-    it = iter(blobs)
-    exhausted = False
-
-    def flush():
-        nonlocal batch, batch_bytes
-        if batch:
-            queue.append((pool.submit(_read_batch, store, info, where, batch), len(batch), batch_bytes))
-            batch, batch_bytes = [], 0
-
-    while True:
-        while not exhausted and ahead < _LOOKAHEAD_BYTES:
-            nxt = next(it, None)
-            if nxt is None:
-                exhausted = True
-                flush()
-                break
-            if nxt[1] > _SMALL:
-                flush()
-                queue.append((nxt[0], None, 0))
-                continue
-            batch.append(nxt)
-            batch_bytes += nxt[1]
-            ahead += nxt[1]
+    for digest, size in blobs:
+        if size <= _SMALL:
+            batch.append((digest, size))
+            batch_bytes += size
             if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_ITEMS:
-                flush()
-        if not queue:
-            flush()
-            if not queue:
-                return
-        item, count, size = queue.popleft()
-        if count is None:
-            yield item, None, 1
-        else:
-            ahead -= size
-            yield None, item.result(), count
+                yield _small_batch, (store, info, where, batch, level), batch_bytes, None, len(batch)
+                batch, batch_bytes = [], 0
+            continue
+        if batch:
+            yield _small_batch, (store, info, where, batch, level), batch_bytes, None, len(batch)
+            batch, batch_bytes = [], 0
+        large = _LargeBlob(store, info, where, digest, size)
+        head = RECORD_HEAD.pack(T_BLOB, DIGEST + size) + digest
+        for offset in range(0, size, _PIECE):
+            length = min(_PIECE, size - offset)
+            last = offset + length == size
+            yield _large_piece, (large.fd, offset, length, head, level), length, large, 1 if last else 0
+            head = b""
+    if batch:
+        yield _small_batch, (store, info, where, batch, level), batch_bytes, None, len(batch)
+
+
+def _frames(pool, tasks):
+    """Run ``tasks`` on the pool up to ``_LOOKAHEAD_BYTES`` ahead (file I/O, blake3 and zstd
+    release the GIL, so reading, checking and compressing proceed in parallel); yield
+    ``(frame, raw size, records completed)`` in order, checking each large blob's digest
+    once its last piece is in."""
+    pending: collections.deque = collections.deque()
+    ahead = 0
+    try:
+        for fn, args, cost, large, records in tasks:
+            pending.append((pool.submit(fn, *args), cost, large, records))
+            ahead += cost
+            while ahead >= _LOOKAHEAD_BYTES:
+                ahead -= yield from _take(pending)
+        while pending:
+            yield from _take(pending)
+    finally:
+        for future, _, large, _ in pending:
+            if not future.cancel():
+                future.exception()  # running: wait, it may be reading a file closed below
+            if large is not None:
+                large.close()
+
+
+def _take(pending):
+    future, cost, large, records = pending[0]
+    frame, raw_size, data = future.result()
+    pending.popleft()
+    if large is not None:
+        large.hash.update(data)
+        if records:
+            large.finish()
+    yield frame, raw_size, records
+    return cost
 
 
 def _write_log_and_records(store, w: BundleWriter, drv_hash: str) -> None:

@@ -203,6 +203,51 @@ def test_export_errors(tmp_path, online, vector_key):
     assert_one_error_line(cli("export", path, "-o", tmp_path / "x.bundle", "--key", tmp_path / "nokey"), 2)
 
 
+@pytest.mark.parametrize("damage", ["small-flipped", "large-flipped", "large-truncated", "large-grown"])
+def test_export_refuses_a_damaged_local_store(tmp_path, vector_key, damage):
+    """Every blob is checked as it is read, a large one (several frames) across its pieces:
+    damage is exit 4 in one line, and no bundle is left under the output name."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "small.txt").write_text("small content\n" * 100)
+    (tree / "large.bin").write_bytes(os.urandom(9 << 20) + b"tail")
+    cli = Fimio(tmp_path / "root")
+    path = pathlib.Path(cli.out("add", tree))
+    victim = path / ("small.txt" if damage.startswith("small") else "large.bin")
+    os.chmod(victim, 0o644)  # the store's file shares its inode with .links
+    with open(victim, "r+b") as f:
+        if damage.endswith("flipped"):
+            f.seek(os.path.getsize(victim) - 2)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([last[0] ^ 1]))
+        elif damage.endswith("truncated"):
+            f.truncate(5 << 20)
+        else:
+            f.seek(0, os.SEEK_END)
+            f.write(b"more")
+    out = tmp_path / "x.bundle"
+    proc = cli("export", path, "-o", out, "--key", vector_key)
+    assert_one_error_line(proc, 4)
+    assert "damaged" in proc.stderr
+    assert not out.exists() and [n for n in os.listdir(tmp_path) if n.startswith("x.bundle")] == []
+
+
+@pytest.mark.parametrize("level", ["-7", "1", "19"])
+def test_any_level_round_trips(tmp_path, vector_key, trusting, level):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "text").write_text("compressible line\n" * 50_000)
+    (tree / "noise").write_bytes(os.urandom(6 << 20))
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", tree)
+    cli("export", path, "-o", tmp_path / "b.bundle", "--key", vector_key, "--level", level, check=0)
+    other = Fimio(tmp_path / "other")
+    other("import", tmp_path / "b.bundle", env=trusting, check=0)
+    logical = "/fimio/store/" + os.path.basename(path)
+    assert digests(other, [logical]) == digests(cli, [logical])
+
+
 # ---- air-gapped transfer of the example graph ------------------------------------------------
 
 

@@ -66,21 +66,23 @@ def write_tree(dest: str, tree: dict) -> None:
 
 
 def stream_digest(path: str) -> str:
-    """blake3 of the decompressed record stream of a bundle file (chunks unwrapped)."""
+    """blake3 of the decompressed record stream of a bundle file (chunks unwrapped, every
+    zstd frame decoded)."""
     import zstandard
 
     from fimio.store.bundle import CHUNK_HEAD, MAGIC
 
+    payload = io.BytesIO()
     with open(path, "rb") as f:
         assert f.read(len(MAGIC)) == MAGIC
-        d = zstandard.ZstdDecompressor().decompressobj()
-        h = blake3.blake3()
         while True:
             (n,) = CHUNK_HEAD.unpack(f.read(CHUNK_HEAD.size))
             if n == 0:
                 break
-            h.update(d.decompress(f.read(n)))
-    return h.hexdigest()
+            payload.write(f.read(n))
+    payload.seek(0)
+    reader = zstandard.ZstdDecompressor().stream_reader(payload, read_across_frames=True)
+    return blake3.blake3(reader.read()).hexdigest()
 
 
 def export_simple(out_dir: str, work: str) -> dict:
@@ -128,7 +130,7 @@ def _craft(root_node, blobs: dict, *, key=None, size_delta=0, blob_extra=0, dirs
             "signatures": [key.sign(path_fingerprint(path, root_node.digest, size, []))],
             "dirs": len(all_dirs) if dirs is None else dirs, "blobs": len(blobs)}
     buf = io.BytesIO()
-    w = BundleWriter(buf, threads=0)
+    w = BundleWriter(buf)
     w.record(T_HEADER, canonical({"format": "fimio-bundle", "version": 1, "storeDir": STORE_DIR, "paths": 1}))
     w.record(T_PATH, canonical(info))
     for d in all_dirs[: info["dirs"]]:
