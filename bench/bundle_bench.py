@@ -152,7 +152,7 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     rows.append(Row(f"import into an empty store, {label}", "time", median(imp), median(nimp) if nimp else None,
                     fimio_samples=imp, peer_samples=nimp))
     trip = [a + b for a, b in zip(exp, imp)]
-    r = Row(f"export then import (nix: export | import), {label}", "time", median(trip),
+    r = Row(f"export, then import (nix: export piped into import), {label}", "time", median(trip),
             median(npipe) if npipe else None, f"≤ {ROUNDTRIP_TARGET}× nix", fimio_samples=trip, peer_samples=npipe)
     r.met = None if r.ratio is None else r.ratio <= ROUNDTRIP_TARGET
     rows.append(r)
