@@ -160,13 +160,15 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
 
 def _export_atomic(store, plan, output, keys, level):
     """Write the bundle next to ``output`` and rename it into place: never a half bundle."""
+    from fimio.store import fsutil
     from fimio.store.bundle_export import export_bundle
 
     directory = os.path.dirname(os.path.abspath(output))
     tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            stats = export_bundle(store, plan, f, keys, level)
+        # written back while the export goes on, so that the fsync finds little left
+        with open(tmp, "wb") as f, fsutil.EarlyFlush(directory, every=64 << 20) as early:
+            stats = export_bundle(store, plan, early.writer(f), keys, level)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, output)

@@ -79,6 +79,20 @@ class EarlyFlush:
     def __exit__(self, *exc) -> None:
         self.join()
 
+    def writer(self, f) -> "_ReportingWriter":
+        """``f`` (a binary file object) with every write reported to :meth:`wrote`."""
+        return _ReportingWriter(f, self)
+
+
+class _ReportingWriter:
+    def __init__(self, f, flush: EarlyFlush):
+        self.f, self.flush = f, flush
+
+    def write(self, data) -> int:
+        n = self.f.write(data)
+        self.flush.wrote(len(data))
+        return n
+
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

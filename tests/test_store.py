@@ -335,3 +335,19 @@ def test_early_flush_syncs_in_the_background_only_when_worth_it(monkeypatch, tmp
         assert calls == [str(tmp_path)]
         flush.wrote(100)  # crosses `every`
     assert calls == [str(tmp_path)] * 2
+
+
+def test_early_flush_writer_reports_what_it_writes(tmp_path, monkeypatch):
+    import io
+
+    from fimio.store import fsutil
+
+    calls = []
+    monkeypatch.setattr(fsutil, "syncfs", lambda path: calls.append(path))
+    out = io.BytesIO()
+    with fsutil.EarlyFlush(str(tmp_path), every=100, minimum=50) as flush:
+        w = flush.writer(out)
+        w.write(b"x" * 60)
+        w.write(memoryview(b"y" * 60))  # 120 bytes: crosses `every`
+    assert out.getvalue() == b"x" * 60 + b"y" * 60
+    assert flush.written == 120 and calls == [str(tmp_path)]
