@@ -112,18 +112,25 @@ class _Framer:
         self.size += len(data)
 
     def write(self, data) -> None:
+        """Buffered: the writer's own small frames share chunks."""
         self.buf += data
         if len(self.buf) >= _CHUNK:
             self.emit()
 
     def emit(self) -> None:
-        view = memoryview(self.buf)
+        if self.buf:
+            buf, self.buf = self.buf, bytearray()
+            self.chunks(buf)
+
+    def chunks(self, data) -> None:
+        """``data`` as chunks of at most 4 MiB, after whatever is buffered."""
+        self.emit()
+        view = memoryview(data)
         for i in range(0, len(view), 4 << 20):
             piece = view[i:i + (4 << 20)]
             self._put(CHUNK_HEAD.pack(len(piece)))
             self._put(piece)
         view.release()
-        self.buf = bytearray()
 
 
 _compressors = threading.local()
@@ -186,7 +193,7 @@ class BundleWriter:
         """A zstd frame from :func:`compress_frame` of ``raw_size`` record bytes, completing
         ``records`` records (a large blob's record spans several frames: count it once)."""
         self._flush()
-        self._framer.write(frame)
+        self._framer.chunks(frame)  # not copied into the buffer: a frame is about a chunk already
         self.bytes += raw_size
         self.records += records
 
