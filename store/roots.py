@@ -26,20 +26,21 @@ def gc_lock(store, exclusive: bool = False):
     return fsutil.file_lock(os.path.join(store.locks, "gc.lock"), shared=not exclusive)
 
 
+_kept_here: set[str] = set()  # temp-roots files this process holds
+
+
 class TempRoots:
     """This process's temp-roots file. Open once per process; paths are appended, never removed."""
 
     def __init__(self, store):
         self.store = store
         self.path = os.path.join(store.root, "temproots", str(os.getpid()))
+        if self.path in _kept_here:
+            # A second file object would wait forever for the lock of the first.
+            raise RuntimeError("this process already keeps temp roots in this store")
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # Only a live process with our pid can hold it: this one, through a second
-            # TempRoots. Waiting would wait forever.
-            os.close(self.fd)
-            raise RuntimeError("this process already keeps temp roots in this store") from None
+        fcntl.flock(self.fd, fcntl.LOCK_EX)  # a gc may hold it a moment, looking for stale files
+        _kept_here.add(self.path)
         self.added: set[str] = set()
 
     def add(self, paths) -> None:
@@ -57,6 +58,7 @@ class TempRoots:
         except FileNotFoundError:
             pass
         os.close(self.fd)
+        _kept_here.discard(self.path)
 
 
 def _other_temp_roots(store):

@@ -296,3 +296,16 @@ def test_hold_refuses_a_path_a_gc_deleted_since_it_was_looked_up(cli, tmp_path, 
     finally:
         store.temp_roots.close()
         store.temp_roots = None
+
+
+def test_a_second_temp_roots_file_in_one_process_fails_at_once(store):
+    """Two TempRoots of one process on one store would deadlock on their own lock."""
+    from fimio.store.roots import TempRoots
+
+    first = TempRoots(store)
+    try:
+        with pytest.raises(RuntimeError, match="already keeps temp roots"):
+            TempRoots(store)
+    finally:
+        first.close()
+    TempRoots(store).close()  # once closed, a new one is fine
