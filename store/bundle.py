@@ -139,12 +139,12 @@ _compressors = threading.local()
 def compress_frame(data, level: int) -> bytes:
     """``data`` as one zstd frame (checksummed) at ``level``, with this thread's compressor:
     exporters compress frames on worker threads, and a bundle is their concatenation."""
-    cctx = getattr(_compressors, "by_level", {}).get(level)
+    by_level = _compressors.__dict__.setdefault("by_level", {})
+    cctx = by_level.get(level)
     if cctx is None:
         import zstandard
 
-        cctx = zstandard.ZstdCompressor(level=level, write_checksum=True)
-        _compressors.by_level = {**getattr(_compressors, "by_level", {}), level: cctx}
+        cctx = by_level[level] = zstandard.ZstdCompressor(level=level, write_checksum=True)
     return cctx.compress(data)
 
 
