@@ -8,8 +8,8 @@ Nix: ``nix-store --export $(nix-store -qR P) > F`` then ``nix-store --store D --
 into a fresh chroot store ``D`` (Nix's import of a path already valid is a no-op): both
 tools import into a store that lacks every byte of the tree. The round trip's peer is
 what the issue names, the pipeline ``nix-store --export … | nix-store --store D2 --import``
-into another fresh store, timed as a whole (the two run at once, so it is shorter than
-the sum); fimio's round trip is its export then its import. Nix's export is unsigned and
+into another fresh store, timed as a whole (the two run at once; on two CPUs that is not
+always shorter than their sum); fimio's round trip is its export then its import. Nix's export is unsigned and
 uncompressed and its import does not fsync file contents; fimio does more work per byte,
 which the ratio includes.
 
