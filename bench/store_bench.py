@@ -13,7 +13,8 @@ Peer: Nix (``nix-store --add`` / ``--dump``), run on the same trees in the same 
 4. peak RSS of adding a 2 GiB file (``ru_maxrss`` of that child via ``wait4``).
 
 Every timed command is a whole process, start-up included, as a user runs it. Before each
-timed command the harness calls ``sync()`` (untimed) so that no run pays for writing back
+run the tree is read once (untimed), so that the tool that goes first does not pay alone
+for a cold page cache. Before each timed command the harness calls ``sync()`` (untimed) so that no run pays for writing back
 what an earlier command left dirty. Each fimio series uses a fresh ``FIMIO_ROOT`` under the
 work directory (the same filesystem as the trees); paths added to the Nix store are deleted
 again after each run (untimed).
@@ -28,7 +29,7 @@ import time
 
 import trees
 from common import (Row, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd, scratch_parent,
-                    settle, wait_after_deletion)
+                    settle, wait_after_deletion, warm_tree)
 
 NAME = "store"
 HELP = "add (std, big), dump (big), peak memory of a 2 GiB add; against nix-store"
@@ -153,6 +154,7 @@ def _add_std(ctx: _Ctx, std) -> list[Row]:
     fresh, series, peer = [], [], []
     for i in range(n):
         _write_marker(std.path, i)
+        warm_tree(std.path)
         root = ctx.fresh_root("std-fresh")
         s, _ = ctx.fimio_add(root, std.path)
         fresh.append(s.seconds)
@@ -180,6 +182,7 @@ def _add_big(ctx: _Ctx, big):
     kept_root = kept_fimio = kept_nix = None
     for i in range(n):
         _write_marker(big.path, 1000 + i)
+        warm_tree(big.path)
         kept_root = ctx.fresh_root("big")
         s, kept_fimio = ctx.fimio_add(kept_root, big.path)
         mine.append(s.seconds)
