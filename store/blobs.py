@@ -15,6 +15,7 @@ import os
 import blake3
 
 from .errors import UsageError
+from .fsutil import unlink_if_exists, write_all
 from .forkpool import hash_threads
 
 _SMALL_FILE = 8 << 20  # larger files are streamed, not read whole
@@ -32,6 +33,11 @@ class Blobs:
         self.links, self.tmp = links, tmp
         self.exact_mode = False  # see prepare_bulk
         self._tmpfile_ok = _PROC_FD
+
+    def empty(self) -> bool:
+        """Whether ``.links`` holds no blob at all (a fresh store: nothing to look up)."""
+        with os.scandir(self.links) as it:
+            return next(it, None) is None
 
     def path(self, digest: bytes, executable: bool) -> str:
         """The file of a blob variant (which may not exist)."""
@@ -82,7 +88,7 @@ class Blobs:
             nonlocal size
             while n := os.readv(fd, [buf]):
                 hasher.update(view[:n])
-                _write_all(out, view[:n])
+                write_all(out, view[:n])
                 size += n
             key = self.path(hasher.digest(), executable)
             _blob_intact(key, size)  # drops a torn blob of that name so ours replaces it
@@ -93,7 +99,7 @@ class Blobs:
 
     def publish(self, key: str, executable: bool, data) -> None:
         """Write ``data`` as the blob ``key``: complete, normalised, then given its name."""
-        self._write_blob(executable, lambda out: (_write_all(out, data), key)[1])
+        self._write_blob(executable, lambda out: (write_all(out, data), key)[1])
 
     def _write_blob(self, executable: bool, fill) -> None:
         """Create a new blob file, let ``fill(fd) -> key`` write it, then give it its name."""
@@ -110,7 +116,7 @@ class Blobs:
                 self._finish_blob(tmp, key, executable)
         except BaseException:
             if tmp is not None:
-                _unlink(tmp)
+                unlink_if_exists(tmp)
             raise
         finally:
             if out >= 0:
@@ -160,7 +166,7 @@ class Blobs:
             except OSError as e:
                 if e.errno != errno.EMLINK:
                     raise
-                _unlink(tmp)  # too many links: keep this file as its own copy
+                unlink_if_exists(tmp)  # too many links: keep this file as its own copy
                 return
 
 
@@ -180,12 +186,6 @@ def _read_all(fd: int, size: int) -> bytes:
     while more := os.read(fd, _CHUNK):
         parts.append(more)
     return b"".join(parts)
-
-
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _normalise_fd(fd: int, mode: int, exact: bool = False) -> None:
@@ -224,7 +224,7 @@ def _blob_intact(key: str, size: int) -> bool:
             return True
     except FileNotFoundError:
         return False
-    _unlink(key)
+    unlink_if_exists(key)
     return False
 
 
@@ -236,11 +236,4 @@ def _link_anonymous(fd: int, key: str) -> None:
         # given. The path is absolute, so linkat ignores that dir_fd.
         os.link(f"/proc/self/fd/{fd}", key, src_dir_fd=fd, follow_symlinks=True)
     except FileExistsError:
-        pass
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
         pass

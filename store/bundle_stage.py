@@ -63,8 +63,7 @@ class Staging:
         self._stash: dict[bytes, bytes] = {}  # blobs received before any tree needed them
         # An empty .links (a fresh store) has nothing to link from: skip two stats per file.
         # A blob another writer publishes meanwhile is merely not shared (publish tolerates it).
-        with os.scandir(store.links) as it:
-            self._links_empty = next(it, None) is None
+        self._links_empty = store.blobs.empty()
 
     def __enter__(self):
         return self
@@ -176,7 +175,7 @@ class Staging:
                 chunk = read(min(_CHUNK, left))
                 h.update(chunk)
                 if fd is not None:
-                    _write_all(fd, chunk)
+                    fsutil.write_all(fd, chunk)
                 left -= len(chunk)
             if fd is not None:
                 os.utime(fd, (1, 1))
@@ -221,12 +220,6 @@ def _publish_links(links) -> None:
                 raise
 
 
-def _write_all(fd: int, data) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _link_or_copy(src: bytes, dst: bytes, executable: bool) -> None:
     try:
         os.link(src, dst)
@@ -244,7 +237,7 @@ def _copy(src: bytes, dst: bytes, executable: bool, digest: bytes | None) -> Non
         try:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
-                _write_all(fd, chunk)
+                fsutil.write_all(fd, chunk)
             os.utime(fd, (1, 1))
         finally:
             os.close(fd)
@@ -269,7 +262,7 @@ def _write_batch(batch) -> None:
             path, executable, _ = plan[0]
             fd = os.open(path, _CREATE, 0o555 if executable else 0o444)
             try:
-                _write_all(fd, data)
+                fsutil.write_all(fd, data)
                 os.utime(fd, (1, 1))
             finally:
                 os.close(fd)

@@ -269,20 +269,24 @@ class LocalStore:
 
         return hash_file(path)
 
+    def _own_file(self, path: StorePath, rel) -> str:
+        """The file at ``rel`` (relative, bytes or str; empty for the root) in store path ``path``."""
+        physical = self.physical(path)
+        return os.path.join(physical, os.fsdecode(rel)) if rel else physical
+
     def blob_file(self, path: StorePath, digest: bytes, executable: bool, rel) -> str:
-        """A readable file holding a blob: its ``.links`` entry (either variant), else the
-        file at ``rel`` (relative, bytes or str; empty for the root) in store path ``path``."""
+        """A readable file holding a blob: its ``.links`` entry (either variant), else its
+        file in the store path (see :meth:`_own_file`)."""
         for x in (executable, not executable):
             p = self.link_path(digest, x)
             if os.path.exists(p):
                 return p
-        physical = self.physical(path)
-        return os.path.join(physical, os.fsdecode(rel)) if rel else physical
+        return self._own_file(path, rel)
 
     def read_blob(self, path: StorePath, digest: bytes, executable: bool, rel, size: int) -> bytes | None:
-        """A small blob's bytes (see :meth:`blob_file` for where from), or None when they do
-        not match ``size`` and ``digest`` (a damaged store). Opens directly rather than
-        checking first, and uses no file object: one open per blob on the common path."""
+        """A small blob's bytes (from where :meth:`blob_file` says), or None when they do not
+        match ``size`` and ``digest`` (a damaged store). Opens directly rather than checking
+        first, and uses no file object: one open per blob on the common path."""
         fd = None
         for x in (executable, not executable):
             try:
@@ -291,8 +295,7 @@ class LocalStore:
             except FileNotFoundError:
                 pass
         if fd is None:
-            physical = self.physical(path)
-            fd = os.open(os.path.join(physical, os.fsdecode(rel)) if rel else physical, os.O_RDONLY)
+            fd = os.open(self._own_file(path, rel), os.O_RDONLY)
         try:
             data = os.read(fd, size + 1)
         finally:

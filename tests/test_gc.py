@@ -7,6 +7,7 @@ exactly what no root reaches goes; out-links root closures; ``--dry-run``;
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -34,6 +35,19 @@ def gc(cli, *args) -> dict:
 def add(cli, path) -> str:
     """``fimio add``; the logical path."""
     return f"{STORE_DIR}/{os.path.basename(cli.out('add', path))}"
+
+
+@contextlib.contextmanager
+def keeping_temp_roots(store):
+    """``store`` keeps temp roots for the block, as the commands that read it do."""
+    from fimio.store.roots import TempRoots
+
+    store.temp_roots = TempRoots(store)
+    try:
+        yield
+    finally:
+        store.temp_roots.close()
+        store.temp_roots = None
 
 
 def assert_verify_clean(cli):
@@ -251,7 +265,6 @@ def test_push_keeps_its_closure_from_a_gc_that_runs_during_the_upload(cli, tmp_p
     from cachefixtures import make_keys
     from fimio.store.cache.push import Pusher
     from fimio.store.cache.url import open_backend
-    from fimio.store.roots import TempRoots
 
     (tmp_path / "dep").write_text("a dependency\n")
     dep = store.add_path(str(tmp_path / "dep"))
@@ -270,12 +283,8 @@ def test_push_keeps_its_closure_from_a_gc_that_runs_during_the_upload(cli, tmp_p
             return self.inner.missing(keys)
 
     sk, _ = make_keys()
-    store.temp_roots = TempRoots(store)  # as the push command does
-    try:
+    with keeping_temp_roots(store):  # as the push command does
         stats = Pusher(store, CollectingBackend(open_backend(f"file://{tmp_path / 'cache'}")), [sk]).push([top.path])
-    finally:
-        store.temp_roots.close()
-        store.temp_roots = None
     assert collections and collections[0]["deleted"] == []
     assert stats.paths_sent == 2
     assert valid(cli, top.path.logical(STORE_DIR)) and valid(cli, dep.path.logical(STORE_DIR))
@@ -284,18 +293,12 @@ def test_push_keeps_its_closure_from_a_gc_that_runs_during_the_upload(cli, tmp_p
 
 def test_hold_refuses_a_path_a_gc_deleted_since_it_was_looked_up(cli, tmp_path, store):
     from fimio.store.errors import NotFound
-    from fimio.store.roots import TempRoots
 
     (tmp_path / "x").write_text("x\n")
     x = store.add_path(str(tmp_path / "x"))
     assert gc(cli)["deleted"] == [x.path.logical(STORE_DIR)]
-    store.temp_roots = TempRoots(store)
-    try:
-        with pytest.raises(NotFound, match="deleted by a concurrent gc"):
-            store.hold([x.path])
-    finally:
-        store.temp_roots.close()
-        store.temp_roots = None
+    with keeping_temp_roots(store), pytest.raises(NotFound, match="deleted by a concurrent gc"):
+        store.hold([x.path])
 
 
 def test_a_second_temp_roots_file_in_one_process_fails_at_once(store):

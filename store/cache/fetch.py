@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
     needed: dict[bytes, set] = {}
     for it in items:
         _variants(it.manifest.root, needed)
-    fresh = _links_empty(store)  # a fresh store has nothing: two stats per blob saved
+    fresh = store.blobs.empty()  # a fresh store has nothing: two stats per blob saved
     store.blobs.prepare_bulk()
     if needed.pop(_EMPTY, None) is not None:
         # empty files are in no pack: their blob is made here
@@ -173,11 +172,6 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
             for target, _ in large_files:
                 target.close()
     return pack_bytes + sum(target.size for target, _ in large_files)
-
-
-def _links_empty(store) -> bool:
-    with os.scandir(store.links) as it:
-        return next(it, None) is None
 
 
 def _run_task(store, task, needed, stats: FetchStats, unpack) -> None:

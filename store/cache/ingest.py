@@ -101,7 +101,7 @@ class LargeBlobFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-            _unlink(self.path)
+            fsutil.unlink_if_exists(self.path)
 
 
 BATCH = 256  # paths per transaction: each holds a lock file open while it commits
@@ -175,10 +175,3 @@ def _references_first(items: list) -> list:
             stack.append((p, True))
             stack.extend((r, False) for r in by_path[p][1].references if r in by_path and r not in seen)
     return out
-
-
-def _unlink(path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
