@@ -21,8 +21,13 @@ system-deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc nix-bin util-linux >/dev/null; \
 	else echo "install bubblewrap, gcc and nix with your package manager"; fi
 
+# pip writes no bytecode for an editable install, and where PYTHONDONTWRITEBYTECODE is set
+# (as in many containers) Python would then compile fimio's modules again on every command
+# (about 25 ms each time): compile them once here.
 deps: system-deps
 	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m compileall -q store cli
 
 test-deps: system-deps
 	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m compileall -q store cli

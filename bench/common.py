@@ -68,6 +68,20 @@ def fimio_argv() -> list[str]:
     return [found] if found else [sys.executable, "-m", "fimio.cli"]
 
 
+def compile_fimio() -> None:
+    """Compile fimio's modules to bytecode (untimed), as ``pip install`` of a wheel does: an
+    editable install gets none, and with PYTHONDONTWRITEBYTECODE set every timed command
+    would compile them again (about 25 ms), a cost no installed fimio pays."""
+    import compileall
+
+    import fimio.cli
+    import fimio.store
+
+    for package in (fimio.store, fimio.cli):
+        for directory in package.__path__:
+            compileall.compile_dir(directory, quiet=1)
+
+
 def fimio_env(root: str) -> dict:
     env = dict(os.environ)
     env["FIMIO_ROOT"] = root

@@ -70,6 +70,7 @@ def main(argv=None) -> int:
     bench_common.QUIET_AFTER_DELETE = args.after_delete_wait
     names = list(GROUPS) if args.group == "all" else [args.group]
     os.makedirs(args.workdir, exist_ok=True)
+    bench_common.compile_fimio()
     nix = have_nix() and not args.no_peer
     if not nix:
         log("nix-store not found (or --no-peer): the peer columns are skipped")

@@ -135,6 +135,21 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
+def widen_pipe(f, size: int = 1 << 20) -> None:
+    """Give file object ``f`` a ``size``-byte kernel buffer if it is a pipe (Linux; silently
+    left as it is otherwise, or when the system caps it lower). A 64 KiB default pipe makes a streaming
+    writer and reader hand over a gigabyte in 16,000 wake-ups; 1 MiB, in 1,000."""
+    import fcntl
+    import stat
+
+    try:
+        fd = f.fileno()
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def unlink_if_exists(path) -> None:
     try:
         os.unlink(path)

@@ -15,7 +15,6 @@ for its whole run, so a path is either seen as a temp root or found invalid afte
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 
 from . import fsutil
@@ -133,6 +132,8 @@ def add_root(store, link: str, target: StorePath) -> str:
     # Durable before we return: a root lost to a power cut would let gc delete an output
     # the user was told is there.
     fsutil.fsync_dir(os.path.dirname(link))
+    import hashlib  # here: OpenSSL's start-up is not paid by the commands that make no out-link
+
     reg = os.path.join(store.root, "gcroots", "auto-" + hashlib.sha256(link.encode()).hexdigest()[:32])
     try:
         registered = os.readlink(reg) == link

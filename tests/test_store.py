@@ -337,6 +337,23 @@ def test_early_flush_syncs_in_the_background_only_when_worth_it(monkeypatch, tmp
     assert calls == [str(tmp_path)] * 2
 
 
+def test_widen_pipe_grows_a_pipe_and_leaves_anything_else_alone(tmp_path):
+    import fcntl
+    import io
+
+    from fimio.store import fsutil
+
+    r, w = os.pipe()
+    with os.fdopen(r, "rb") as reader, os.fdopen(w, "wb") as writer:
+        assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == 64 << 10  # Linux's default
+        fsutil.widen_pipe(reader, 256 << 10)
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == 256 << 10  # one buffer, both ends
+        with open(tmp_path / "f", "wb") as f:
+            fsutil.widen_pipe(f)  # a file: nothing to do, no error
+        fsutil.widen_pipe(io.BytesIO())  # no descriptor at all: the same
+        writer.write(b"x")
+
+
 def test_early_flush_writer_reports_what_it_writes(tmp_path, monkeypatch):
     import io
 
