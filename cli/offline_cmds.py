@@ -9,6 +9,7 @@ import sys
 import click
 
 from fimio.store.errors import NotFound, UsageError
+from fimio.store.fsutil import widen_pipe
 
 from .main import emit_json, global_options, info, json_option, pass_options
 
@@ -141,8 +142,6 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
     plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
                        sources_only=sources_only, with_logs=with_logs)
     if output == "-":
-        from fimio.store.fsutil import widen_pipe
-
         out = sys.stdout.buffer
         widen_pipe(out)
         stats = export_bundle(store, plan, out, keys, level)
@@ -203,8 +202,6 @@ def import_(opts, file, no_check_sigs, as_json):
     trusted = TrustedKeys(config.trusted_public_keys)
     require = config.require_sigs and not no_check_sigs
     if file == "-":
-        from fimio.store.fsutil import widen_pipe
-
         widen_pipe(sys.stdin.buffer)
         result = import_bundle(store, sys.stdin.buffer, trusted, require, warn=lambda m: info(opts, f"warning: {m}"))
     else:

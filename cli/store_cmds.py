@@ -9,6 +9,7 @@ import sys
 import click
 
 from fimio.store.errors import NotFound, UsageError
+from fimio.store.fsutil import widen_pipe
 
 from .main import emit_json, global_options, json_option, pass_options
 from .render import path_json
@@ -57,6 +58,7 @@ def cat(opts, target):
     if os.path.isdir(full):
         raise UsageError(f"'{target}' is a directory", "use 'fimio ls'")
     out = sys.stdout.buffer
+    widen_pipe(out)
     with open(full, "rb") as f:
         while chunk := f.read(1 << 20):
             out.write(chunk)
@@ -119,6 +121,7 @@ def dump(opts, target):
     if sys.stdout.isatty():
         raise UsageError("refusing to write a binary archive to a terminal", "redirect stdout")
     sys.stdout.flush()
+    widen_pipe(sys.stdout.buffer)
     nar.dump(full, sys.stdout.buffer)
     sys.stdout.buffer.flush()
 
@@ -130,6 +133,7 @@ def restore(dest):
     """Unpack a NAR read from stdin into DEST (which must not exist)."""
     from fimio.store import nar
 
+    widen_pipe(sys.stdin.buffer)
     nar.restore(sys.stdin.buffer, dest)
 
 
