@@ -1,0 +1,127 @@
+"""The worker-process pool (store/forkpool.py): results in order, errors as raised, dead
+workers and interrupted callers handled, and no process left behind."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+
+import pytest
+
+from fimio.store import forkpool
+from fimio.store.errors import IntegrityError
+
+
+def _double(x):
+    return x * 2
+
+
+def _pid_and(x):
+    return os.getpid(), x
+
+
+def _children() -> set[int]:
+    """The live (not zombie) children of this process."""
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as f:
+        pids = {int(p) for p in f.read().split()}
+    return {p for p in pids if _state(p) not in ("Z", None)}
+
+
+def _state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_results_come_back_in_order_from_worker_processes():
+    before = _children()
+    with forkpool.ForkPool(_pid_and, workers=2) as pool:
+        workers = _children() - before
+        futures = [pool.submit([(i,), (i + 1000,)]) for i in range(200)]
+        results = [f.result() for f in futures]
+    assert len(workers) == 2
+    assert [[x for _, x in r] for r in results] == [[i, i + 1000] for i in range(200)]
+    assert {pid for r in results for pid, _ in r} <= workers  # none ran in the caller
+    assert _children() == before  # every worker has exited and been reaped
+
+
+def test_large_items_and_concurrent_submitters_keep_each_result_with_its_batch():
+    big = os.urandom(3 << 20)  # larger than the pipes: sends block until the worker reads
+    out: dict[int, list] = {}
+
+    with forkpool.ForkPool(_double, workers=2) as pool:
+        def submitter(k: int) -> None:
+            out[k] = [pool.submit([(big[:k],), (k,)]).result() for _ in range(5)]
+
+        threads = [threading.Thread(target=submitter, args=(k,)) for k in range(1, 9)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for k, results in out.items():
+        assert results == [[big[:k] * 2, 2 * k]] * 5
+
+
+def _fail_on(x):
+    if x == 3:
+        raise IntegrityError(f"item {x} is bad", "a hint")
+    return x
+
+
+def test_an_error_in_a_worker_is_raised_by_result_with_its_type_and_text():
+    with forkpool.ForkPool(_fail_on, workers=2) as pool:
+        good, bad = pool.submit([(1,), (2,)]), pool.submit([(3,)])
+        assert good.result() == [1, 2]
+        with pytest.raises(IntegrityError) as e:
+            bad.result()
+        assert e.value.message == "item 3 is bad" and e.value.hint == "a hint"
+        assert pool.submit([(4,)]).result() == [4]  # the worker lives on
+
+
+def _die_on(x):
+    if x == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def test_a_killed_worker_is_an_oserror_not_a_hang():
+    with pytest.raises(OSError) as e:
+        with forkpool.ForkPool(_die_on, workers=2) as pool:
+            pool.submit([(1,)]).result()
+            pool.submit([("die",)]).result()
+    assert e.value.errno == errno.ECHILD
+
+
+def _sleep_forever(x):
+    threading.Event().wait()
+
+
+def test_leaving_by_an_exception_kills_the_workers_at_once():
+    before = _children()
+    with pytest.raises(KeyError):
+        with forkpool.ForkPool(_sleep_forever, workers=2) as pool:
+            pool.submit([(1,)])
+            pool.submit([(2,)])
+            raise KeyError("interrupted")
+    assert _children() == before
+
+
+def test_without_processes_the_work_runs_in_the_caller(monkeypatch):
+    def no_fork():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    with forkpool.ForkPool(_pid_and, workers=2) as pool:
+        assert pool.submit([(7,)]).result() == [(os.getpid(), 7)]
+        with pytest.raises(IntegrityError):
+            forkpool.ForkPool(_fail_on).submit([(3,)]).result()
+
+
+def test_a_worker_hashes_on_one_thread():
+    with forkpool.ForkPool(lambda: forkpool.hash_threads(), workers=2) as pool:
+        assert pool.submit([()]).result() == [1]
+    assert forkpool.hash_threads() != 1
