@@ -136,13 +136,10 @@ def write_all(fd: int, data) -> None:
 
 
 def widen_pipe(f, size: int = 1 << 20) -> None:
-    """Give file object ``f`` a ``size``-byte kernel buffer if it is a pipe
-    (Linux; silently left as it is otherwise, or when the system caps it lower). Through the
-    64 KiB default, a streaming writer and reader hand over a gigabyte in 16,000 wake-ups;
-    through 1 MiB, in 1,000."""
-    import fcntl
-    import stat
-
+    """Give file object ``f`` a ``size``-byte kernel buffer if it is a pipe (Linux; silently
+    left as it is otherwise, or when the system caps it lower). Through the 64 KiB default,
+    a streaming writer and reader hand over a gigabyte in 16,000 wake-ups; through 1 MiB,
+    in 1,000."""
     try:
         fd = f.fileno()
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
