@@ -10,6 +10,7 @@ import click
 from fimio.store.errors import BuildError, NotFound, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
+from .progress import BuildProgress
 
 
 @click.command()
@@ -38,33 +39,6 @@ def _drv_json(store, drv) -> dict:
         "drvHash": drv.drv_hash,
         "outputs": {n: {"path": store.logical(p), "physical": store.physical(p)} for n, p in drv.output_paths().items()},
     }
-
-
-class Progress:
-    """A one-line progress display on a terminal; silent on a pipe or with -q."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.running: dict[str, str] = {}
-        self.shown = False
-
-    def __call__(self, event, drv, counts):
-        if not self.enabled:
-            return
-        if event == "start":
-            self.running[drv.drv_path.base] = drv.name
-        else:
-            self.running.pop(drv.drv_path.base, None)
-        names = ", ".join(list(self.running.values())[:3])
-        line = f"[{counts['done']}/{counts['total']} built, {len(self.running)} running] {names}"
-        sys.stderr.write("\r\033[K" + line[:160])
-        sys.stderr.flush()
-        self.shown = True
-
-    def clear(self):
-        if self.shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
 
 
 def _log_sink(drv, line: bytes) -> None:
@@ -122,7 +96,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
     config = opts.config()
     offline = config.offline if offline is None else offline
     store = opts.store()
-    progress = Progress(sys.stderr.isatty() and opts.verbosity >= 0 and opts.verbosity < 1)
+    progress = BuildProgress(opts)
     options = RealiseOptions(
         jobs=jobs or config.jobs or 0,
         cores=config.cores,

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import click
 
 from fimio.store.errors import NotFound, NotReproducible, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
+from .progress import ByteProgress
 from .render import human_size
 
 # ---- key ------------------------------------------------------------------------------------
@@ -87,29 +87,6 @@ def _push_targets(store, targets):
     return paths, realisations, hashes
 
 
-class _Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, opts, label: str):
-        self.on = sys.stderr.isatty() and opts.verbosity >= 0
-        self.label, self.last = label, 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.on or (now - self.last < 0.1 and done < total):
-            return
-        self.last = now
-        pct = 100 * done // total if total else 100
-        bar = "#" * (pct // 4)
-        sys.stderr.write(f"\r{self.label} [{bar:<25}] {pct:3d}% {human_size(done)} / {human_size(total)} ")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.on and self.last:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
 def _do_push(opts, store, url, paths, realisations=(), hashes=(), key_files=(), jobs=8):
     from fimio.store.cache.push import Pusher
     from fimio.store.cache.url import open_with_config
@@ -119,7 +96,7 @@ def _do_push(opts, store, url, paths, realisations=(), hashes=(), key_files=(), 
     if not keys:
         info(opts, "fimio: warning: pushing unsigned (no --key and no secret-key-files); "
                    "clients that require signatures will refuse these paths")
-    progress = _Progress(opts, f"pushing to {backend.url}")
+    progress = ByteProgress(opts, f"pushing to {backend.url}")
     try:
         stats = Pusher(store, backend, keys, jobs=jobs, progress=progress).push(paths, realisations, hashes)
     finally:

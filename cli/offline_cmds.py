@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
+from contextlib import contextmanager
 
 import click
 
@@ -12,6 +14,7 @@ from fimio.store.errors import NotFound, UsageError
 from fimio.store.fsutil import widen_pipe
 
 from .main import emit_json, global_options, info, json_option, pass_options
+from .progress import ByteProgress
 
 
 def _signing_keys(opts, key_files):
@@ -141,13 +144,18 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
                    "importers that require signatures will refuse the bundle")
     plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
                        sources_only=sources_only, with_logs=with_logs)
-    if output == "-":
-        out = sys.stdout.buffer
-        widen_pipe(out)
-        stats = export_bundle(store, plan, out, keys, level)
-        out.flush()
-    else:
-        stats = _export_atomic(store, plan, output, keys, level)
+    progress = ByteProgress(opts, f"exporting {len(plan.paths)} path(s)")
+    report = progress if progress.enabled else None
+    try:
+        if output == "-":
+            out = sys.stdout.buffer
+            widen_pipe(out)
+            stats = export_bundle(store, plan, out, keys, level, report)
+            out.flush()
+        else:
+            stats = _export_atomic(store, plan, output, keys, level, report)
+    finally:
+        progress.done()
     if as_json:
         emit_json({"file": None if output == "-" else os.path.abspath(output),
                    "paths": [store.logical(p) for p in plan.paths], "realisations": len(plan.realisations),
@@ -160,7 +168,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
                    f"{human_size(os.path.getsize(output))} in {output})")
 
 
-def _export_atomic(store, plan, output, keys, level):
+def _export_atomic(store, plan, output, keys, level, progress):
     """Write the bundle next to ``output`` and rename it into place: never a half bundle."""
     from fimio.store import fsutil
     from fimio.store.bundle_export import export_bundle
@@ -170,7 +178,7 @@ def _export_atomic(store, plan, output, keys, level):
     try:
         # written back while the export goes on, so that the fsync finds little left
         with open(tmp, "wb") as f, fsutil.EarlyFlush(directory, every=64 << 20) as early:
-            stats = export_bundle(store, plan, early.writer(f), keys, level)
+            stats = export_bundle(store, plan, early.writer(f), keys, level, progress)
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, output)
@@ -183,6 +191,53 @@ def _export_atomic(store, plan, output, keys, level):
 
 
 # ---- import ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _bundle_source(file: str):
+    """The bundle FILE opened for reading ('-': stdin), with one-line errors."""
+    if file == "-":
+        widen_pipe(sys.stdin.buffer)
+        yield sys.stdin.buffer
+        return
+    try:
+        f = open(file, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"bundle '{file}' does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"'{file}' is a directory, not a bundle") from None
+    except OSError as e:
+        raise UsageError(f"cannot read '{file}': {e.strerror}") from None
+    with f:
+        yield f
+
+
+class _Counted:
+    """A bundle being read, with the bytes read so far reported to ``progress(done, total)``
+    (total: the file's size, None for a pipe)."""
+
+    def __init__(self, f, progress):
+        self.f, self.progress, self.done = f, progress, 0
+        try:
+            st = os.fstat(f.fileno())
+            self.total = st.st_size if stat.S_ISREG(st.st_mode) else None
+        except (OSError, ValueError):
+            self.total = None
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self._advance(len(data))
+        return data
+
+    def readinto(self, b) -> int | None:
+        k = self.f.readinto(b)
+        self._advance(k or 0)
+        return k
+
+    def _advance(self, k: int) -> None:
+        self.done += k
+        self.progress(self.done, self.total)
+
 
 
 @click.command(name="import")
@@ -201,20 +256,13 @@ def import_(opts, file, no_check_sigs, as_json):
     store = opts.store()
     trusted = TrustedKeys(config.trusted_public_keys)
     require = config.require_sigs and not no_check_sigs
-    if file == "-":
-        widen_pipe(sys.stdin.buffer)
-        result = import_bundle(store, sys.stdin.buffer, trusted, require, warn=lambda m: info(opts, f"warning: {m}"))
-    else:
+    progress = ByteProgress(opts, "importing")
+    with _bundle_source(file) as f:
         try:
-            f = open(file, "rb")
-        except FileNotFoundError:
-            raise NotFound(f"bundle '{file}' does not exist") from None
-        except IsADirectoryError:
-            raise UsageError(f"'{file}' is a directory, not a bundle") from None
-        except OSError as e:
-            raise UsageError(f"cannot read '{file}': {e.strerror}") from None
-        with f:
-            result = import_bundle(store, f, trusted, require, warn=lambda m: info(opts, f"warning: {m}"))
+            result = import_bundle(store, _Counted(f, progress) if progress.enabled else f, trusted, require,
+                                   warn=lambda m: info(opts, f"warning: {m}"))
+        finally:
+            progress.done()
     imported = set(result.imported)
     if as_json:
         emit_json({"paths": [{"path": store.logical(p), "physical": store.physical(p), "imported": p in imported}

@@ -47,16 +47,20 @@ class ExportStats:
     digest: bytes = b""
 
 
-def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> ExportStats:
+def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2, progress=None) -> ExportStats:
     """Write ``plan`` as a bundle to the binary file object ``out``, signed by ``keys``.
 
     Every blob is checked against its digest as it is read, so a damaged local store is
-    refused (IntegrityError) rather than exported. Paths must be valid (NotFound)."""
+    refused (IntegrityError) rather than exported. Paths must be valid (NotFound).
+    ``progress(done, total)``, if given, is called as file contents are written, in bytes
+    of the paths' contents (content already sent for an earlier path counts as done)."""
     from .cache.keys import add_signature
 
     store_dir = store.store_dir
     w = BundleWriter(out, level=level)
     stats = ExportStats(paths=len(plan.paths))
+    total = sum(store.info(p).size for p in plan.paths) if progress else 0
+    done = 0
     w.record(T_HEADER, canonical({"format": "fimio-bundle", "version": VERSION, "storeDir": store_dir,
                                   "paths": len(plan.paths)}))
     sent: set[bytes] = set()
@@ -78,9 +82,16 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2) -> Expo
             for d in dirs:
                 w.record(T_DIR, d.encoding())
             tasks = _tasks(store, info, where, [(b, sizes[b]) for b in blobs], level)
+            written = 0
             for frame, raw_size, records in _frames(pool, tasks):
                 w.frame(frame, raw_size, records)
                 stats.blobs += records
+                if progress:
+                    written += raw_size
+                    progress(done + min(written, info.size), total)
+            done += info.size
+            if progress:
+                progress(done, total)
     for r in plan.realisations:
         for k in keys:
             r.signatures = add_signature(r.signatures, k.sign(r.fingerprint(store_dir)))

@@ -71,6 +71,35 @@ def run_fimio(args, root, input=None, check=None, env=None, text: bool = True,
     return proc
 
 
+def run_on_terminal(args, root, env=None, timeout: float = 300) -> tuple[int, str, str]:
+    """Run ``fimio ARGS...`` with stderr on a pseudo-terminal (stdout a pipe, stdin empty),
+    as a user at a terminal does; return (exit code, stdout, everything the terminal got)."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([fimio_executable(), *[os.fspath(a) for a in args]], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave, env=fimio_env(root, env))
+    finally:
+        os.close(slave)
+    shown = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not data:
+                break
+            shown.append(data)
+    finally:
+        os.close(master)
+    out = proc.stdout.read()
+    proc.stdout.close()
+    code = proc.wait(timeout)
+    return code, out.decode(errors="replace"), b"".join(shown).decode(errors="replace")
+
+
 class Fimio:
     """``run_fimio`` bound to one root: ``cli("add", path, check=0).stdout``."""
 

@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from conftest import Fimio, assert_one_error_line, fimio_env, fimio_executable
+from conftest import Fimio, assert_one_error_line, fimio_env, fimio_executable, run_on_terminal
 from offlinefixtures import REPO, digests, snapshot, write_config
 from test_offline import UNSHARE, needs_unshare, online  # noqa: F401  (online: the module fixture)
 
@@ -325,6 +325,34 @@ def _peak_rss(root: pathlib.Path, args: list[str], env: dict) -> int:
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return int(proc.stdout)
+
+
+def test_export_and_import_show_progress_on_a_terminal_and_nowhere_else(tmp_path, vector_key, trusting):
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(50_000))
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", src)
+    bundle = tmp_path / "t.bundle"
+    code, _, shown = run_on_terminal(["export", path, "-o", bundle, "--key", vector_key], cli.root)
+    assert code == 0
+    # a bar, redrawn in place, then erased before the result line
+    assert "\rexporting 1 path(s) [" not in shown  # each redraw clears the line first
+    assert "\r\x1b[Kexporting 1 path(s) [" in shown and "% " in shown and " / 1.9 MiB" in shown
+    assert shown.rindex("\r\x1b[K") > shown.rindex("exporting 1 path(s) [")
+    assert shown.rstrip().endswith(f"in {bundle})")
+
+    other = Fimio(tmp_path / "other")
+    code, out, shown = run_on_terminal(["import", bundle], other.root, env=trusting)
+    assert code == 0 and out.strip() == str(other.physical_store / os.path.basename(path))
+    assert "\r\x1b[Kimporting [" in shown and shown.rindex("\r\x1b[K") > shown.rindex("importing [")
+
+    # not with -q, and never where stderr is no terminal
+    code, _, shown = run_on_terminal(["-q", "export", path, "-o", bundle, "--key", vector_key], cli.root)
+    assert code == 0 and shown == ""
+    assert "\r" not in cli("export", path, "-o", bundle, "--key", vector_key, check=0).stderr
+    assert "\r" not in Fimio(tmp_path / "third")("import", bundle, env=trusting, check=0).stderr
 
 
 def test_export_to_stdout_and_import_from_stdin(tmp_path, vector_key, trusting):

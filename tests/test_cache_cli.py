@@ -10,7 +10,7 @@ import pathlib
 import pytest
 
 from cachefixtures import WRITE_TOKEN, Serve, make_keys, write_config
-from conftest import assert_one_error_line, run_fimio
+from conftest import assert_one_error_line, run_fimio, run_on_terminal
 
 STORE_DIR = "/fimio/store"
 SH = 'builder = "/bin/sh"\n[env]\nPATH = "/usr/bin:/bin"\n'
@@ -49,6 +49,21 @@ def test_key_generate_and_public(world):
     assert_one_error_line(fim(world, "R", "key", "public", input=""), 2, "no secret key")
     assert_one_error_line(fim(world, "R", "key", "public", input="x:AAAA"), 2, "invalid secret key")
     assert_one_error_line(fim(world, "R", "key", "generate", "bad:name"), 2, "invalid key name")
+
+
+def test_push_shows_progress_on_a_terminal_only(world, tmp_path):
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(100_000))
+    path = fim(world, "A", "add", src, check=0).stdout.strip()
+    cache = f"file://{tmp_path / 'cache'}"
+    code, _, shown = run_on_terminal(["push", cache, path, "--key", world["sk"]], tmp_path / "A",
+                                     env={"FIMIO_CONFIG": world["cfg"]})
+    assert code == 0
+    assert f"\r\x1b[Kpushing to {cache} [" in shown and "% " in shown
+    assert shown.rindex("\r\x1b[K") > shown.rindex("pushing to")  # erased before the result line
+    assert "\r" not in fim(world, "A", "push", f"{cache}2", path, "--key", world["sk"], check=0).stderr
 
 
 def test_push_derivation_then_realise_substitutes_it(world, tmp_path):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import STORE_DIR, assert_one_error_line, fimio_env, fimio_executable, run_fimio
+from conftest import STORE_DIR, assert_one_error_line, fimio_env, fimio_executable, run_fimio, run_on_terminal
 from fimio.store.local import LocalStore
 from fimio.store.realise import build_records
 from test_sandbox import EXAMPLES, FileServer, fetch_example_copy, out_of, outputs_of, realise_json, write_drv
@@ -97,6 +97,17 @@ def test_each_example_realises(examples):
     shout = pathlib.Path(out_of(r["shout"])[1])
     assert shout.read_text() == (EXAMPLES / "fetch" / "files" / "greeting.txt").read_text().upper()
     assert len(r["shout"]["built"]) == 2  # the fetch and the consumer
+
+
+def test_realise_shows_its_progress_on_a_terminal_only(tmp_path):
+    report = EXAMPLES / "graph" / "report.toml"
+    code, out, shown = run_on_terminal(["realise", "--no-out-link", report], tmp_path / "a")
+    assert code == 0 and out.strip()
+    assert "\r\x1b[K[0/3 built, 1 running] libgreet" in shown
+    assert "\r\x1b[K[2/3 built, 1 running] greetings-report" in shown
+    assert shown.endswith("\r\x1b[Kbuilt 3, substituted 0\r\n")  # erased before the summary
+    proc = run_fimio(["realise", "--no-out-link", report], tmp_path / "b", check=0)
+    assert "\r" not in proc.stderr and "running]" not in proc.stderr
 
 
 def test_second_realise_is_a_noop(examples):
