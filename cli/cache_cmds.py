@@ -185,7 +185,12 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
         with SubstituterSet(store, [src], config.trusted_public_keys,
                             require_sigs=config.require_sigs and not no_check_sigs, config=config) as subs:
             wanted = [_remote_path(store, subs, p) for p in paths]
-            got = subs.substitute(wanted)
+            progress = ByteProgress(opts, f"copying from {src}")
+            subs.stats.progress = progress if progress.enabled else None
+            try:
+                got = subs.substitute(wanted)
+            finally:
+                progress.done()
             missing = [p for p in wanted if p not in got]
             if missing:
                 raise NotFound(f"'{store.logical(missing[0])}' is not in cache '{src}' (or its closure is incomplete)")

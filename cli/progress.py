@@ -5,6 +5,7 @@ that what remains on the screen is the command's own result."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 from .render import human_size
@@ -41,20 +42,26 @@ class ByteProgress(_Line):
         super().__init__(_on_terminal(opts))
         self.label = label
         self.last = 0.0
+        self.lock = threading.Lock()
 
     def __call__(self, done: int, total: int | None = None) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < _INTERVAL:
+        if not self.enabled:
             return
-        self.last = now
-        if not total:
-            self.show(f"{self.label} {human_size(done)}")
-            return
-        pct = min(100, 100 * done // total)
-        self.show(f"{self.label} [{'#' * (pct // 4):<25}] {pct:3d}% {human_size(done)} / {human_size(total)}")
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last < _INTERVAL:
+                return
+            self.last = now
+            if not total:
+                self.show(f"{self.label} {human_size(done)}")
+                return
+            pct = min(100, 100 * done // total)
+            self.show(f"{self.label} [{'#' * (pct // 4):<25}] {pct:3d}% {human_size(done)} / {human_size(total)}")
 
     def done(self) -> None:
-        self.clear()
+        with self.lock:
+            self.clear()
+            self.enabled = False  # a worker thread still reporting draws nothing more
 
 
 class BuildProgress(_Line):

@@ -51,7 +51,7 @@ def test_key_generate_and_public(world):
     assert_one_error_line(fim(world, "R", "key", "generate", "bad:name"), 2, "invalid key name")
 
 
-def test_push_shows_progress_on_a_terminal_only(world, tmp_path):
+def test_push_and_copy_show_progress_on_a_terminal_only(world, tmp_path):
     src = tmp_path / "tree"
     src.mkdir()
     for i in range(20):
@@ -64,6 +64,14 @@ def test_push_shows_progress_on_a_terminal_only(world, tmp_path):
     assert f"\r\x1b[Kpushing to {cache} [" in shown and "% " in shown
     assert shown.rindex("\r\x1b[K") > shown.rindex("pushing to")  # erased before the result line
     assert "\r" not in fim(world, "A", "push", f"{cache}2", path, "--key", world["sk"], check=0).stderr
+
+    logical = f"{STORE_DIR}/{os.path.basename(path)}"
+    code, out, shown = run_on_terminal(["copy", "--from", cache, logical], tmp_path / "B",
+                                       env={"FIMIO_CONFIG": world["cfg"]})
+    assert code == 0 and out.strip() == str(tmp_path / "B" / "store" / os.path.basename(path))
+    assert f"\r\x1b[Kcopying from {cache} [" in shown and "/ 1.9 MiB" in shown
+    assert shown.rindex("\r\x1b[K") > shown.rindex("copying from")
+    assert "\r" not in fim(world, "C", "copy", "--from", cache, logical, check=0).stderr
 
 
 def test_push_derivation_then_realise_substitutes_it(world, tmp_path):

@@ -46,14 +46,32 @@ class _Item:
 
 @dataclass
 class FetchStats:
+    """What a fetch downloaded; ``progress(done, total)``, if set, is called (from worker
+    threads) as file contents arrive, in bytes of content: ``total`` grows as each batch
+    of paths learns from its manifests what it lacks."""
+
     objects: int = 0
     bytes: int = 0  # stored bytes downloaded
+    content: int = 0  # bytes of file content fetched
+    expected: int = 0  # bytes of file content to fetch
+    progress: object = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, n: int) -> None:
         with self.lock:
             self.objects += 1
             self.bytes += n
+
+    def expect(self, n: int) -> None:
+        with self.lock:
+            self.expected += n
+
+    def fetched(self, n: int) -> None:
+        with self.lock:
+            self.content += n
+            done, total = self.content, self.expected
+        if self.progress is not None:
+            self.progress(done, total)
 
 
 def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None = None) -> list:
@@ -161,6 +179,7 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
                     tasks.append(("chunk", it.backend, c, target, offset))
                     offset += c.raw_size
     pack_bytes = sum(t[2].raw_size for t in tasks if t[0] == "pack")
+    stats.expect(sum(t[2].raw_size for t in tasks))
     with contextlib.ExitStack() as stack:
         # many small blobs: unpacked and written by worker processes (see forkpool)
         unpack = (stack.enter_context(ForkPool(functools.partial(_unpack, store)))
@@ -189,6 +208,7 @@ def _run_task(store, task, needed, stats: FetchStats, unpack) -> None:
         raw = _get(backend, key, obj.raw_size, stats)
         packing.check_digest(raw, obj.digest, key)
         target.write_at(offset, raw)
+    stats.fetched(obj.raw_size)
 
 
 def _materialise(store, item: _Item) -> None:
