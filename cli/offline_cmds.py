@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import click
 
-from fimio.store.errors import NotFound, UsageError
-from fimio.store.fsutil import widen_pipe
+from fimio.store.errors import UsageError
+from fimio.store.fsutil import open_input, widen_pipe
 
 from .main import emit_json, global_options, info, json_option, pass_options
 from .progress import ByteProgress
@@ -200,15 +200,7 @@ def _bundle_source(file: str):
         widen_pipe(sys.stdin.buffer)
         yield sys.stdin.buffer
         return
-    try:
-        f = open(file, "rb")
-    except FileNotFoundError:
-        raise NotFound(f"bundle '{file}' does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"'{file}' is a directory, not a bundle") from None
-    except OSError as e:
-        raise UsageError(f"cannot read '{file}': {e.strerror}") from None
-    with f:
+    with open_input(file, "bundle") as f:
         yield f
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from .errors import NotFound, UsageError
+from .errors import UsageError
+from .fsutil import open_input
 from .paths import StorePath, check_name, output_path
 
 DRV_VERSION = 1
@@ -199,15 +200,8 @@ class RawDerivation:
 
 def read_toml(path: str) -> RawDerivation:
     """Read and validate a derivation file; DrvFileError (exit 2) with ``file:line`` on any problem."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise NotFound(f"derivation file '{path}' does not exist") from None
-    except IsADirectoryError:
-        raise UsageError(f"'{path}' is a directory, not a derivation file") from None
-    except OSError as e:
-        raise UsageError(f"cannot read '{path}': {e.strerror}") from None
+    with open_input(path, "derivation file") as f:
+        raw = f.read()
     import tomllib
 
     try:

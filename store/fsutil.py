@@ -148,6 +148,22 @@ def widen_pipe(f, size: int = 1 << 20) -> None:
         pass
 
 
+def open_input(path: str, kind: str):
+    """``path`` opened for binary reading, or the one-line error a user should see: NotFound
+    (exit 5) when it does not exist, UsageError (exit 2) when it is a directory or cannot
+    be read. ``kind`` names what it should be ("bundle", "derivation file")."""
+    from .errors import NotFound, UsageError
+
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"{kind} '{path}' does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"'{path}' is a directory, not a {kind}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read '{path}': {e.strerror}") from None
+
+
 def unlink_if_exists(path) -> None:
     try:
         os.unlink(path)
