@@ -12,6 +12,7 @@ from fimio.store.errors import NotFound, UsageError
 from fimio.store.fsutil import widen_pipe
 
 from .main import emit_json, global_options, json_option, pass_options
+from .progress import ByteProgress
 from .render import path_json
 
 
@@ -24,12 +25,15 @@ from .render import path_json
 def add(opts, path, name, as_json):
     """Add a file or directory tree to the store, content-addressed; print its store path."""
     store = opts.store()
+    progress = ByteProgress(opts, f"adding {os.path.basename(os.path.abspath(path))}")
     try:
-        info = store.add_path(path, name)
+        info = store.add_path(path, name, progress if progress.enabled else None)
     except PermissionError as e:
         # files are read on worker threads, outside scan()'s own PermissionError mapping
         where = os.fsdecode(e.filename) if e.filename is not None else path
         raise UsageError(f"cannot read '{where}': permission denied") from None
+    finally:
+        progress.done()
     if as_json:
         emit_json(path_json(store, info))
     else:

@@ -18,6 +18,7 @@ without a record is garbage left by a crash; it is never served and is removed b
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import time
@@ -330,19 +331,21 @@ class LocalStore:
         with fsutil.file_lock(os.path.join(self.locks, path.hash_part + ".lock")):
             yield
 
-    def add_path(self, src: str, name: str | None = None) -> PathInfo:
+    def add_path(self, src: str, name: str | None = None, progress=None) -> PathInfo:
         """Add a file or tree to the store, content-addressed; return its info.
 
         Raises UsageError for a missing/unreadable path, special files or an invalid name.
-        On a crash or kill, the path is either fully valid or absent.
+        On a crash or kill, the path is either fully valid or absent. ``progress(done,
+        found)``, if given, is called (from another thread) as file contents are stored:
+        bytes stored against bytes found so far by the walk of the tree.
         """
         name = check_name(name if name is not None else os.path.basename(os.path.abspath(src)))
         with self.writing():
-            return self._add_path(src, name)
+            return self._add_path(src, name, progress)
 
-    def _add_path(self, src: str, name: str) -> PathInfo:
+    def _add_path(self, src: str, name: str, progress=None) -> PathInfo:
         with fsutil.EarlyFlush(self.root) as flush:
-            node = self._scan_parallel(src, flush)
+            node = self._scan_parallel(src, flush, progress)
             path = source_path(self.store_dir, name, node.digest)
             self._protect(path)
             with self.lock_path(path):
@@ -400,10 +403,10 @@ class LocalStore:
                     fsutil.remove_tree(tmp)
         return [self.info(w[0]) for w in wanted]
 
-    def _scan_parallel(self, src: str, flush: fsutil.EarlyFlush) -> Node:
+    def _scan_parallel(self, src: str, flush: fsutil.EarlyFlush, progress=None) -> Node:
         # The main process walks the tree; the files' contents are read, hashed and
         # published in batches, by worker processes once the tree proves large enough to
-        # repay starting them (see ingestpool).
+        # repay starting them (see forkpool).
         self.blobs.prepare_bulk()
         with ExitStack() as stack:
             pool = None
@@ -411,15 +414,24 @@ class LocalStore:
             batch: list = []
             batch_bytes = 0
             count = 0
+            bytes_found = 0
+            bytes_stored = [0]  # updated by the pool's result thread
+
+            def stored(future, n: int) -> None:
+                bytes_stored[0] += n
+                progress(bytes_stored[0], bytes_found)
 
             def on_file(p, st):
-                nonlocal pool, batch, batch_bytes, count
+                nonlocal pool, batch, batch_bytes, count, bytes_found
                 batch.append((p, st.st_size, bool(st.st_mode & 0o100)))
                 batch_bytes += st.st_size
+                bytes_found += st.st_size
                 if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
                     if pool is None:
                         pool = stack.enter_context(ForkPool(self.blobs.ingest_file))
                     futures.append(pool.submit(batch))
+                    if progress is not None:
+                        futures[-1].add_done_callback(functools.partial(stored, n=batch_bytes))
                     flush.wrote(batch_bytes)
                     batch, batch_bytes = [], 0
                 count += 1

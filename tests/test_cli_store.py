@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import STORE_DIR, assert_one_error_line, nix_available
+from conftest import STORE_DIR, assert_one_error_line, nix_available, run_on_terminal
 from fimio.store.local import LocalStore
 from fimio.store.tree import format_digest, scan
 
@@ -58,6 +58,19 @@ def test_add_prints_physical_path(cli, tmp_path):
     assert cli.out("add", src) == out
     named = cli.out("add", "--name", "hello-1.0", src)
     assert named.endswith("-hello-1.0") and named != out
+
+
+def test_add_of_a_large_tree_shows_progress_on_a_terminal_only(cli, tmp_path):
+    src = tmp_path / "tree"
+    src.mkdir()
+    for i in range(300):  # enough batches for the worker processes, and a bar
+        (src / f"f{i}").write_bytes(os.urandom(40_000))
+    code, out, shown = run_on_terminal(["add", src], cli.root)
+    assert code == 0 and out.strip().startswith(str(cli.physical_store))
+    assert "\r\x1b[Kadding tree [" in shown and "MiB / " in shown
+    assert shown.endswith("\r\x1b[K")  # erased: the store path went to stdout
+    (src / "new").write_text("x")
+    assert "\r" not in cli("add", src, check=0).stderr
 
 
 def test_add_json(cli, tmp_path):
