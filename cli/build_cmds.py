@@ -106,6 +106,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
         log_sink=_log_sink if opts.verbosity >= 1 else None,
         progress=progress,
     )
+    if options.substituters is not None and progress.enabled:
+        options.substituters.stats.progress = progress.substituting
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
     realiser.warn = lambda message: info(opts, f"warning: {message}")
     try:

@@ -71,6 +71,9 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
             refuse_network(to_url, why)
     store = opts.store(protect=True)
     subs = open_substituters(opts, store, substituters, no_substitute, offline)
+    progress = ByteProgress(opts, "fetching")
+    if subs is not None and progress.enabled:
+        subs.stats.progress = progress
     backend, keys = None, []
     try:
         if to_url:
@@ -85,6 +88,7 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
                              jobs=jobs or opts.config().jobs or 0, to_backend=backend, keys=keys,
                              warn=lambda m: info(opts, f"warning: {m}"))
     finally:
+        progress.done()
         if subs is not None:
             for err in subs.errors:
                 info(opts, f"warning: {err.message}")

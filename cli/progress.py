@@ -34,6 +34,13 @@ class _Line:
             self.shown = False
 
 
+def _bar(label: str, done: int, total: int | None) -> str:
+    if not total:
+        return f"{label} {human_size(done)}"
+    pct = min(100, 100 * done // total)
+    return f"{label} [{'#' * (pct // 4):<25}] {pct:3d}% {human_size(done)} / {human_size(total)}"
+
+
 class ByteProgress(_Line):
     """Work measured in bytes: ``progress(done, total)`` draws ``label [####   ] 40% 12 MiB / 30 MiB``,
     or ``label 12 MiB`` when the total is unknown (None). Safe to call from several threads."""
@@ -52,11 +59,7 @@ class ByteProgress(_Line):
             if now - self.last < _INTERVAL:
                 return
             self.last = now
-            if not total:
-                self.show(f"{self.label} {human_size(done)}")
-                return
-            pct = min(100, 100 * done // total)
-            self.show(f"{self.label} [{'#' * (pct // 4):<25}] {pct:3d}% {human_size(done)} / {human_size(total)}")
+            self.show(_bar(self.label, done, total))
 
     def done(self) -> None:
         with self.lock:
@@ -72,13 +75,24 @@ class BuildProgress(_Line):
     def __init__(self, opts):
         super().__init__(_on_terminal(opts) and opts.verbosity < 1)
         self.running: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.last = 0.0
 
     def __call__(self, event, drv, counts) -> None:
         if not self.enabled:
             return
-        if event == "start":
-            self.running[drv.drv_path.base] = drv.name
-        else:
-            self.running.pop(drv.drv_path.base, None)
-        names = ", ".join(list(self.running.values())[:3])
-        self.show(f"[{counts['done']}/{counts['total']} built, {len(self.running)} running] {names}")
+        with self.lock:
+            if event == "start":
+                self.running[drv.drv_path.base] = drv.name
+            else:
+                self.running.pop(drv.drv_path.base, None)
+            names = ", ".join(list(self.running.values())[:3])
+            self.show(f"[{counts['done']}/{counts['total']} built, {len(self.running)} running] {names}")
+
+    def substituting(self, done: int, total: int) -> None:
+        """Substitution's ``FetchStats.progress``: bytes of content fetched so far."""
+        with self.lock:
+            now = time.monotonic()
+            if now - self.last >= _INTERVAL:
+                self.last = now
+                self.show(_bar("substituting", done, total))

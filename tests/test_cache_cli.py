@@ -87,6 +87,12 @@ def test_push_derivation_then_realise_substitutes_it(world, tmp_path):
     b_out = fim(world, "B", "realise", app, "--no-out-link", check=0).stdout.strip()
     assert open(b_out).read() == open(out).read()
     assert fim(world, "B", "verify", "--check-contents").returncode == 0
+    # machine C, at a terminal: a substitution progress line, erased before the summary
+    code, c_out, shown = run_on_terminal(["realise", app, "--no-out-link", "--substituter", cache], tmp_path / "C",
+                                         env={"FIMIO_CONFIG": world["cfg"]})
+    assert code == 0 and open(c_out.strip()).read() == open(out).read()
+    assert "\r\x1b[Ksubstituting [" in shown and "built 0, substituted" in shown
+    assert shown.rindex("\r\x1b[K") > shown.rindex("substituting [")
     # a second push finds everything there
     again = json.loads(fim(world, "A", "push", cache, app, "--key", world["sk"], "--json", check=0).stdout)
     assert again["pathsSent"] == 0 and again["bytesSent"] == 0
