@@ -18,20 +18,35 @@ def _on_terminal(opts) -> bool:
 
 
 class _Line:
+    """The one status line: drawn over itself, at most every ``_INTERVAL`` through
+    :meth:`redraw`, from any thread."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.shown = False
+        self.last = 0.0
+        self.lock = threading.Lock()
 
     def show(self, text: str) -> None:
+        """Draw ``text`` now (call with the lock held)."""
         sys.stderr.write("\r\033[K" + text[:160])
         sys.stderr.flush()
         self.shown = True
 
+    def redraw(self, text: str) -> None:
+        """Draw ``text`` unless the line was drawn less than ``_INTERVAL`` ago (or is off)."""
+        with self.lock:
+            now = time.monotonic()
+            if self.enabled and now - self.last >= _INTERVAL:
+                self.last = now
+                self.show(text)
+
     def clear(self) -> None:
-        if self.shown:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-            self.shown = False
+        with self.lock:
+            if self.shown:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+                self.shown = False
 
 
 def _bar(label: str, done: int, total: int | None) -> str:
@@ -48,23 +63,15 @@ class ByteProgress(_Line):
     def __init__(self, opts, label: str):
         super().__init__(_on_terminal(opts))
         self.label = label
-        self.last = 0.0
-        self.lock = threading.Lock()
 
     def __call__(self, done: int, total: int | None = None) -> None:
-        if not self.enabled:
-            return
-        with self.lock:
-            now = time.monotonic()
-            if now - self.last < _INTERVAL:
-                return
-            self.last = now
-            self.show(_bar(self.label, done, total))
+        if self.enabled:
+            self.redraw(_bar(self.label, done, total))
 
     def done(self) -> None:
         with self.lock:
-            self.clear()
             self.enabled = False  # a worker thread still reporting draws nothing more
+        self.clear()
 
 
 class BuildProgress(_Line):
@@ -75,8 +82,6 @@ class BuildProgress(_Line):
     def __init__(self, opts):
         super().__init__(_on_terminal(opts) and opts.verbosity < 1)
         self.running: dict[str, str] = {}
-        self.lock = threading.Lock()
-        self.last = 0.0
 
     def __call__(self, event, drv, counts) -> None:
         if not self.enabled:
@@ -91,8 +96,4 @@ class BuildProgress(_Line):
 
     def substituting(self, done: int, total: int) -> None:
         """Substitution's ``FetchStats.progress``: bytes of content fetched so far."""
-        with self.lock:
-            now = time.monotonic()
-            if now - self.last >= _INTERVAL:
-                self.last = now
-                self.show(_bar("substituting", done, total))
+        self.redraw(_bar("substituting", done, total))
