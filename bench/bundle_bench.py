@@ -109,8 +109,9 @@ def _fimio_piped(f: _Fimio, path: str, src: str) -> float:
     importer = subprocess.Popen([*f.argv, "import", "-", "-q"], env=f.env(dest), stdin=exporter.stdout,
                                 stdout=subprocess.DEVNULL)
     exporter.stdout.close()
-    if importer.wait() != 0 or exporter.wait() != 0:
-        raise RuntimeError("fimio export | fimio import failed")
+    codes = importer.wait(), exporter.wait()
+    if codes != (0, 0):
+        raise RuntimeError(f"fimio export | fimio import failed (exit {codes[1]} | {codes[0]})")
     return time.perf_counter() - t0
 
 

@@ -118,14 +118,14 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
 
             checks = check_targets(realiser, outcome, rounds or 2, vary)
     except BuildError as e:
-        progress.clear()
+        progress.done()
         tail = getattr(e, "log_tail", "")
         if tail and options.log_sink is None and opts.verbosity >= 0:
             click.echo(f"last {len(tail.splitlines())} log lines:", err=True)
             click.echo("\n".join("  > " + line for line in tail.splitlines()), err=True)
         raise
     finally:
-        progress.clear()
+        progress.done()
         realiser.close()
         if options.substituters is not None:
             for err in options.substituters.errors:

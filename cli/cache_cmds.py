@@ -98,7 +98,7 @@ def _do_push(opts, store, url, paths, realisations=(), hashes=(), key_files=(), 
                    "clients that require signatures will refuse these paths")
     progress = ByteProgress(opts, f"pushing to {backend.url}")
     try:
-        stats = Pusher(store, backend, keys, jobs=jobs, progress=progress).push(paths, realisations, hashes)
+        stats = Pusher(store, backend, keys, jobs=jobs, progress=progress.callback).push(paths, realisations, hashes)
     finally:
         progress.done()
     return backend, stats
@@ -186,7 +186,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
                             require_sigs=config.require_sigs and not no_check_sigs, config=config) as subs:
             wanted = [_remote_path(store, subs, p) for p in paths]
             progress = ByteProgress(opts, f"copying from {src}")
-            subs.stats.progress = progress if progress.enabled else None
+            subs.stats.progress = progress.callback
             try:
                 got = subs.substitute(wanted)
             finally:

@@ -72,8 +72,8 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
     store = opts.store(protect=True)
     subs = open_substituters(opts, store, substituters, no_substitute, offline)
     progress = ByteProgress(opts, "fetching")
-    if subs is not None and progress.enabled:
-        subs.stats.progress = progress
+    if subs is not None:
+        subs.stats.progress = progress.callback
     backend, keys = None, []
     try:
         if to_url:
@@ -149,15 +149,14 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
     plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
                        sources_only=sources_only, with_logs=with_logs)
     progress = ByteProgress(opts, f"exporting {len(plan.paths)} path(s)")
-    report = progress if progress.enabled else None
     try:
         if output == "-":
             out = sys.stdout.buffer
             widen_pipe(out)
-            stats = export_bundle(store, plan, out, keys, level, report)
+            stats = export_bundle(store, plan, out, keys, level, progress.callback)
             out.flush()
         else:
-            stats = _export_atomic(store, plan, output, keys, level, report)
+            stats = _export_atomic(store, plan, output, keys, level, progress.callback)
     finally:
         progress.done()
     if as_json:
@@ -233,7 +232,6 @@ class _Counted:
     def _advance(self, k: int) -> None:
         self.done += k
         self.progress(self.done, self.total)
-
 
 
 @click.command(name="import")

@@ -4,6 +4,7 @@ that what remains on the screen is the command's own result."""
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -13,25 +14,39 @@ from .render import human_size
 _INTERVAL = 0.1  # seconds between redraws
 
 
-def _on_terminal(opts) -> bool:
-    return sys.stderr.isatty() and opts.verbosity >= 0
+def _terminal_width(opts) -> int:
+    """The width of the terminal stderr is, or 0 when it is none (or -q was given)."""
+    if opts.verbosity < 0:
+        return 0
+    try:
+        if not sys.stderr.isatty():
+            return 0
+        return os.get_terminal_size(sys.stderr.fileno()).columns or 80  # 0: size never set
+    except (AttributeError, OSError, ValueError):  # no stderr at all, or not a real file
+        return 0
 
 
 class _Line:
     """The one status line: drawn over itself, at most every ``_INTERVAL`` through
-    :meth:`redraw`, from any thread."""
+    :meth:`redraw`, from any thread; never wider than the terminal (a wrapped line could
+    not be erased). A write that fails turns it off rather than fail the work."""
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, width: int):
+        self.enabled = width > 0
+        self.width = max(width - 1, 20)
         self.shown = False
         self.last = 0.0
         self.lock = threading.Lock()
 
+    @property
+    def callback(self):
+        """This object where work should report to it, None where it shows nothing."""
+        return self if self.enabled else None
+
     def show(self, text: str) -> None:
         """Draw ``text`` now (call with the lock held)."""
-        sys.stderr.write("\r\033[K" + text[:160])
-        sys.stderr.flush()
-        self.shown = True
+        self._write("\r\033[K" + text[:self.width])
+        self.shown = self.enabled
 
     def redraw(self, text: str) -> None:
         """Draw ``text`` unless the line was drawn less than ``_INTERVAL`` ago (or is off)."""
@@ -41,19 +56,32 @@ class _Line:
                 self.last = now
                 self.show(text)
 
-    def clear(self) -> None:
+    def done(self) -> None:
+        """Erase the line for good: a worker thread still reporting draws nothing more."""
         with self.lock:
             if self.shown:
-                sys.stderr.write("\r\033[K")
-                sys.stderr.flush()
-                self.shown = False
+                self._write("\r\033[K")
+            self.enabled = self.shown = False
+
+    def _write(self, text: str) -> None:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError):  # the terminal went away
+            self.enabled = False
 
 
-def _bar(label: str, done: int, total: int | None) -> str:
-    if not total:
-        return f"{label} {human_size(done)}"
-    pct = min(100, 100 * done // total)
-    return f"{label} [{'#' * (pct // 4):<25}] {pct:3d}% {human_size(done)} / {human_size(total)}"
+def _bar(label: str, done: int, total: int | None, width: int) -> str:
+    """``label [####   ] 40% 12 MiB / 30 MiB``, the label shortened to fit ``width``."""
+    if total:
+        pct = min(100, 100 * done // total)
+        tail = f" [{'#' * (pct // 4):<25}] {pct:3d}% {human_size(done)} / {human_size(total)}"
+    else:
+        tail = f" {human_size(done)}"
+    room = width - len(tail)
+    if len(label) > room:
+        label = label[:max(room - 1, 0)] + "…"
+    return label + tail
 
 
 class ByteProgress(_Line):
@@ -61,17 +89,11 @@ class ByteProgress(_Line):
     or ``label 12 MiB`` when the total is unknown (None). Safe to call from several threads."""
 
     def __init__(self, opts, label: str):
-        super().__init__(_on_terminal(opts))
+        super().__init__(_terminal_width(opts))
         self.label = label
 
     def __call__(self, done: int, total: int | None = None) -> None:
-        if self.enabled:
-            self.redraw(_bar(self.label, done, total))
-
-    def done(self) -> None:
-        with self.lock:
-            self.enabled = False  # a worker thread still reporting draws nothing more
-        self.clear()
+        self.redraw(_bar(self.label, done, total, self.width))
 
 
 class BuildProgress(_Line):
@@ -80,13 +102,13 @@ class BuildProgress(_Line):
     build logs that -v streams would be torn by it)."""
 
     def __init__(self, opts):
-        super().__init__(_on_terminal(opts) and opts.verbosity < 1)
+        super().__init__(_terminal_width(opts) if opts.verbosity < 1 else 0)
         self.running: dict[str, str] = {}
 
     def __call__(self, event, drv, counts) -> None:
-        if not self.enabled:
-            return
         with self.lock:
+            if not self.enabled:
+                return
             if event == "start":
                 self.running[drv.drv_path.base] = drv.name
             else:
@@ -96,4 +118,4 @@ class BuildProgress(_Line):
 
     def substituting(self, done: int, total: int) -> None:
         """Substitution's ``FetchStats.progress``: bytes of content fetched so far."""
-        self.redraw(_bar("substituting", done, total))
+        self.redraw(_bar("substituting", done, total, self.width))

@@ -27,7 +27,7 @@ def add(opts, path, name, as_json):
     store = opts.store()
     progress = ByteProgress(opts, f"adding {os.path.basename(os.path.abspath(path))}")
     try:
-        info = store.add_path(path, name, progress if progress.enabled else None)
+        info = store.add_path(path, name, progress.callback)
     except PermissionError as e:
         # files are read on worker threads, outside scan()'s own PermissionError mapping
         where = os.fsdecode(e.filename) if e.filename is not None else path

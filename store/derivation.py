@@ -201,7 +201,10 @@ class RawDerivation:
 def read_toml(path: str) -> RawDerivation:
     """Read and validate a derivation file; DrvFileError (exit 2) with ``file:line`` on any problem."""
     with open_input(path, "derivation file") as f:
-        raw = f.read()
+        try:
+            raw = f.read()
+        except OSError as e:
+            raise UsageError(f"cannot read '{path}': {e.strerror}") from None
     import tomllib
 
     try:

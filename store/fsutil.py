@@ -142,9 +142,9 @@ def widen_pipe(f, size: int = 1 << 20) -> None:
     in 1,000."""
     try:
         fd = f.fileno()
-        if stat.S_ISFIFO(os.fstat(fd).st_mode):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
-    except (OSError, AttributeError, ValueError):
+        if stat.S_ISFIFO(os.fstat(fd).st_mode) and fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)  # never shrinks one made larger already
+    except (OSError, AttributeError, ValueError, TypeError):
         pass
 
 

@@ -415,11 +415,14 @@ class LocalStore:
             batch_bytes = 0
             count = 0
             bytes_found = 0
-            bytes_stored = [0]  # updated by the pool's result thread
+            bytes_stored = [0]
+            counting = threading.Lock()  # batches complete on the pool's thread (or this one)
 
             def stored(future, n: int) -> None:
-                bytes_stored[0] += n
-                progress(bytes_stored[0], bytes_found)
+                with counting:
+                    bytes_stored[0] += n
+                    done = bytes_stored[0]
+                progress(done, bytes_found)
 
             def on_file(p, st):
                 nonlocal pool, batch, batch_bytes, count, bytes_found

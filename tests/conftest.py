@@ -75,29 +75,38 @@ def run_on_terminal(args, root, env=None, timeout: float = 300) -> tuple[int, st
     """Run ``fimio ARGS...`` with stderr on a pseudo-terminal (stdout a pipe, stdin empty),
     as a user at a terminal does; return (exit code, stdout, everything the terminal got)."""
     import pty
+    import select
+    import tempfile
+    import time
 
     master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen([fimio_executable(), *[os.fspath(a) for a in args]], stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=slave, env=fimio_env(root, env))
-    finally:
-        os.close(slave)
-    shown = []
-    try:
-        while True:
-            try:
-                data = os.read(master, 1 << 16)
-            except OSError:  # EIO: the last writer closed the terminal
-                break
-            if not data:
-                break
-            shown.append(data)
-    finally:
-        os.close(master)
-    out = proc.stdout.read()
-    proc.stdout.close()
-    code = proc.wait(timeout)
-    return code, out.decode(errors="replace"), b"".join(shown).decode(errors="replace")
+    with tempfile.TemporaryFile() as out:  # a file: a large stdout cannot block the child
+        try:
+            proc = subprocess.Popen([fimio_executable(), *[os.fspath(a) for a in args]], stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=slave, env=fimio_env(root, env))
+        finally:
+            os.close(slave)
+        shown = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([master], [], [], left)[0]:
+                    proc.kill()
+                    pytest.fail(f"fimio {args} did not finish within {timeout} s")
+                try:
+                    data = os.read(master, 1 << 16)
+                except OSError:  # EIO: the last writer closed the terminal
+                    break
+                if not data:
+                    break
+                shown.append(data)
+        finally:
+            os.close(master)
+        code = proc.wait(max(deadline - time.monotonic(), 1))
+        out.seek(0)
+        stdout = out.read()
+    return code, stdout.decode(errors="replace"), b"".join(shown).decode(errors="replace")
 
 
 class Fimio:

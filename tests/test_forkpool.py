@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -96,17 +97,22 @@ def test_a_killed_worker_is_an_oserror_not_a_hang():
     assert e.value.errno == errno.ECHILD
 
 
-def _sleep_forever(x):
-    threading.Event().wait()
+def _nap(path):
+    time.sleep(0.05)
+    with open(path, "a") as f:
+        f.write("x")
 
 
-def test_leaving_by_an_exception_kills_the_workers_at_once():
+def test_leaving_by_an_exception_drops_the_queued_work_and_leaves_no_worker(tmp_path):
     before = _children()
+    done = tmp_path / "done"
     with pytest.raises(KeyError):
-        with forkpool.ForkPool(_sleep_forever, workers=2) as pool:
-            pool.submit([(1,)])
-            pool.submit([(2,)])
+        with forkpool.ForkPool(_nap, workers=2) as pool:
+            for _ in range(100):
+                pool.submit([(str(done),)])
             raise KeyError("interrupted")
+    ran = len(done.read_text()) if done.exists() else 0
+    assert ran < 100  # what no worker had started was dropped (5 s of work otherwise)
     assert _children() == before
 
 

@@ -348,9 +348,15 @@ def test_widen_pipe_grows_a_pipe_and_leaves_anything_else_alone(tmp_path):
         assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == 64 << 10  # Linux's default
         fsutil.widen_pipe(reader, 256 << 10)
         assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == 256 << 10  # one buffer, both ends
+        fsutil.widen_pipe(reader, 128 << 10)
+        assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == 256 << 10  # never shrunk
         with open(tmp_path / "f", "wb") as f:
             fsutil.widen_pipe(f)  # a file: nothing to do, no error
         fsutil.widen_pipe(io.BytesIO())  # no descriptor at all: the same
+        fsutil.widen_pipe(None)
+        closed = open(tmp_path / "f", "rb")
+        closed.close()
+        fsutil.widen_pipe(closed)
         writer.write(b"x")
 
 
