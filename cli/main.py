@@ -137,9 +137,11 @@ def emit_json(obj) -> None:
 
 
 def info(opts: Options, message: str) -> None:
-    """A progress/status message on stderr, silenced by -q."""
+    """A progress/status message on stderr, silenced by -q (above a progress bar, if one is drawn)."""
     if opts.verbosity >= 0:
-        click.echo(message, err=True)
+        from .progress import say
+
+        say(message)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,6 +12,23 @@ import time
 from .render import human_size
 
 _INTERVAL = 0.1  # seconds between redraws
+_active: list = []  # the status lines that may be on screen (one, in practice)
+
+
+def say(text: str) -> None:
+    """Print a message line on stderr: above the status line if one is drawn (it is drawn
+    again at its next update), so that the message does not end up glued to a bar."""
+    import click
+
+    line = _active[-1] if _active else None
+    if line is None:
+        click.echo(text, file=sys.stderr)
+        return
+    with line.lock:
+        if line.shown:
+            line._write("\r\033[K")
+        click.echo(text, file=sys.stderr)
+        line.shown, line.last = False, 0.0
 
 
 def _terminal_width(opts) -> int:
@@ -37,6 +54,8 @@ class _Line:
         self.shown = False
         self.last = 0.0
         self.lock = threading.Lock()
+        if self.enabled:
+            _active.append(self)
 
     @property
     def callback(self):
@@ -62,6 +81,8 @@ class _Line:
             if self.shown:
                 self._write("\r\033[K")
             self.enabled = self.shown = False
+        if self in _active:
+            _active.remove(self)
 
     def _write(self, text: str) -> None:
         try:
