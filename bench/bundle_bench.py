@@ -103,15 +103,19 @@ def _fimio_piped(f: _Fimio, path: str, src: str) -> float:
     """``fimio export P --closure -o - | fimio import -`` into a fresh store, as one."""
     dest = f.fresh_root("dest-piped")
     settle()
+    return _time_pipe([*f.argv, "export", path, "--closure", "-o", "-", "--key", f.key, "-q"], f.env(src),
+                      [*f.argv, "import", "-", "-q"], f.env(dest))
+
+
+def _time_pipe(producer: list[str], producer_env, consumer: list[str], consumer_env) -> float:
+    """Seconds from starting ``producer | consumer`` until both have exited (both must succeed)."""
     t0 = time.perf_counter()
-    exporter = subprocess.Popen([*f.argv, "export", path, "--closure", "-o", "-", "--key", f.key, "-q"],
-                                env=f.env(src), stdout=subprocess.PIPE)
-    importer = subprocess.Popen([*f.argv, "import", "-", "-q"], env=f.env(dest), stdin=exporter.stdout,
-                                stdout=subprocess.DEVNULL)
-    exporter.stdout.close()
-    codes = importer.wait(), exporter.wait()
+    first = subprocess.Popen(producer, env=producer_env, stdout=subprocess.PIPE)
+    second = subprocess.Popen(consumer, env=consumer_env, stdin=first.stdout, stdout=subprocess.DEVNULL)
+    first.stdout.close()
+    codes = first.wait(), second.wait()
     if codes != (0, 0):
-        raise RuntimeError(f"fimio export | fimio import failed (exit {codes[1]} | {codes[0]})")
+        raise RuntimeError(f"{producer[0]} … | {consumer[0]} … failed (exit {codes[0]} | {codes[1]})")
     return time.perf_counter() - t0
 
 
@@ -216,14 +220,8 @@ class _Nix:
         store = self.fresh_dir("nix-piped")
         subprocess.run(["nix-store", "--store", store, "--init"], capture_output=True, check=True)
         settle()
-        t0 = time.perf_counter()
-        exporter = subprocess.Popen(["nix-store", "--export", *self.closure], stdout=subprocess.PIPE)
-        importer = subprocess.Popen(["nix-store", "--store", store, "--import"], stdin=exporter.stdout,
-                                    stdout=subprocess.DEVNULL)
-        exporter.stdout.close()
-        if importer.wait() != 0 or exporter.wait() != 0:
-            raise RuntimeError("nix-store --export | nix-store --import failed")
-        return time.perf_counter() - t0
+        return _time_pipe(["nix-store", "--export", *self.closure], None, ["nix-store", "--store", store, "--import"],
+                          None)
 
     def close(self) -> None:
         subprocess.run(["nix-store", "--delete", self.path], capture_output=True)

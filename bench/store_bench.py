@@ -14,10 +14,10 @@ Peer: Nix (``nix-store --add`` / ``--dump``), run on the same trees in the same 
 
 Every timed command is a whole process, start-up included, as a user runs it. Before each
 run the tree is read once (untimed), so that the tool that goes first does not pay alone
-for a cold page cache. Before each timed command the harness calls ``sync()`` (untimed) so that no run pays for writing back
-what an earlier command left dirty. Each fimio series uses a fresh ``FIMIO_ROOT`` under the
-work directory (the same filesystem as the trees); paths added to the Nix store are deleted
-again after each run (untimed).
+for a cold page cache. Before each timed command the harness calls ``sync()`` (untimed) so
+that no run pays for writing back what an earlier command left dirty. Each fimio series
+uses a fresh ``FIMIO_ROOT`` under the work directory (the same filesystem as the trees);
+paths added to the Nix store are deleted again after each run (untimed).
 """
 
 from __future__ import annotations

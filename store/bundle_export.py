@@ -59,14 +59,14 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2, progres
     store_dir = store.store_dir
     w = BundleWriter(out, level=level)
     stats = ExportStats(paths=len(plan.paths))
-    total = sum(store.info(p).size for p in plan.paths) if progress else 0
+    infos = [store.info(p) for p in plan.paths]
+    total = sum(info.size for info in infos)
     done = 0
     w.record(T_HEADER, canonical({"format": "fimio-bundle", "version": VERSION, "storeDir": store_dir,
                                   "paths": len(plan.paths)}))
     sent: set[bytes] = set()
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for path in plan.paths:
-            info = store.info(path)
+        for info in infos:
             node = store.load_tree(info)
             dirs = _dirs_preorder(node)
             where: dict[bytes, tuple[bool, bytes]] = {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from .errors import UsageError
-from .fsutil import open_input
+from .fsutil import read_input
 from .paths import StorePath, check_name, output_path
 
 DRV_VERSION = 1
@@ -200,11 +200,7 @@ class RawDerivation:
 
 def read_toml(path: str) -> RawDerivation:
     """Read and validate a derivation file; DrvFileError (exit 2) with ``file:line`` on any problem."""
-    with open_input(path, "derivation file") as f:
-        try:
-            raw = f.read()
-        except OSError as e:
-            raise UsageError(f"cannot read '{path}': {e.strerror}") from None
+    raw = read_input(path, "derivation file")
     import tomllib
 
     try:

@@ -161,7 +161,22 @@ def open_input(path: str, kind: str):
     except IsADirectoryError:
         raise UsageError(f"'{path}' is a directory, not a {kind}") from None
     except OSError as e:
-        raise UsageError(f"cannot read '{path}': {e.strerror}") from None
+        raise _cannot_read(path, e) from None
+
+
+def read_input(path: str, kind: str) -> bytes:
+    """The whole of ``path``, with :func:`open_input`'s errors (a failed read too)."""
+    with open_input(path, kind) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise _cannot_read(path, e) from None
+
+
+def _cannot_read(path: str, e: OSError):
+    from .errors import UsageError
+
+    return UsageError(f"cannot read '{path}': {e.strerror}")
 
 
 def unlink_if_exists(path) -> None:

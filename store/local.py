@@ -414,14 +414,14 @@ class LocalStore:
             batch: list = []
             batch_bytes = 0
             count = 0
-            bytes_found = 0
-            bytes_stored = [0]
+            bytes_found = bytes_stored = 0
             counting = threading.Lock()  # batches complete on the pool's thread (or this one)
 
             def stored(future, n: int) -> None:
+                nonlocal bytes_stored
                 with counting:
-                    bytes_stored[0] += n
-                    done = bytes_stored[0]
+                    bytes_stored += n
+                    done = bytes_stored
                 progress(done, bytes_found)
 
             def on_file(p, st):
