@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "keep it on the filesystem you want to measure")
     common.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
     common.add_argument("--seed", type=int, default=trees.BIG_SEED, help="seed of the generated big tree")
+    common.add_argument("--no-install", action="store_true",
+                        help="time the fimio of the running Python environment instead of a wheel "
+                             "install of this checkout under WORKDIR/venv")
     common.add_argument("--no-peer", action="store_true", help="do not run the peer even if it is installed")
     common.add_argument("--after-delete-wait", type=float, default=bench_common.QUIET_AFTER_DELETE, metavar="S",
                         help="before timing, wait until S seconds have passed since the harness last deleted "
@@ -70,7 +73,9 @@ def main(argv=None) -> int:
     bench_common.QUIET_AFTER_DELETE = args.after_delete_wait
     names = list(GROUPS) if args.group == "all" else [args.group]
     os.makedirs(args.workdir, exist_ok=True)
-    bench_common.compile_fimio()
+    if args.no_install or not bench_common.install_fimio(args.workdir):
+        bench_common.compile_fimio()
+    log(f"timing {bench_common.fimio_argv()[0]}")
     nix = have_nix() and not args.no_peer
     if not nix:
         log("nix-store not found (or --no-peer): the peer columns are skipped")
