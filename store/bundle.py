@@ -49,7 +49,6 @@ MAX_REALISATION = 64 << 10
 MAX_LOG = 256 << 20
 MAX_RECORD = 1 << 20
 MAX_TRAILER = 64 << 10
-MAX_DEPTH = 512  # directory nesting an importer accepts (the store's tree code is recursive)
 
 _CHUNK = 1 << 20  # record bytes per frame the writer compresses; compressed bytes per chunk
 

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from .bundle import (CHUNK_HEAD, DIGEST, MAX_DEPTH, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
+from .bundle import (CHUNK_HEAD, DIGEST, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
                      MAX_REALISATION, MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH,
                      T_REALISATION, T_RECORD, VERSION, trailer_fingerprint)
 from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_exact_raw
 from .bundle_stage import SMALL, Staging
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
-from .tree import DirNode, FileNode, SymlinkNode, TreeError, blob_sizes, decode_dir, tree_size
+from .tree import MAX_DEPTH, DirNode, FileNode, SymlinkNode, TreeError, blob_sizes, decode_dir, tree_size
 
 _CHUNK = 1 << 20
 
@@ -428,7 +428,4 @@ class Importer:
 
 def import_bundle(store, f, trusted, require_sigs: bool = True, warn=None) -> ImportResult:
     """Import the bundle read from binary file ``f`` (see :class:`Importer`)."""
-    try:
-        return Importer(store, trusted, require_sigs, warn).run(f)
-    except RecursionError:  # MAX_DEPTH keeps legitimate trees far from it
-        raise bad("tree too deep") from None
+    return Importer(store, trusted, require_sigs, warn).run(f)

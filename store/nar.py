@@ -29,13 +29,13 @@ import stat
 from typing import BinaryIO, Iterator, NamedTuple
 
 from .errors import IntegrityError, NotFound, UsageError
+from .tree import MAX_DEPTH  # bounds the open-fd stack in restore and recursion in dump
 
 MAGIC = b"nix-archive-1"
 
 MAX_NAME = 255  # NAME_MAX: longer names cannot be created on Linux filesystems
 MAX_TARGET = 4095  # PATH_MAX - 1: the longest target symlink(2) accepts
 MAX_TOKEN = 64  # every keyword is far shorter; a long "token" is garbage
-MAX_DEPTH = 512  # directory nesting; bounds the open-fd stack in restore and recursion in dump
 MAX_SIZE = 2**63 - 1  # off_t: no file can be larger
 
 _CHUNK = 1 << 20  # unit of streamed file contents (flat memory)

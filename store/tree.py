@@ -24,6 +24,7 @@ from .forkpool import hash_threads
 DIGEST_SIZE = 32
 MAX_NAME = 255
 MAX_TARGET = 4095
+MAX_DEPTH = 512  # entry names from the root to the deepest object (spec/tree.md §3)
 
 _FILE_MAGIC = b"fimio-file-1\0"
 _LINK_MAGIC = b"fimio-link-1\0"
@@ -235,10 +236,10 @@ def scan(path: str | os.PathLike, on_file=None) -> Node:
         raise UsageError(f"path '{os.fsdecode(root)}' does not exist") from None
     except OSError as e:
         raise UsageError(f"cannot read '{os.fsdecode(root)}': {e.strerror}") from None
-    return _scan_entry(root, st, on_file)
+    return _scan_entry(root, st, on_file, 0)
 
 
-def _scan_entry(path: bytes, st: os.stat_result, on_file) -> Node:
+def _scan_entry(path: bytes, st: os.stat_result, on_file, depth: int) -> Node:
     mode = st.st_mode
     try:
         if stat.S_ISREG(mode):
@@ -254,12 +255,15 @@ def _scan_entry(path: bytes, st: os.stat_result, on_file) -> Node:
             with os.scandir(path) as it:
                 children = [(e.name, e.path, e.stat(follow_symlinks=False)) for e in it]
             entries = node.entries
+            if children and depth >= MAX_DEPTH:
+                raise UsageError(f"'{os.fsdecode(path)}' has entries nested deeper than {MAX_DEPTH} levels",
+                                 f"the store's limit (spec/tree.md)")
             for name, child_path, child_st in children:
                 if not valid_name(name):
                     raise UsageError(f"invalid file name {name!r} in '{os.fsdecode(path)}'")
                 child_mode = child_st.st_mode
                 if not stat.S_ISREG(child_mode):
-                    entries[name] = _scan_entry(child_path, child_st, on_file)
+                    entries[name] = _scan_entry(child_path, child_st, on_file, depth + 1)
                     continue
                 # regular files, the bulk of a tree, are handled inline (as _scan_entry would)
                 try:

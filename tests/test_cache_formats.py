@@ -208,3 +208,20 @@ def test_decompress_only_raises_integrity_errors(data, size):
         assert len(out) == size
     except IntegrityError:
         pass
+
+
+@pytest.mark.parametrize("depth,accepted", [(512, True), (513, False)])
+def test_manifest_nesting_is_bounded_by_the_tree_depth_limit(depth, accepted):
+    """A manifest is checked against the signed root only; it must still not bring in a tree
+    deeper than the store holds (tree.md §3)."""
+    from fimio.store.tree import DirNode, FileNode, tree_size
+
+    node = DirNode({b"f": FileNode(blake3.blake3(b"").digest(), 0, False)})
+    for _ in range(depth - 1):
+        node = DirNode({b"d": node})
+    enc = manifest_mod.Manifest(node, CacheParams(STORE_DIR).large_file, [], []).encode()
+    if accepted:
+        assert manifest_mod.decode(enc, node.digest, tree_size(node), "m").root.digest == node.digest
+    else:
+        with pytest.raises(IntegrityError, match="deeper than 512"):
+            manifest_mod.decode(enc, node.digest, tree_size(node), "m")

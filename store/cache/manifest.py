@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from ..errors import IntegrityError
-from ..tree import (KIND_DIR, KIND_FILE, KIND_SYMLINK, DIGEST_SIZE, DirNode, FileNode, Node, SymlinkNode,
+from ..tree import (KIND_DIR, KIND_FILE, KIND_SYMLINK, DIGEST_SIZE, MAX_DEPTH, DirNode, FileNode, Node, SymlinkNode,
                     TreeError, decode_dir, iter_dirs, tree_size)
 from .packing import blob_order, pack_id, pack_raw_size, split_blobs
 
@@ -143,8 +143,6 @@ def decode(data: bytes, root_digest: bytes, size: int, where: str) -> Manifest:
         raise _bad(where, "duplicate directory")
     try:
         root = _build(root_ref, dirs, where) if isinstance(root_ref, bytes) else root_ref
-    except RecursionError:
-        raise _bad(where, "directory nesting too deep") from None
     except TreeError as e:
         raise _bad(where, e.message) from None
     if root.digest != root_digest:
@@ -188,7 +186,8 @@ def decode(data: bytes, root_digest: bytes, size: int, where: str) -> Manifest:
     return Manifest(root, large_file, packs, out_large)
 
 
-def _build(digest: bytes, dirs: dict[bytes, bytes], where: str, budget: list | None = None) -> DirNode:
+def _build(digest: bytes, dirs: dict[bytes, bytes], where: str, budget: list | None = None,
+           depth: int = 0) -> DirNode:
     budget = budget if budget is not None else [MAX_NODES]
     enc = dirs.get(digest)
     if enc is None:
@@ -198,6 +197,8 @@ def _build(digest: bytes, dirs: dict[bytes, bytes], where: str, budget: list | N
     budget[0] -= len(entries) + 1
     if budget[0] < 0:
         raise _bad(where, "too many nodes")
+    if entries and depth >= MAX_DEPTH:
+        raise _bad(where, f"directories nested deeper than {MAX_DEPTH} levels")
     for name, child in entries.items():
-        node.entries[name] = _build(child, dirs, where, budget) if isinstance(child, bytes) else child
+        node.entries[name] = _build(child, dirs, where, budget, depth + 1) if isinstance(child, bytes) else child
     return node
