@@ -26,7 +26,7 @@ from .bundle import (CHUNK_HEAD, DIGEST, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
 from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_exact_raw
 from .bundle_stage import SMALL, Staging
 from .errors import IntegrityError, NotFound, UsageError
-from .paths import StorePath
+from .paths import StorePath, content_address_error
 from .tree import MAX_DEPTH, DirNode, FileNode, SymlinkNode, TreeError, blob_sizes, decode_dir, tree_size
 
 _CHUNK = 1 << 20
@@ -227,6 +227,9 @@ class Importer:
         node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
         if node.digest != bp.root or tree_size(node) != bp.size:
             raise bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
+        wrong = content_address_error(self.store.store_dir, bp.path, bp.ca, node, bp.references)
+        if wrong:
+            raise bad(f"'{bp.path}' {wrong}")
         if bp.new:
             bp.tmp = self.staging.lay_out(node)
         for _ in range(bp.blobs):

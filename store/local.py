@@ -32,7 +32,7 @@ import blake3
 from . import fsutil
 from .db import Database, dumps, loads
 from .errors import FimioError, IntegrityError, NotFound, UsageError
-from .paths import StorePath, check_name, is_hash_part, source_path, text_path
+from .paths import StorePath, check_name, content_address_error, is_hash_part, source_path, text_path
 from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, tree_size
 from .blobs import Blobs
 from .forkpool import ForkPool
@@ -619,14 +619,27 @@ class LocalStore:
                      for ref in info.references if ref.hash_part not in valid]
             if not os.path.lexists(self.physical(info.path)):
                 found.append(Problem(logical, "is registered but missing on disk"))
-            elif check_contents:
-                found.extend(self._check_contents(info))
+            else:
+                found.extend(self._check_address(info))
+                if check_contents:
+                    found.extend(self._check_contents(info))
             # A concurrent gc invalidates a path before deleting its files: one that is no
             # longer valid once looked at was collected meanwhile, and is no problem.
             if found and self.is_valid(info.path):
                 problems.extend(found)
         self._remove_garbage(valid)
         return problems
+
+    def _check_address(self, info: PathInfo) -> list[Problem]:
+        """A content-addressed path's registered content must give its name (a forged or
+        damaged record would otherwise stand for content it is not)."""
+        if info.ca is None:
+            return []
+        try:
+            wrong = content_address_error(self.store_dir, info.path, info.ca, self.load_tree(info), info.references)
+        except IntegrityError as e:
+            return [Problem(self.logical(info.path), e.message)]
+        return [Problem(self.logical(info.path), wrong)] if wrong else []
 
     def _check_contents(self, info: PathInfo) -> list[Problem]:
         logical = self.logical(info.path)

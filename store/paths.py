@@ -87,6 +87,25 @@ def text_path(store_dir: str, name: str, content_digest: bytes, references=()) -
     return StorePath(fingerprint_hash("text", store_dir, name, content_digest.hex(), refs), name)
 
 
+def content_address_error(store_dir: str, path: StorePath, ca, root, references) -> str | None:
+    """Why ``path``, which claims to be content-addressed (``ca`` "source" or "text"), is not
+    the path its content and ``references`` give; None when it is, or when it is input-
+    addressed (``ca`` None: only a signature can vouch for those). ``root``: the path's
+    root node; a text object is one plain file, addressed by the digest of its bytes."""
+    if ca == "source":
+        content = root.digest
+    elif ca == "text":
+        if getattr(root, "blob", None) is None or root.executable:
+            return "is a text object but not a plain file"
+        content = root.blob
+    else:
+        return None
+    make = source_path if ca == "source" else text_path
+    if make(store_dir, path.name, content, references) != path:
+        return f"is not the {ca} path its contents and references give (spec/store-paths.md §3)"
+    return None
+
+
 def output_path(store_dir: str, drv_name: str, drv_hash: str, output: str) -> StorePath:
     """The input-addressed path of derivation output ``output`` (``<name>`` or ``<name>-<output>``)."""
     name = drv_name if output == "out" else f"{drv_name}-{output}"

@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 import blake3
 
 from .. import fsutil
+from ..errors import IntegrityError
 from ..forkpool import ForkPool
+from ..paths import content_address_error
 from ..tree import DirNode, FileNode, Node
 from . import ingest, manifest, packing
 from .layout import object_key
@@ -82,7 +84,7 @@ def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None
     stats = stats if stats is not None else FetchStats()
     items = [_Item(b, i) for b, i in pairs]
     try:
-        list(pool.map(lambda it: _fetch_manifest(it, stats), items))
+        list(pool.map(lambda it: _fetch_manifest(it, stats, store.store_dir), items))
         with fsutil.EarlyFlush(store.root) as flush:
             flush.wrote(_fetch_blobs(store, items, pool, stats))
             flush.start()  # the blobs go to disk while the trees are linked
@@ -97,8 +99,6 @@ def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None
 
 def _download(backend, key: str, raw_size: int, stats: FetchStats) -> bytes:
     """The stored (compressed) bytes of object ``key``, capped by its raw size."""
-    from ..errors import IntegrityError
-
     data = backend.get(key, packing.compress_bound(raw_size))
     if data is None:
         raise IntegrityError(f"cache '{backend.url}' lacks '{key}', which a signed path needs",
@@ -119,12 +119,16 @@ def _unpack(store, data: bytes, blobs, key: str, wanted: dict) -> None:
             ingest.write_blob(store, digest, executable, piece)
 
 
-def _fetch_manifest(item: _Item, stats: FetchStats) -> None:
+def _fetch_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
     info = item.info
     key = object_key("trees", info.manifest)
     raw = _get(item.backend, key, info.manifest_size, stats)
     packing.check_digest(raw, info.manifest, key)
     item.manifest = manifest.decode(raw, info.root, info.size, key)
+    wrong = content_address_error(store_dir, info.path, info.ca, item.manifest.root, info.references)
+    if wrong:
+        raise IntegrityError(f"'{info.path.logical(store_dir)}' in cache '{item.backend.url}' {wrong}",
+                             "the cache holds a forged path; remove it from the cache")
 
 
 def _variants(node: Node, out: dict) -> None:
