@@ -184,7 +184,11 @@ class Importer:
                 raise IntegrityError(f"bundle path '{path.logical(sd)}' has {what}",
                                      "add the signer's public key to trusted-public-keys, or export with --key")
             self.signers.add(signer)
-        bp.new = not self.store.is_valid(path)
+        local = self.store.query(path)
+        bp.new = local is None
+        if local is not None and local.root != bp.root:
+            self.warn(f"'{path.logical(self.store.store_dir)}' is already valid here with other contents, "
+                      "which are kept (a build that is not reproducible?)")
         return bp
 
     def _section(self, s: RecordStream, bp: BundlePath) -> int:
@@ -402,18 +406,22 @@ class Importer:
         return result
 
     def _good_realisations(self) -> list:
+        """The realisations to record: each must agree with its path as the bundle carries it
+        (else the bundle is corrupt) and as this store holds it, when it already does (else
+        it is left out, with a warning: two builds of one derivation that differ)."""
         good = []
         for r in self.realisations:
             bp = self.by_path.get(r.path)
-            root = bp.root if bp is not None else None
-            if root is None:
-                local = self.store.query(r.path)
-                root = local.root if local is not None else None
-            if root is None:
+            if bp is not None and bp.root != r.root:
+                raise bad(f"realisation {r.drv_hash}!{r.output} disagrees with the digest of its path")
+            local = self.store.query(r.path)
+            if local is None and bp is None:
                 raise NotFound(f"realisation {r.drv_hash}!{r.output} names '{self.store.logical(r.path)}', "
                                "which is neither in the bundle nor here")
-            if root != r.root:
-                raise bad(f"realisation {r.drv_hash}!{r.output} disagrees with the digest of its path")
+            if local is not None and local.root != r.root:
+                self.warn(f"realisation {r.drv_hash}!{r.output} not recorded: this store holds "
+                          f"'{self.store.logical(r.path)}' with other contents (a build that is not reproducible?)")
+                continue
             good.append(r)
         return good
 

@@ -463,3 +463,41 @@ def test_large_blob_already_here_is_only_checked(tmp_path, vector_key, trusting)
     other("verify", "--check-contents", check=0)
     logical = "/fimio/store/" + os.path.basename(path)
     assert digests(other, [logical]) == digests(cli, [logical])
+
+
+def test_a_realisation_of_other_contents_than_this_store_holds_is_left_out(tmp_path, vector_key):
+    """Two machines built one derivation to different bytes. B holds C's output (imported
+    as a path, with no realisation); importing A's output with A's realisation keeps B's
+    output and does not record a realisation that names other contents, with a warning."""
+    from fimio.store.local import LocalStore
+
+    drv = tmp_path / "noisy.toml"
+    drv.write_text('name = "noisy"\nbuilder = "/bin/sh"\nargs = ["-c", "head -c 16 /dev/urandom > $out"]\n'
+                   '[env]\nPATH = "/usr/bin:/bin"\n')
+    env = {"FIMIO_CONFIG": write_config(tmp_path / "trust.toml", trusted_public_keys=[V["publicKey"]],
+                                        secret_key_files=[vector_key])}
+    a, b, c = (Fimio(tmp_path / n) for n in "ABC")
+    out_a = a.out("realise", "--no-out-link", drv, env=env)
+    out_c = c.out("realise", "--no-out-link", drv, env=env)
+    assert os.path.basename(out_a) == os.path.basename(out_c)
+    assert pathlib.Path(out_a).read_bytes() != pathlib.Path(out_c).read_bytes()
+    c("export", out_c, "-o", tmp_path / "c.bundle", env=env, check=0)
+    b("import", tmp_path / "c.bundle", env=env, check=0)
+    a("export", drv, "-o", tmp_path / "a.bundle", env=env, check=0)
+
+    proc = b("import", "--json", tmp_path / "a.bundle", env=env, check=0)
+    assert json.loads(proc.stdout)["realisations"] == 0
+    assert "other contents" in proc.stderr and "not recorded" in proc.stderr
+    assert (b.physical_store / os.path.basename(out_a)).read_bytes() == pathlib.Path(out_c).read_bytes()
+    store = LocalStore(str(tmp_path / "B"), "/fimio/store")
+    try:
+        assert [r for r in _all_realisations(store) if r["path"] == os.path.basename(out_a)] == []
+    finally:
+        store.close()
+
+
+def _all_realisations(store) -> list[dict]:
+    from fimio.store.db import loads
+
+    with store.db.read() as txn:
+        return [loads(v) for _, v in txn.cursor(db=store.db.dbs["realisations"])]
