@@ -43,6 +43,12 @@ class Blobs:
         """The file of a blob variant (which may not exist)."""
         return os.path.join(self.links, digest.hex() + ("x" if executable else ""))
 
+    def intact(self, digest: bytes, executable: bool, size: int) -> str | None:
+        """The file of a blob variant if the store has it whole (see :func:`_blob_intact`:
+        a torn one is removed, so that the caller publishes the content again)."""
+        key = self.path(digest, executable)
+        return key if _blob_intact(key, size) else None
+
     def prepare_bulk(self) -> None:
         """Before publishing many blobs: learn once whether new files get their exact mode
         at creation, which saves a chmod per blob (see :func:`_creation_mode_exact`)."""

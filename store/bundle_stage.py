@@ -104,24 +104,24 @@ class Staging:
                 self._place(n, path)
         return os.fsdecode(root)
 
-    def _in_links(self, digest: bytes, executable: bool) -> bytes | None:
-        """The ``.links`` file of a blob variant, if the store has it."""
+    def _in_links(self, digest: bytes, executable: bool, size: int) -> bytes | None:
+        """The ``.links`` file of a blob variant, if the store has it whole."""
         if self._links_empty:
             return None
-        link = self.store.link_path(digest, executable)
-        return os.fsencode(link) if os.path.exists(link) else None
+        link = self.store.blobs.intact(digest, executable, size)
+        return os.fsencode(link) if link is not None else None
 
     def _place(self, n: FileNode, path: bytes) -> None:
         key = (n.blob, n.executable)
         if key in self._copies:
             _link_or_copy(self._copies[key], path, n.executable)
             return
-        link = self._in_links(n.blob, n.executable)
+        link = self._in_links(n.blob, n.executable, n.size)
         if link is not None:
             _link_or_copy(link, path, n.executable)
             return
         other = (self._copies.get((n.blob, not n.executable)) or self._stash.get(n.blob)
-                 or self._in_links(n.blob, not n.executable))
+                 or self._in_links(n.blob, not n.executable, n.size))
         if other is not None:
             _copy(other, path, n.executable, n.blob)
             self._copies[key] = path
@@ -130,14 +130,14 @@ class Staging:
 
     # ---- blobs ----------------------------------------------------------------------------
 
-    def _plan(self, digest: bytes):
+    def _plan(self, digest: bytes, size: int):
         """Where an arriving blob goes: ``[(location, executable, source)]``. The first entry
         (source None) is written from the data; the others are hard links to an earlier
         location of the same variant, or (source None) copies of the first. Empty: only check
         the blob. Also records what later sections may link to."""
         locations = self._pending.pop(digest, [])
         if not locations:
-            if not any(self._in_links(digest, x) for x in (False, True)):
+            if not any(self._in_links(digest, x, size) for x in (False, True)):
                 stash = self.dir + b"/" + digest.hex().encode()  # a later section may need it
                 self._stash[digest] = stash
                 return [(stash, False, None)]
@@ -150,7 +150,7 @@ class Staging:
 
     def add_small(self, digest: bytes, data: bytes) -> None:
         """Check ``data`` against ``digest`` and write it where it goes, on the pool."""
-        self._batch.append((digest, data, self._plan(digest)))
+        self._batch.append((digest, data, self._plan(digest, len(data))))
         self._batch_bytes += len(data)
         self.flush.wrote(len(data))
         if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_ITEMS:
@@ -165,7 +165,7 @@ class Staging:
 
     def add_stream(self, digest: bytes, size: int, read) -> None:
         """Stream a large blob from ``read(n)`` (exact reads), checking and placing it."""
-        plan = self._plan(digest)
+        plan = self._plan(digest, size)
         self.flush.wrote(size)
         h = blake3.blake3()  # AUTO threading costs more than it saves on 1 MiB updates
         fd = os.open(plan[0][0], _CREATE, 0o555 if plan[0][1] else 0o444) if plan else None

@@ -288,3 +288,23 @@ def test_packs_are_checked_whether_unpacked_here_or_in_workers(setup, monkeypatc
     finally:
         store.close()
     assert bool(started) == forked
+
+
+@pytest.mark.parametrize("name", ["lib/deep/f001.txt", "big0.bin", "run.sh"])
+def test_a_torn_blob_in_the_local_store_is_fetched_again(setup, name):
+    """A ``.links`` name left short by a power cut must not stand for the blob: substitution
+    downloads (or copies from the other variant) the right bytes instead."""
+    from fimio.store.tree import iter_files
+
+    a = LocalStore(str(setup.tmp / "A"), STORE_DIR)
+    try:
+        node = dict(iter_files(a.load_tree(setup.tree)))[name.encode()]
+    finally:
+        a.close()
+    b = setup.tmp / "B1"  # the store the next setup.copy() fills
+    (setup.tmp / "other.txt").write_bytes(b"so that the store is not empty\n")
+    run_fimio(["add", setup.tmp / "other.txt"], b, check=0)
+    (b / "store" / ".links" / (node.blob.hex() + ("x" if node.executable else ""))).write_bytes(b"to")
+    assert setup.copy().returncode == 0
+    assert (b / "store" / setup.tree.path.base / name).read_bytes() == (setup.tmp / "src" / name).read_bytes()
+    assert run_fimio(["verify", "--check-contents"], b).returncode == 0

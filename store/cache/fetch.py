@@ -28,7 +28,7 @@ from .. import fsutil
 from ..errors import IntegrityError
 from ..forkpool import ForkPool
 from ..paths import content_address_error
-from ..tree import DirNode, FileNode, Node
+from ..tree import DirNode, FileNode, Node, blob_sizes
 from . import ingest, manifest, packing
 from .layout import object_key
 
@@ -145,8 +145,10 @@ def _variants(node: Node, out: dict) -> None:
 def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: FetchStats) -> int:
     """Download and publish the blobs the store lacks; return how many bytes that wrote."""
     needed: dict[bytes, set] = {}
+    sizes: dict[bytes, int] = {}
     for it in items:
         _variants(it.manifest.root, needed)
+        sizes.update(blob_sizes(it.manifest.root))
     fresh = store.blobs.empty()  # a fresh store has nothing: two stats per blob saved
     store.blobs.prepare_bulk()
     if needed.pop(_EMPTY, None) is not None:
@@ -155,11 +157,11 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
             ingest.write_blob(store, _EMPTY_DIGEST, executable, b"")
     # what we already have, or can make from the other variant, is not downloaded
     for digest, variants in list(needed.items()) if not fresh else ():
-        missing = {x for x in variants if not ingest.has_blob(store, digest, x)}
+        missing = {x for x in variants if not ingest.has_blob(store, digest, x, sizes[digest])}
         if len(missing) == 1:
             # the other variant, if this store has it, is copied instead of downloaded
             (x,) = missing
-            other_here = (not x) in variants or ingest.has_blob(store, digest, not x)
+            other_here = (not x) in variants or ingest.has_blob(store, digest, not x, sizes[digest])
             if other_here and ingest.copy_variant(store, digest, x):
                 missing = set()
         if missing:

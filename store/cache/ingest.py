@@ -28,8 +28,9 @@ def tmp_name(store, tag: str) -> str:
     return os.path.join(store.tmp, f"{tag}-{os.getpid()}-{os.urandom(6).hex()}")
 
 
-def has_blob(store, digest: bytes, executable: bool) -> bool:
-    return os.path.exists(store.link_path(digest, executable))
+def has_blob(store, digest: bytes, executable: bool, size: int) -> bool:
+    """Whether the store has this blob variant whole (a torn one is removed: fetch it again)."""
+    return store.blobs.intact(digest, executable, size) is not None
 
 
 def write_blob(store, digest: bytes, executable: bool, data) -> None:
