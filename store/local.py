@@ -72,17 +72,26 @@ class PathInfo:
 
     @classmethod
     def from_record(cls, data: bytes) -> "PathInfo":
-        r = loads(data)
-        return cls(
-            path=StorePath.parse(r["path"]),
-            root=bytes.fromhex(r["root"]),
-            size=r["size"],
-            references=[StorePath.parse(x) for x in r["references"]],
-            deriver=r.get("deriver"),
-            registered=r.get("registered", 0.0),
-            ca=r.get("ca"),
-            signatures=r.get("signatures", []),
-        )
+        """Decode a database record; IntegrityError if it is damaged (``verify`` lists those)."""
+        try:
+            r = loads(data)
+            info = cls(
+                path=StorePath.parse(r["path"]),
+                root=bytes.fromhex(r["root"]),
+                size=r["size"],
+                references=[StorePath.parse(x) for x in r["references"]],
+                deriver=r.get("deriver"),
+                registered=r.get("registered", 0.0),
+                ca=r.get("ca"),
+                signatures=r.get("signatures", []),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, FimioError):
+            info = None
+        if (info is None or len(info.root) != 32 or type(info.size) is not int or info.size < 0
+                or info.ca not in (None, "source", "text") or not isinstance(info.signatures, list)):
+            raise IntegrityError("a path's record in the database is damaged",
+                                 "'fimio verify' lists it")
+        return info
 
 
 @dataclass
@@ -611,8 +620,16 @@ class LocalStore:
         of processes that are gone. Returns the problems found (empty = clean).
         """
         problems: list[Problem] = []
-        infos = self.all_paths()
-        valid = {i.path.hash_part for i in infos}
+        infos = []
+        valid = set()  # hash parts with a record, readable or not: their files are no garbage
+        with self.db.read() as txn:
+            for key, value in txn.cursor(db=self.db.dbs["paths"]):
+                valid.add(key.decode(errors="replace"))
+                try:
+                    infos.append(PathInfo.from_record(value))
+                except IntegrityError:
+                    problems.append(Problem(f"{self.store_dir}/{key.decode(errors='replace')}…",
+                                            "has a damaged record in the database"))
         for info in infos:
             logical = self.logical(info.path)
             found = [Problem(logical, f"references '{self.logical(ref)}', which is not valid")

@@ -279,6 +279,28 @@ def test_verify_finds_a_deleted_path(cli, tmp_path):
     assert f"{STORE_DIR}/{p.name}: is registered but missing on disk" in proc.stdout
 
 
+@pytest.mark.parametrize("damage", [b"{not json", b'{"path": "x", "root": "zz"}', b"[]"])
+def test_a_damaged_path_record_is_reported_never_a_traceback(cli, tmp_path, damage):
+    """A path record the database cannot decode: verify names it (exit 4) and keeps the
+    path's files; a command that reads that record fails with one line (exit 4); the other
+    paths still work."""
+    victim = pathlib.Path(cli.out("add", make_pkg(tmp_path / "pkg")))
+    (tmp_path / "other.txt").write_text("other\n")
+    other = cli.out("add", tmp_path / "other.txt")
+    store = open_store(cli)
+    try:
+        with store.db.write() as txn:
+            txn.put(victim.name[:32].encode(), damage, db=store.db.dbs["paths"])
+    finally:
+        store.close()
+    proc = cli("verify")
+    assert_one_error_line(proc, 4)
+    assert proc.stdout == f"{STORE_DIR}/{victim.name[:32]}…: has a damaged record in the database\n"
+    assert (victim / "data.bin").exists()  # not removed as garbage
+    assert_one_error_line(cli("path-info", victim), 4, "damaged")
+    assert cli.out("path-info", other).startswith(other)
+
+
 # ---- bad input (contract acceptance 6) ---------------------------------------------------
 
 def test_add_nonexistent_path(cli, tmp_path):
