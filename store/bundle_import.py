@@ -22,7 +22,7 @@ import blake3
 
 from .bundle import (CHUNK_HEAD, DIGEST, MAX_DIR, MAX_HEADER, MAX_INFO, MAX_LOG,
                      MAX_REALISATION, MAX_RECORD, MAX_TRAILER, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LOG, T_PATH,
-                     T_REALISATION, T_RECORD, VERSION, trailer_fingerprint)
+                     T_REALISATION, T_RECORD, VERSION, canonical, trailer_fingerprint)
 from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_exact_raw
 from .bundle_stage import SMALL, Staging
 from .errors import IntegrityError, NotFound, UsageError
@@ -367,6 +367,8 @@ class Importer:
         sigs = t.get("signatures")
         if not isinstance(sigs, list):
             raise bad("bad trailer signatures")
+        if canonical({"digest": t["digest"], "records": records, "signatures": sorted(map(str, sigs))}) != data:
+            raise bad("the trailer is not in canonical form")  # the trailer is not hashed: no slack in it
         if self.require_sigs:
             signer = self.trusted.verify(trailer_fingerprint(digest), sigs)
             if signer is None:

@@ -105,7 +105,7 @@ def read_exact_raw(f, n: int) -> bytes:
 def load_json(data: bytes, what: str) -> dict:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise bad(f"malformed {what}") from None
     if not isinstance(obj, dict):
         raise bad(f"malformed {what}")
@@ -113,12 +113,14 @@ def load_json(data: bytes, what: str) -> dict:
 
 
 def hex32(value, what: str) -> bytes:
+    """``blake3:<64 lowercase hex>`` as 32 bytes; any other spelling is corrupt (one form
+    per digest, so that no flipped bit -- not even a letter's case -- goes unnoticed)."""
     text = value[7:] if isinstance(value, str) and value.startswith("blake3:") else None
     try:
         raw = bytes.fromhex(text) if text is not None else b""
     except ValueError:
         raw = b""
-    if len(raw) != DIGEST:
+    if len(raw) != DIGEST or raw.hex() != text:
         raise bad(f"bad {what}")
     return raw
 

@@ -88,6 +88,8 @@ def load_config(path: str | None = None) -> Config:
         data = tomllib.loads(raw.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path}: {e}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: arrays or tables nested absurdly deep") from None
     config = Config()
     for key, value in data.items():
         kind = _KEYS.get(key)

@@ -156,7 +156,7 @@ def parse_drv_json(data: bytes, where: str, store_dir: str) -> Derivation:
             host_paths=list(obj["sandbox"]["hostPaths"]), timeout=int(obj["sandbox"]["timeout"]),
             fetch=obj.get("fetch"), store_dir=store_dir,
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise UsageError(f"{where}: not a valid fimio derivation ({e})") from None
 
 
@@ -208,6 +208,8 @@ def read_toml(path: str) -> RawDerivation:
         data = tomllib.loads(text)
     except UnicodeDecodeError:
         raise DrvFileError(f"{path}:1: not UTF-8 text") from None
+    except RecursionError:
+        raise DrvFileError(f"{path}:1: invalid TOML: arrays or tables nested absurdly deep") from None
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
         line = m.group(1) if m else str(max(1, len(text.splitlines())))  # "at end of document"

@@ -121,6 +121,39 @@ def test_flipped_byte_is_refused(tmp_path, trusting, bundle_bytes, where):
     _refused(tmp_path, trusting, bytes(data), "flipped.bundle")
 
 
+def test_every_single_bit_flip_in_the_trailer_is_refused(tmp_path, bundle_bytes):
+    """The trailer is the one part of a bundle its digest does not cover: it must have no
+    slack -- not a letter's case in a digest, not the unused bits of a signature's base64,
+    not a space. Every flip of every bit of it (and of its length field) is refused."""
+    import io
+
+    from fimio.store.bundle_import import import_bundle
+    from fimio.store.cache.keys import TrustedKeys
+    from fimio.store.errors import IntegrityError
+    from fimio.store.local import LocalStore
+
+    end_marker = bundle_bytes.rfind(b"\x00\x00\x00\x00")  # the END chunk head precedes the trailer
+    start = end_marker + 4
+    trailer_length = int.from_bytes(bundle_bytes[start:start + 4], "little")
+    assert start + 4 + trailer_length == len(bundle_bytes)
+    trusted = TrustedKeys([V["publicKey"]])
+    store = LocalStore(str(tmp_path / "root"), "/fimio/store")
+    try:
+        accepted = []
+        for offset in range(start, len(bundle_bytes)):
+            for bit in range(8):
+                data = bytearray(bundle_bytes)
+                data[offset] ^= 1 << bit
+                try:
+                    import_bundle(store, io.BytesIO(bytes(data)), trusted)
+                    accepted.append((offset - start, bit))
+                except IntegrityError:
+                    pass
+        assert accepted == [] and store.all_paths() == []
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("length", [0, 1, 14, 15, 16, 30, 1 / 4, 1 / 2, 3 / 4, -30, -10, -1])
 def test_truncated_bundle_is_refused(tmp_path, trusting, bundle_bytes, length):
     n = length if isinstance(length, int) else int(len(bundle_bytes) * length)

@@ -225,3 +225,14 @@ def test_manifest_nesting_is_bounded_by_the_tree_depth_limit(depth, accepted):
     else:
         with pytest.raises(IntegrityError, match="deeper than 512"):
             manifest_mod.decode(enc, node.digest, tree_size(node), "m")
+
+
+def test_absurdly_nested_json_is_an_integrity_error():
+    """json.loads raises RecursionError (not ValueError) past the interpreter's limit."""
+    from fimio.store.bundle_read import load_json
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(IntegrityError, match="malformed"):
+        RemoteInfo.parse(deep, STORE_DIR, "b88jjq6gwhwj6fjnm8zppk58kmq744vx", "i")
+    with pytest.raises(IntegrityError, match="malformed"):
+        load_json(b'{"a":' + deep + b"}", "header")

@@ -219,7 +219,7 @@ class HttpBackend(ObstoreBackend):
             raise RemoteError(f"cache '{self.url}' answered HTTP {e.code} to the missing-objects query") from None
         except (urllib.error.URLError, OSError) as e:
             raise RemoteError(f"cannot reach cache '{self.url}'", f"{getattr(e, 'reason', e)}") from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RemoteError(f"cache '{self.url}' sent a malformed answer to the missing-objects query") from None
         missing = answer.get("missing") if isinstance(answer, dict) else None
         if not isinstance(missing, list):

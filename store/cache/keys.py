@@ -148,6 +148,8 @@ class TrustedKeys:
                 raw = base64.b64decode(b64, validate=True)
             except (binascii.Error, ValueError):
                 continue
+            if base64.b64encode(raw).decode() != b64:
+                continue  # one spelling per signature: no slack bits an altered copy could use
             if len(raw) == 64 and any(k.verify(fingerprint, raw) for k in keys):
                 return name
         return None

@@ -68,7 +68,7 @@ def _bad(what: str, where: str) -> IntegrityError:
 def _load_json(data: bytes, where: str) -> dict:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise _bad("malformed JSON", where) from None
     if not isinstance(obj, dict):
         raise _bad("malformed record", where)

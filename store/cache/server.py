@@ -251,7 +251,7 @@ def _manifest_key(data: bytes) -> str | None:
         hexpart = digest[7:] if digest.startswith("blake3:") else digest
         bytes.fromhex(hexpart)
         return f"trees/{hexpart[:2]}/{hexpart}.zst" if len(hexpart) == 64 else None
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 
@@ -261,7 +261,7 @@ def _check_upload(key: str, data: bytes) -> None:
         try:
             if not isinstance(json.loads(data), dict):
                 raise ValueError
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise IntegrityError(f"'{key}' is not a JSON object") from None
         return
     kind = key.split("/", 1)[0]
