@@ -177,7 +177,11 @@ def _export_atomic(store, plan, output, keys, level, progress):
     from fimio.store.bundle_export import export_bundle
 
     directory = os.path.dirname(os.path.abspath(output))
-    tmp = os.path.join(directory, f".{os.path.basename(output)}.tmp-{os.getpid()}")
+    if os.path.isdir(output):
+        raise UsageError(f"cannot write '{output}': it is a directory", "name a file with -o")
+    if not os.path.isdir(directory):
+        raise UsageError(f"cannot write '{output}': '{directory}' is not a directory")
+    tmp = fsutil.sibling_tmp(output)
     try:
         # written back while the export goes on, so that the fsync finds little left
         with open(tmp, "wb") as f, fsutil.EarlyFlush(directory, every=64 << 20) as early:
@@ -185,7 +189,7 @@ def _export_atomic(store, plan, output, keys, level, progress):
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, output)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         raise UsageError(f"cannot write '{output}': {e.strerror}") from None
     finally:
         if os.path.exists(tmp):

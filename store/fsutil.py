@@ -194,10 +194,17 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def sibling_tmp(path: str) -> str:
+    """A fresh name next to ``path`` for building it before a rename: hidden, carrying our
+    pid, and short enough for any name ``path`` may have (NAME_MAX is 255 bytes)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    return os.path.join(directory, f".{base[:64]}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
     """Write ``data`` to ``path`` via a temp file and rename: readers see old or new, never
     half. ``durable`` also fsyncs the file and its directory."""
-    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = sibling_tmp(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         view = memoryview(data)

@@ -23,11 +23,11 @@ import ctypes
 import errno
 import io
 import os
-import secrets
 import shutil
 import stat
 from typing import BinaryIO, Iterator, NamedTuple
 
+from . import fsutil
 from .errors import IntegrityError, NotFound, UsageError
 from .tree import MAX_DEPTH  # bounds the open-fd stack in restore and recursion in dump
 
@@ -500,7 +500,7 @@ def restore(stream: BinaryIO, dest: str | os.PathLike | bytes) -> None:
     """Materialise the NAR read from ``stream`` at ``dest``, all or nothing.
 
     ``dest`` must not exist (``UsageError``) and its parent must be a directory
-    (``UsageError``). The tree is built in a fresh sibling ``dest.tmp-<pid>-<random>``
+    (``UsageError``). The tree is built in a fresh sibling (:func:`fsutil.sibling_tmp`)
     and renamed onto ``dest`` (without replacing anything) only once the whole archive
     was parsed and written; on any error the temporary tree is removed and the error
     re-raised, so ``dest`` is untouched. Malformed, non-canonical or hostile archives
@@ -518,7 +518,7 @@ def restore(stream: BinaryIO, dest: str | os.PathLike | bytes) -> None:
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
         raise UsageError(f"NAR: cannot restore to '{dest}': '{parent}' is not a directory")
-    builder = _Builder(f"{dest}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    builder = _Builder(fsutil.sibling_tmp(dest))
     try:
         for entry in iter_entries(stream):
             builder.add(entry)

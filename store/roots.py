@@ -18,6 +18,7 @@ import fcntl
 import os
 
 from . import fsutil
+from .errors import UsageError
 from .paths import StorePath
 
 
@@ -122,13 +123,16 @@ def add_root(store, link: str, target: StorePath) -> str:
     """Point the symlink ``link`` (e.g. ``./result``) at ``target`` and register it as a root."""
     link = os.path.abspath(link)
     physical = store.physical(target)
-    tmp = f"{link}.tmp-{os.getpid()}"
+    if os.path.isdir(link) and not os.path.islink(link):
+        raise UsageError(f"cannot make the out-link '{link}': a directory is in the way",
+                         "remove it, or choose another name with -o")
+    tmp = fsutil.sibling_tmp(link)
     try:
-        os.unlink(tmp)
-    except FileNotFoundError:
-        pass
-    os.symlink(physical, tmp)
-    os.replace(tmp, link)
+        os.symlink(physical, tmp)
+        os.replace(tmp, link)
+    except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
+        fsutil.unlink_if_exists(tmp)
+        raise UsageError(f"cannot make the out-link '{link}': {e.strerror}", "choose another name with -o") from None
     # Durable before we return: a root lost to a power cut would let gc delete an output
     # the user was told is there.
     fsutil.fsync_dir(os.path.dirname(link))

@@ -233,6 +233,10 @@ def test_export_errors(tmp_path, online, vector_key):
     path = cli.out("add", VECTORS / "make_vectors.py")
     proc = cli("export", path, "-o", tmp_path / "no" / "such" / "dir.bundle", "--key", vector_key)
     assert_one_error_line(proc, 2)
+    (tmp_path / "a-dir").mkdir()
+    proc = cli("export", path, "-o", tmp_path / "a-dir", "--key", vector_key)
+    assert_one_error_line(proc, 2, "is a directory")
+    assert os.listdir(tmp_path / "a-dir") == [] and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     assert_one_error_line(cli("export", path, "-o", tmp_path / "x.bundle", "--key", tmp_path / "nokey"), 2)
 
 

@@ -171,6 +171,10 @@ def test_restore_from_stdin(cli, tmp_path):
     sub = cli("dump", f"{p}/share/doc/README", check=0, text=False).stdout
     cli("restore", tmp_path / "readme", input=sub, check=0)
     assert (tmp_path / "readme").read_text() == "read me\n"
+    # any valid name, even one whose temporary sibling would be over NAME_MAX
+    cli("restore", tmp_path / ("r" * 250), input=sub, check=0)
+    assert (tmp_path / ("r" * 250)).read_text() == "read me\n"
+    assert sorted(os.listdir(tmp_path)) == sorted(["pkg", "root", "out", "readme", "r" * 250])
 
 
 # ---- path-info / query ------------------------------------------------------------------

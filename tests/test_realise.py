@@ -342,3 +342,16 @@ def test_derivation_for_another_system_is_not_built(cli, tmp_path):
     proc = cli("realise", "--no-out-link", f)
     assert proc.returncode == 5 and other in proc.stderr  # not obtainable here (a cache may have it)
     assert cli("path-info", out).returncode == 5
+
+
+def test_an_out_link_that_cannot_be_made_is_a_usage_error(cli, tmp_path):
+    """The output is built and valid; only the link fails: exit 2 naming the link, and
+    nothing left next to it."""
+    s = write_drv(tmp_path / "s.toml", "single", "echo s > $out")
+    work = tmp_path / "work"
+    (work / "result").mkdir(parents=True)
+    assert_one_error_line(cli("realise", s, cwd=work), 2, f"'{work / 'result'}'", "directory")
+    assert os.listdir(work) == ["result"] and os.listdir(work / "result") == []
+    assert_one_error_line(cli("realise", s, "-o", tmp_path / "no" / "such" / "link"), 2,
+                          f"'{tmp_path / 'no' / 'such' / 'link'}'")
+    assert cli.out("realise", "--no-out-link", s).startswith(str(cli.physical_store))
