@@ -10,6 +10,7 @@ import click
 from fimio.store.errors import BuildError, NotFound, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
+from .render import names_json
 from .progress import BuildProgress
 
 
@@ -37,7 +38,7 @@ def _drv_json(store, drv) -> dict:
         "drvPath": store.logical(drv.drv_path),
         "physical": store.physical(drv.drv_path),
         "drvHash": drv.drv_hash,
-        "outputs": {n: {"path": store.logical(p), "physical": store.physical(p)} for n, p in drv.output_paths().items()},
+        "outputs": {n: names_json(store, p) for n, p in drv.output_paths().items()},
     }
 
 
@@ -263,7 +264,7 @@ def why_depends(opts, a, b, as_json):
         chain.append(parents[chain[-1]])
     chain.reverse()
     if as_json:
-        emit_json([store.logical(p) for p in chain])
+        emit_json([names_json(store, p) for p in chain])
         return
     for depth, p in enumerate(chain):
         click.echo(("    " * (depth - 1) + "└───" if depth else "") + store.physical(p))

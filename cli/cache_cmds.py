@@ -11,7 +11,7 @@ from fimio.store.errors import NotFound, NotReproducible, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
 from .progress import ByteProgress
-from .render import human_size
+from .render import human_size, names_json
 
 # ---- key ------------------------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
         _, stats = _do_push(opts, store, dst, wanted, key_files=key_files)
         info(opts, f"copied {stats.paths_sent} of {stats.paths} paths to {dst}")
     if as_json:
-        emit_json([{"path": store.logical(p), "physical": store.physical(p)} for p in wanted])
+        emit_json([names_json(store, p) for p in wanted])
     else:
         for p in wanted:
             click.echo(store.physical(p))

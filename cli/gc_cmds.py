@@ -9,7 +9,7 @@ import click
 from fimio.store.errors import UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
-from .render import human_size
+from .render import human_size, names_json
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -32,12 +32,16 @@ def gc(opts, dry_run, max_freed, as_json):
     from fimio.store.gc import collect
 
     store = opts.store()
+    from fimio.store.paths import StorePath
+
     result = collect(store, dry_run=dry_run, max_freed=parse_size(max_freed) if max_freed else None)
+    deleted = [StorePath.parse(logical.rsplit("/", 1)[1]) for logical in result.deleted]
     if as_json:
-        emit_json({"deleted": result.deleted, "freed": result.freed, "kept": result.kept, "dryRun": dry_run})
+        emit_json({"deleted": [names_json(store, p) for p in deleted], "freed": result.freed,
+                   "kept": result.kept, "dryRun": dry_run})
         return
-    for p in result.deleted:
-        click.echo(p)
+    for p in deleted:
+        click.echo(store.physical(p))
     verb = "would delete" if dry_run else "deleted"
     info(opts, f"{verb} {len(result.deleted)} paths ({human_size(result.freed)}), kept {result.kept}")
 
@@ -53,7 +57,7 @@ def roots(opts, as_json):
     store = opts.store()
     report = roots_report(store)
     if as_json:
-        emit_json({k: store.logical(v) for k, v in report.items()})
+        emit_json({k: names_json(store, v) for k, v in report.items()})
         return
     for link, path in report.items():
         click.echo(f"{link} -> {store.physical(path)}")

@@ -14,6 +14,7 @@ from fimio.store.errors import UsageError
 from fimio.store.fsutil import open_input, widen_pipe
 
 from .main import emit_json, global_options, info, json_option, pass_options
+from .render import names_json
 from .progress import ByteProgress
 
 
@@ -263,7 +264,7 @@ def import_(opts, file, no_check_sigs, as_json):
             progress.done()
     imported = set(result.imported)
     if as_json:
-        emit_json({"paths": [{"path": store.logical(p), "physical": store.physical(p), "imported": p in imported}
+        emit_json({"paths": [{**names_json(store, p), "imported": p in imported}
                              for p in result.paths],
                    "imported": len(imported), "realisations": result.realisations, "signedBy": result.signers})
     else:

@@ -7,7 +7,7 @@ import click
 from fimio.store.errors import IntegrityError
 
 from .main import emit_json, global_options, info, json_option, pass_options
-from .render import human_size, path_json
+from .render import human_size, names_json, path_json
 
 
 @click.command(name="path-info")
@@ -80,7 +80,7 @@ def query(opts, paths, mode, as_json):
             seen.update((p.hash_part, p) for p in found)
         result = sorted(seen.values())
     if as_json:
-        emit_json([{"path": store.logical(p), "physical": store.physical(p)} for p in result])
+        emit_json([names_json(store, p) for p in result])
     else:
         for p in result:
             click.echo(store.physical(p))
@@ -101,7 +101,7 @@ def _print_tree(store, path, indent, last, seen, top=False):
 
 def _tree_json(store, path, stack=()):
     refs = [r for r in store.info(path).references if r != path and r not in stack]
-    return {"path": store.logical(path), "references": [_tree_json(store, r, stack + (path,)) for r in refs]}
+    return {**names_json(store, path), "references": [_tree_json(store, r, stack + (path,)) for r in refs]}
 
 
 @click.command()

@@ -7,6 +7,11 @@ import datetime
 from fimio.store.tree import format_digest
 
 
+def names_json(store, path) -> dict:
+    """A store path's two names: ``{"path": logical, "physical": physical}``."""
+    return {"path": store.logical(path), "physical": store.physical(path)}
+
+
 def path_json(store, info, closure_size: int | None = None) -> dict:
     """The JSON record of a valid path, with logical and physical names."""
     record = {

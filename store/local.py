@@ -53,7 +53,7 @@ class PathInfo:
     references: list[StorePath] = field(default_factory=list)
     deriver: str | None = None  # base name of the .drv that produced it
     registered: float = 0.0
-    ca: str | None = None  # "source" / "text" for content-addressed paths, None for outputs
+    ca: str | None = None  # "source" / "text": content-addressed; "check": a kept --check build; None: outputs
     signatures: list[str] = field(default_factory=list)
 
     def to_record(self) -> bytes:
@@ -88,7 +88,7 @@ class PathInfo:
         except (ValueError, KeyError, TypeError, AttributeError, FimioError):
             info = None
         if (info is None or len(info.root) != 32 or type(info.size) is not int or info.size < 0
-                or info.ca not in (None, "source", "text") or not isinstance(info.signatures, list)):
+                or info.ca not in (None, "source", "text", "check") or not isinstance(info.signatures, list)):
             raise IntegrityError("a path's record in the database is damaged",
                                  "'fimio verify' lists it")
         return info

@@ -227,6 +227,7 @@ def test_query(cli, tmp_path):
     assert {line.lstrip("│├└─ ").removesuffix(" [...]") for line in tree} == {lib, mid, top}
     [t] = json.loads(cli.out("query", "--tree", "--json", top))
     assert t["path"] == f"{STORE_DIR}/{os.path.basename(top)}" and len(t["references"]) == 2
+    assert t["physical"] == top and {r["physical"] for r in t["references"]} == {lib, mid}
     reqs = json.loads(cli.out("query", "--requisites", "--json", top))
     assert {r["physical"] for r in reqs} == {lib, mid, top}
     assert_one_error_line(cli("query", top), 2)

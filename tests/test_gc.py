@@ -29,7 +29,13 @@ def valid(cli, logical) -> bool:
 
 
 def gc(cli, *args) -> dict:
-    return json.loads(cli.out("gc", "--json", *args))
+    """``fimio gc --json``, with ``deleted`` reduced to the logical paths (after checking that
+    each entry names the path's physical location too)."""
+    result = json.loads(cli.out("gc", "--json", *args))
+    for entry in result["deleted"]:
+        assert entry["physical"] == str(cli.physical_store / os.path.basename(entry["path"]))
+    result["deleted"] = [entry["path"] for entry in result["deleted"]]
+    return result
 
 
 def add(cli, path) -> str:
@@ -91,7 +97,7 @@ def test_gc_during_a_realise_deletes_nothing_it_uses(cli, tmp_path):
         assert realise.poll() is None, "the build should still be running during the collection"
         # the realise's temp roots are listed by `fimio roots`
         roots = json.loads(cli.out("roots", "--json"))
-        assert {p for k, p in roots.items() if k.startswith("(temp)")} >= in_use
+        assert {p["path"] for k, p in roots.items() if k.startswith("(temp)")} >= in_use
     finally:
         out, err = realise.communicate(timeout=60)
     assert realise.returncode == 0, err
@@ -129,9 +135,9 @@ def test_dry_run_deletes_nothing(cli, tmp_path):
     assert dry["freed"] == sum(len(f"file {i}\n") for i in range(3))
     assert all(valid(cli, p) for p in paths)
     assert sorted(os.listdir(cli.physical_store / ".links")) == links
-    # plain output: the logical paths that would go, one per line, and a summary on stderr
+    # plain output: the physical paths that would go, one per line, and a summary on stderr
     proc = cli("gc", "--dry-run", check=0)
-    assert sorted(proc.stdout.splitlines()) == sorted(paths)
+    assert sorted(proc.stdout.splitlines()) == sorted(str(cli.physical_store / os.path.basename(p)) for p in paths)
     assert "would delete 3 paths" in proc.stderr
     real = gc(cli)
     assert sorted(real["deleted"]) == sorted(paths) and real["dryRun"] is False

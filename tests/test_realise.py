@@ -216,7 +216,11 @@ def test_jobs(tmp_path):
 # ---- out-links -------------------------------------------------------------------------
 
 def _roots(cli) -> dict:
-    return json.loads(cli.out("roots", "--json"))
+    """``fimio roots --json`` as ``{root: logical path}`` (each entry's physical name checked)."""
+    roots = json.loads(cli.out("roots", "--json"))
+    for names in roots.values():
+        assert names["physical"] == str(cli.physical_store / os.path.basename(names["path"]))
+    return {root: names["path"] for root, names in roots.items()}
 
 
 def test_out_links_and_roots(cli, tmp_path):
@@ -302,7 +306,9 @@ def test_why_depends(cli, tmp_path):
     r = realise_json(cli, c)
     a, b = outputs_of(cli, tmp_path / "a.toml")["out"], outputs_of(cli, tmp_path / "b.toml")["out"]
     c_out = out_of(r)[0]
-    assert json.loads(cli.out("why-depends", "--json", c_out, a)) == [c_out, b, a]
+    chain = json.loads(cli.out("why-depends", "--json", c_out, a))
+    assert [x["path"] for x in chain] == [c_out, b, a]
+    assert [x["physical"] for x in chain] == [str(cli.physical_store / os.path.basename(p)) for p in (c_out, b, a)]
     lines = cli.out("why-depends", out_of(r)[1], os.path.basename(a).split("-")[0]).splitlines()
     phys = lambda p: str(cli.physical_store / os.path.basename(p))  # noqa: E731
     assert lines == [phys(c_out), "└───" + phys(b), "    └───" + phys(a)]
