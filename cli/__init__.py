@@ -45,6 +45,10 @@ def run(argv: list[str] | None = None) -> int:
         _fail("interrupted")
         return 130
     except click.ClickException as e:
+        if type(e).__name__ == "NoArgsIsHelpError" and e.ctx is not None:
+            # `fimio` or `fimio key` alone (click >= 8.2): the help, not an error line holding it
+            print(e.ctx.get_help(), file=sys.stderr)
+            return 2
         if isinstance(e, click.UsageError) and e.ctx is not None:
             _fail(e.format_message(), f"see '{e.ctx.command_path} --help'")
         else:

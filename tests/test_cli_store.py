@@ -381,3 +381,22 @@ def test_bad_flag_and_bad_store_path(cli, tmp_path):
     assert_one_error_line(cli("add", "--no-such-flag", tmp_path), 2)
     assert_one_error_line(cli("ls", "not-a-store-path"), 2)
     assert_one_error_line(cli("cat", str(tmp_path)), 5, str(tmp_path))
+
+
+@pytest.mark.parametrize("args,needle", [([], "realise"), (["key"], "generate")])
+def test_a_group_without_its_command_shows_its_help(cli, args, needle):
+    """`fimio` or `fimio key` alone: the help (as a page, not squeezed into an error line),
+    exit 2 (bad usage)."""
+    proc = cli(*args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("Usage: fimio") and "fimio: error" not in proc.stderr
+    assert "\nCommands:\n" in proc.stderr and needle in proc.stderr
+
+
+def test_every_command_has_a_help_page(cli):
+    listing = cli("--help", check=0).stdout
+    commands = [line.split()[0] for line in listing.split("Commands:\n", 1)[1].splitlines() if line.strip()]
+    assert len(commands) > 25
+    for command in commands:
+        page = cli(command, "--help", check=0).stdout
+        assert page.startswith(f"Usage: fimio {command}") and "Options:" in page, command
