@@ -53,24 +53,15 @@ def _signing_keys(opts, key_files):
     return [load_secret_key_file(os.path.expanduser(f)) for f in files]
 
 
-def _is_derivation_target(store, target: str) -> bool:
-    if target.endswith(".toml") and os.path.isfile(target):
-        return True
-    try:
-        path, sub = store.resolve(target, must_be_valid=False)
-    except (UsageError, NotFound):
-        return os.path.isfile(target)
-    return not sub and path.name.endswith(".drv")
-
-
 def _push_targets(store, targets):
     """``(paths, realisations, drv hashes)`` for push TARGETs: store paths, or derivations
     (their outputs, which must be valid here, and their realisations)."""
     from fimio.store.cache.layout import Realisation
+    from fimio.store.prefetch import is_derivation_target
 
     paths, realisations, hashes = [], [], []
     for target in targets:
-        if not _is_derivation_target(store, target):
+        if not is_derivation_target(store, target):
             paths.append(store.resolve(target)[0])
             continue
         from fimio.store.realise import resolve_outputs
@@ -142,8 +133,11 @@ def _remote_path(store, subs, text: str):
             text = text[len(prefix):]
             break
     else:
-        if text.startswith("/"):  # a path in another store (another root): its base name
-            text = os.path.basename(text.rstrip("/"))
+        real = os.path.realpath(text) if os.path.lexists(text) else text  # e.g. ./result
+        if real.startswith(store.store + "/"):
+            text = real[len(store.store) + 1:]
+        elif real.startswith("/"):  # a path in another store (another root): its base name
+            text = os.path.basename(real.rstrip("/"))
     base = text.split("/", 1)[0]
     if is_hash_part(base):
         valid = store.query_hash(base)
@@ -252,11 +246,12 @@ def challenge(opts, target, caches, as_json):
     or a store path). Exit 3 when two trusted claims disagree."""
     from fimio.store.cache.challenge import compare
     from fimio.store.cache.url import open_with_config, parse_cache_url
+    from fimio.store.prefetch import is_derivation_target
 
     for u in caches:
         parse_cache_url(u)
     store, config = opts.store(), opts.config()
-    if _is_derivation_target(store, target):
+    if is_derivation_target(store, target):
         from fimio.store.realise import resolve_outputs
 
         items = [(h, o, p) for h, o, p in resolve_outputs(store, target)]

@@ -26,6 +26,18 @@ from .paths import StorePath, check_name, text_path
 FETCH_BUILDER = "builtin:fetchurl"
 
 
+def is_derivation_file(store, text: str) -> bool:
+    """Whether a TARGET names a derivation file (not a store path): a name ending in
+    ``.toml``, or any file or directory that exists, outside the store (its physical or
+    logical directory, or through a symlink such as ``./result``). A missing ``.toml`` is
+    then not found (exit 5), a directory bad input (exit 2), as ``spec/derivation.md`` says."""
+    if text.startswith((store.store + "/", store.store_dir + "/")):
+        return False
+    if os.path.lexists(text):
+        return not os.path.realpath(text).startswith(store.store + "/")
+    return text.endswith(".toml")
+
+
 class Graph:
     """The derivations reachable from some targets, by logical ``.drv`` path."""
 
@@ -42,7 +54,7 @@ class Graph:
 
     def target(self, text: str) -> Derivation:
         """A TARGET of `realise`: a derivation file, a ``.drv`` store path or its hash part."""
-        if text.endswith(".toml") or os.path.isfile(text) and not self._in_store(text):
+        if is_derivation_file(self.store, text):
             cached = self._cached(text)
             return cached if cached is not None else self.from_file(text)
         path, _ = self.store.resolve(text)
@@ -70,10 +82,6 @@ class Graph:
 
     def _signature(self, path: str) -> None:
         self._sigs.setdefault(path, evalcache.stat_signature(path))
-
-    def _in_store(self, text: str) -> bool:
-        real = os.path.realpath(text)
-        return real.startswith(self.store.store + "/")
 
     def load(self, drv_logical: str) -> Derivation:
         """Read a ``.drv`` from the store (memoised)."""

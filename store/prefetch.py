@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import NotFound, RemoteError, UsageError
+from .instantiate import is_derivation_file
 from .paths import StorePath, is_hash_part
 
 
@@ -45,7 +46,7 @@ def refuse_network(url: str, why: str = "--offline") -> None:
 def is_derivation_target(store, target: str) -> bool:
     """True if TARGET names a derivation: a derivation file, or a ``.drv`` store path or hash
     part (valid here or not). Store paths that are not ``.drv`` files are not."""
-    if target.endswith(".toml") or (os.path.isfile(target) and not _in_store(store, target)):
+    if is_derivation_file(store, target):
         return True
     base = _store_base(store, target)
     if base is None:
@@ -54,10 +55,6 @@ def is_derivation_target(store, target: str) -> bool:
         info = store.query_hash(base)
         return info is not None and info.path.name.endswith(".drv")
     return base.endswith(".drv")
-
-
-def _in_store(store, text: str) -> bool:
-    return os.path.realpath(text).startswith(store.store + "/")
 
 
 def _store_base(store, text: str) -> str | None:
@@ -77,7 +74,7 @@ def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
     naming every ``.drv`` that no substituter holds (complete)."""
     wanted: list[StorePath] = []
     for target in targets:
-        if target.endswith(".toml") or (os.path.isfile(target) and not _in_store(store, target)):
+        if is_derivation_file(store, target):
             continue
         base = _store_base(store, target)
         if base is None:

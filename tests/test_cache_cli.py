@@ -186,3 +186,21 @@ def test_serve_sigterm_exits_cleanly_and_push_through_it(world, tmp_path):
         assert open(got).read() == "served\n"
     finally:
         assert srv.stop() == 0
+
+
+def test_targets_are_taken_as_every_command_takes_them(world, tmp_path):
+    """./result (a symlink into the store) works for push, challenge and copy; a missing
+    derivation file is not found (exit 5) and a directory is bad input (exit 2), in every
+    command that takes a derivation."""
+    app = graph(tmp_path / "g")
+    work = tmp_path / "work"
+    work.mkdir()
+    fim(world, "A", "realise", app, cwd=work, check=0)
+    cache = f"file://{tmp_path / 'c'}"
+    fim(world, "A", "push", cache, "./result", "--key", world["sk"], cwd=work, check=0)
+    assert ": agree" in fim(world, "A", "challenge", "./result", "--cache", cache, cwd=work, check=0).stdout
+    got = fim(world, "B", "copy", "--from", cache, "./result", cwd=work, check=0).stdout.strip()
+    assert os.path.basename(got) == os.path.basename(os.readlink(work / "result"))
+    for args in (["push", cache], ["challenge", "--cache", cache], ["realise"], ["export", "-o", "x.bundle", "--key", world["sk"]]):
+        assert_one_error_line(fim(world, "A", *args, tmp_path / "nope.toml", cwd=work), 5, "nope.toml")
+        assert_one_error_line(fim(world, "A", *args, tmp_path / "g", cwd=work), 2, str(tmp_path / "g"))

@@ -492,4 +492,4 @@ def test_absurdly_nested_toml_is_one_line_not_a_traceback(cli, tmp_path):
     config.write_text("substituters = " + "[" * 100_000 + "]" * 100_000 + "\n")
     ok = tmp_path / "ok.toml"
     ok.write_text('name = "ok"\nbuilder = "/bin/sh"\n')
-    assert_one_error_line(cli("instantiate", ok, env={"FIMIO_CONFIG": config}), 2, f"{config}: ", "nested")
+    assert_one_error_line(cli("realise", "--no-out-link", ok, env={"FIMIO_CONFIG": config}), 2, f"{config}: ", "nested")
