@@ -40,13 +40,18 @@ def add(opts, path, name, as_json):
         click.echo(store.physical(info.path))
 
 
-def _open_sub(store, target):
+def _open_sub(store, target, follow: bool = False):
+    """The file of TARGET (STOREPATH or STOREPATH/SUB). A sub-path, or (``follow``: the caller
+    reads through symlinks) the path itself, must not lead out of the store path."""
     path, sub = store.resolve(target)
     physical = store.physical(path)
     full = os.path.join(physical, sub) if sub else physical
-    # never let a sub-path climb out of the store path
-    if sub and not os.path.realpath(full).startswith(os.path.realpath(physical)):
-        raise UsageError(f"'{target}' leaves its store path")
+    if sub or follow:
+        # measured against where the store path is, not where a symlink at its top points
+        base = os.path.join(os.path.realpath(store.store), path.base)
+        real = os.path.realpath(full)
+        if real != base and not real.startswith(base + "/"):
+            raise UsageError(f"'{target}' leaves its store path")
     if not os.path.lexists(full):
         raise NotFound(f"'{target}' does not exist")
     return full
@@ -58,7 +63,7 @@ def _open_sub(store, target):
 @pass_options
 def cat(opts, target):
     """Print a file of the store (STOREPATH or STOREPATH/SUB) to stdout."""
-    full = _open_sub(opts.store(), target)
+    full = _open_sub(opts.store(), target, follow=True)
     if os.path.isdir(full):
         raise UsageError(f"'{target}' is a directory", "use 'fimio ls'")
     out = sys.stdout.buffer

@@ -113,6 +113,22 @@ def test_cat(cli, tmp_path):
     assert_one_error_line(cli("cat", "0" * 32), 5)
 
 
+def test_cat_never_reads_outside_the_store_path(cli, tmp_path):
+    """A store path that is a symlink (to a file or a directory outside the store) is stored
+    as a symlink: cat refuses to follow it, directly or as the start of a sub-path; ls and
+    dump show the symlink itself."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("not in the store\n")
+    for name, target in (("to-file", outside / "secret"), ("to-dir", outside)):
+        os.symlink(target, tmp_path / name)
+    to_file, to_dir = (cli.out("add", tmp_path / n) for n in ("to-file", "to-dir"))
+    assert_one_error_line(cli("cat", to_file), 2, "leaves its store path")
+    assert_one_error_line(cli("cat", f"{to_dir}/secret"), 2, "leaves its store path")
+    assert cli.out("ls", to_file) == f"{os.path.basename(to_file)} -> {outside / 'secret'}"
+    assert b"symlink" in cli("dump", to_dir, text=False, check=0).stdout
+
+
 def test_ls(cli, tmp_path):
     p = cli.out("add", make_pkg(tmp_path / "pkg"))
     assert cli.out("ls", p).splitlines() == ["bin", "data.bin", "run -> bin/hello", "share"]
