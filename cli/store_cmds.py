@@ -77,7 +77,7 @@ def cat(opts, target):
 @click.command()
 @click.argument("target")
 @click.option("-R", "--recursive", is_flag=True, help="List the whole tree.")
-@click.option("-l", "--long", "long_", is_flag=True, help="Show type, mode and size.")
+@click.option("-l", "--long", "long_", is_flag=True, help="Show each entry's type and size.")
 @json_option
 @global_options
 @pass_options

@@ -32,12 +32,21 @@ def resolve_root(flag: str | None = None) -> str:
     return os.path.abspath(flag or os.environ.get("FIMIO_ROOT") or default_root())
 
 
+# what the build sandbox mounts: a store bound at, above or inside one would hide it
+_SANDBOX_MOUNTS = ("/usr", "/bin", "/lib", "/lib64", "/build", "/proc", "/dev")
+
+
 def check_store_dir(store_dir: str) -> str:
-    """Normalise and validate a logical store directory (absolute, no '..', no trailing '/')."""
+    """Normalise and validate a logical store directory (spec/store-paths.md §1)."""
     parts = store_dir.split("/")[1:]
     if not store_dir.startswith("/") or "//" in store_dir or any(p in (".", "..") for p in parts):
         raise UsageError(f"invalid store directory '{store_dir}'", "it must be an absolute, normal path")
-    return store_dir.rstrip("/") or "/"
+    store_dir = store_dir.rstrip("/") or "/"
+    for mount in _SANDBOX_MOUNTS:
+        if store_dir == "/" or mount == store_dir or mount.startswith(store_dir + "/") or store_dir.startswith(mount + "/"):
+            raise UsageError(f"invalid store directory '{store_dir}'",
+                             f"builds could not see {mount} through it; use a directory of its own such as /fimio/store")
+    return store_dir
 
 
 def resolve_store_dir(flag: str | None = None) -> str:

@@ -258,3 +258,11 @@ def test_fixed_output_derivations_are_skipped(cli, tmp_path):
     report, _ = check_json(cli, str(tmp_path / "fetch.toml"), code=0)
     e = entry(report, "fetched")
     assert e["result"] == "skipped" and "fixed-output" in e["skipped"]
+
+
+def test_fewer_than_two_rounds_is_bad_usage(cli, tmp_path):
+    """A check compares builds: --rounds counts them all, the registered one included."""
+    from conftest import assert_one_error_line
+
+    drv = write_drv(tmp_path, "control", CONTROL)
+    assert_one_error_line(cli("realise", drv, "--no-out-link", "--check", "--rounds", "1"), 2, "--rounds")

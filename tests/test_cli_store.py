@@ -416,3 +416,18 @@ def test_every_command_has_a_help_page(cli):
     for command in commands:
         page = cli(command, "--help", check=0).stdout
         assert page.startswith(f"Usage: fimio {command}") and "Options:" in page, command
+
+
+@pytest.mark.parametrize("store_dir", ["relative/store", "/a//b", "/a/../b", "/", "/usr", "/usr/store", "/build",
+                                       "/proc/x"])
+def test_a_store_directory_a_build_could_not_use_is_refused(cli, tmp_path, store_dir):
+    (tmp_path / "f").write_text("x\n")
+    assert_one_error_line(cli("add", "--store-dir", store_dir, tmp_path / "f"), 2, "invalid store directory")
+    assert not (cli.root / "db").exists()
+
+
+def test_a_store_directory_of_its_own_is_accepted(cli, tmp_path):
+    (tmp_path / "f").write_text("x\n")
+    path = cli.out("add", "--store-dir", "/opt/fimio-store/", tmp_path / "f")
+    [info] = json.loads(cli.out("path-info", "--json", "--store-dir", "/opt/fimio-store", path))
+    assert path.startswith(str(cli.physical_store)) and info["path"].startswith("/opt/fimio-store/")
