@@ -143,8 +143,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
         })
     else:
         for _, outs in outcome.targets:
-            for p in outs.values():
-                click.echo(store.physical(p))
+            for name in sorted(outs):  # by output name, as the .drv lists them (and the fast path prints)
+                click.echo(store.physical(outs[name]))
         if outcome.built or outcome.substituted:
             info(opts, f"built {len(outcome.built)}, substituted {len(outcome.substituted)}")
         if checks is not None:

@@ -125,8 +125,8 @@ def _realise_locked(opts, targets, root) -> int | None:
                 add_root(s, link, StorePath.parse(logical.rsplit("/", 1)[1]))
     out = sys.stdout
     for outputs in results:
-        for logical in outputs.values():
-            out.write(os.path.join(store, logical.rsplit("/", 1)[1]) + "\n")
+        for name in sorted(outputs):  # by output name, as the full path prints them
+            out.write(os.path.join(store, outputs[name].rsplit("/", 1)[1]) + "\n")
     out.flush()
     return 0
 

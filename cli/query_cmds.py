@@ -51,17 +51,20 @@ def path_info(opts, paths, recursive, closure_size, human_readable, as_json):
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("--references", "mode", flag_value="references", help="Direct references.")
-@click.option("--referrers", "mode", flag_value="referrers", help="Valid paths that refer to it.")
-@click.option("--requisites", "-R", "mode", flag_value="requisites", help="The closure.")
-@click.option("--tree", "mode", flag_value="tree", help="The closure as a tree.")
+@click.option("--references", is_flag=True, help="Direct references.")
+@click.option("--referrers", is_flag=True, help="Valid paths that refer to it.")
+@click.option("--requisites", "-R", is_flag=True, help="The closure.")
+@click.option("--tree", is_flag=True, help="The closure as a tree.")
 @json_option
 @global_options
 @pass_options
-def query(opts, paths, mode, as_json):
+def query(opts, paths, references, referrers, requisites, tree, as_json):
     """Query the reference graph of store paths."""
-    if mode is None:
-        raise click.UsageError("give one of --references, --referrers, --requisites, --tree")
+    modes = [name for name, on in (("references", references), ("referrers", referrers),
+                                   ("requisites", requisites), ("tree", tree)) if on]
+    if len(modes) != 1:
+        raise click.UsageError("give exactly one of --references, --referrers, --requisites, --tree")
+    (mode,) = modes
     store = opts.store()
     targets = [store.resolve(p)[0] for p in paths]
     if mode == "tree":

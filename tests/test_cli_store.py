@@ -247,6 +247,7 @@ def test_query(cli, tmp_path):
     reqs = json.loads(cli.out("query", "--requisites", "--json", top))
     assert {r["physical"] for r in reqs} == {lib, mid, top}
     assert_one_error_line(cli("query", top), 2)
+    assert_one_error_line(cli("query", "--references", "--tree", top), 2, "exactly one")
 
 
 # ---- verify -----------------------------------------------------------------------------

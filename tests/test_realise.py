@@ -361,3 +361,12 @@ def test_an_out_link_that_cannot_be_made_is_a_usage_error(cli, tmp_path):
     assert_one_error_line(cli("realise", s, "-o", tmp_path / "no" / "such" / "link"), 2,
                           f"'{tmp_path / 'no' / 'such' / 'link'}'")
     assert cli.out("realise", "--no-out-link", s).startswith(str(cli.physical_store))
+
+
+def test_outputs_are_printed_in_one_order_whether_built_or_already_valid(cli, tmp_path):
+    m = write_drv(tmp_path / "m.toml", "multi", "mkdir $out $dev $bin", outputs=["out", "dev", "bin"])
+    first = cli.out("realise", "--no-out-link", m).splitlines()
+    again = cli.out("realise", "--no-out-link", m).splitlines()  # the no-op fast path
+    full = cli.out("realise", "--no-out-link", m, env={"FIMIO_NO_FAST_PATH": "1"}).splitlines()
+    assert first == again == full
+    assert [p.rsplit("-", 1)[1] for p in first] == ["bin", "dev", "multi"]
