@@ -142,13 +142,15 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
     outputs. Import it there with `fimio import FILE`."""
     from fimio.store.bundle_export import export_bundle, plan_export
 
+    if output == "-" and sys.stdout.isatty():
+        raise UsageError("refusing to write a binary bundle to a terminal", "redirect stdout, or give -o FILE")
     store = opts.store(protect=True)
     keys = _signing_keys(opts, key_files)
+    plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
+                       sources_only=sources_only, with_logs=with_logs)
     if not keys:
         info(opts, "fimio: warning: exporting unsigned (no --key and no secret-key-files); "
                    "importers that require signatures will refuse the bundle")
-    plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
-                       sources_only=sources_only, with_logs=with_logs)
     progress = ByteProgress(opts, f"exporting {len(plan.paths)} path(s)")
     try:
         if output == "-":
@@ -162,7 +164,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
         progress.done()
     if as_json:
         emit_json({"file": None if output == "-" else os.path.abspath(output),
-                   "paths": [store.logical(p) for p in plan.paths], "realisations": len(plan.realisations),
+                   "paths": [names_json(store, p) for p in plan.paths], "realisations": len(plan.realisations),
                    "blobs": stats.blobs, "bytes": stats.bytes, "digest": "blake3:" + stats.digest.hex(),
                    "signedBy": [k.name for k in keys]})
     elif output != "-":

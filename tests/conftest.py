@@ -71,9 +71,10 @@ def run_fimio(args, root, input=None, check=None, env=None, text: bool = True,
     return proc
 
 
-def run_on_terminal(args, root, env=None, timeout: float = 300) -> tuple[int, str, str]:
-    """Run ``fimio ARGS...`` with stderr on a pseudo-terminal (stdout a pipe, stdin empty),
-    as a user at a terminal does; return (exit code, stdout, everything the terminal got)."""
+def run_on_terminal(args, root, env=None, timeout: float = 300, stdout_too: bool = False) -> tuple[int, str, str]:
+    """Run ``fimio ARGS...`` with stderr on a pseudo-terminal (stdout a file, or with
+    ``stdout_too`` the terminal as well; stdin empty), as a user at a terminal does; return
+    (exit code, stdout, everything the terminal got)."""
     import pty
     import select
     import tempfile
@@ -83,7 +84,7 @@ def run_on_terminal(args, root, env=None, timeout: float = 300) -> tuple[int, st
     with tempfile.TemporaryFile() as out:  # a file: a large stdout cannot block the child
         try:
             proc = subprocess.Popen([fimio_executable(), *[os.fspath(a) for a in args]], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=slave, env=fimio_env(root, env))
+                                    stdout=slave if stdout_too else out, stderr=slave, env=fimio_env(root, env))
         finally:
             os.close(slave)
         shown = []

@@ -79,7 +79,7 @@ def test_export_of_vector_tree_reproduces_pinned_stream(tmp_path, vector_key):
     cli = Fimio(tmp_path / "root")
     path = cli.out("add", src)
     out = json.loads(cli.out("export", path, "-o", tmp_path / "again.bundle", "--key", vector_key, "--json"))
-    assert out["paths"] == [V["simple"]["path"]]
+    assert [p["path"] for p in out["paths"]] == [V["simple"]["path"]]
     assert make_vectors.stream_digest(str(tmp_path / "again.bundle")) == V["simple"]["stream"]
     assert make_vectors.stream_digest(str(VECTORS / "simple.bundle")) == V["simple"]["stream"]
 
@@ -294,8 +294,9 @@ def test_airgapped_transfer_of_example_graph(online, tmp_path, mode):
     bundle = tmp_path / "graph.bundle"
     out = json.loads(online.ref.out("export", *online.targets, mode, "--with-logs", "-o", bundle, "--json",
                                     env=online.env))
-    assert set(online.drvs) <= set(out["paths"]) and online.fod_output in out["paths"]
-    assert (set(online.outputs) <= set(out["paths"])) == (mode == "--with-sources")
+    exported = {p["path"] for p in out["paths"]}
+    assert set(online.drvs) <= exported and online.fod_output in exported
+    assert (set(online.outputs) <= exported) == (mode == "--with-sources")
     cli = Fimio(tmp_path / "airgapped")
     imported = json.loads(cli.out("import", "--json", bundle, env=online.offline_env, prefix=UNSHARE))
     assert imported["imported"] == len(out["paths"]) and imported["realisations"] >= 1
@@ -557,3 +558,12 @@ def test_a_torn_blob_in_the_importing_store_is_replaced_not_reused(tmp_path, vec
     b("import", tmp_path / "x.bundle", env=trusting, check=0)
     assert (b.physical_store / os.path.basename(path) / "f").read_bytes() == data
     assert b("verify", "--check-contents").returncode == 0
+
+
+def test_no_binary_output_to_a_terminal(tmp_path, vector_key):
+    cli = Fimio(tmp_path / "root")
+    path = cli.out("add", VECTORS / "make_vectors.py")
+    for args in (["export", path, "-o", "-", "--key", vector_key], ["dump", path]):
+        code, _, shown = run_on_terminal(args, cli.root, stdout_too=True)
+        assert code == 2 and shown.startswith("fimio: error: refusing to write a binary"), shown
+        assert "fimio-bundle" not in shown and "nix-archive" not in shown
