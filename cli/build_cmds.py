@@ -292,8 +292,13 @@ def run(opts, target, command):
     env["FIMIO_STORE"] = store.store_dir
     argv = [bwrap_path(), "--dev-bind", "/", "/", "--ro-bind", store.store, store.store_dir,
             "--chdir", os.getcwd(), "--die-with-parent", "--", *command]
-    if shutil.which(command[0]) is None and not command[0].startswith("/") and not os.path.exists(
-        os.path.join(store.physical(path), "bin", command[0])
-    ):
-        raise UsageError(f"command '{command[0]}' not found in {logical}/bin or on PATH")
+    name = command[0]
+    if name.startswith(store.store_dir + "/"):  # seen at the logical path inside, physical here
+        found = os.path.exists(store.store + name[len(store.store_dir):])
+    elif name.startswith("/"):
+        found = os.path.exists(name)
+    else:
+        found = shutil.which(name) is not None or os.path.exists(os.path.join(store.physical(path), "bin", name))
+    if not found:
+        raise UsageError(f"command '{name}' not found in {logical}/bin or on PATH")
     os.execvpe(argv[0], argv, env)

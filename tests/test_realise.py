@@ -322,6 +322,8 @@ def test_run(examples):
     assert run(os.path.basename(hello).split("-")[0], "--", "hello") == "hello, world\n"
     assert run(out_of(examples.results["hello"])[1], "--", "sh", "-c", "test -d $FIMIO_STORE && hello") == "hello, world\n"
     assert_one_error_line(run_fimio(["run", hello, "--", "no-such-command-xyz"], examples.root), 2, "not found")
+    for missing in ("/no/such/command", f"{hello}/bin/no-such-command"):
+        assert_one_error_line(run_fimio(["run", hello, "--", missing], examples.root), 2, "not found", missing)
 
 
 def test_realise_is_quick_when_nothing_is_to_do(examples):
