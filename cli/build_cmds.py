@@ -10,8 +10,8 @@ import click
 from fimio.store.errors import BuildError, NotFound, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
-from .render import names_json
 from .progress import BuildProgress
+from .render import names_json
 
 
 @click.command()

@@ -30,10 +30,9 @@ def parse_size(text: str) -> int:
 def gc(opts, dry_run, max_freed, as_json):
     """Delete every store path not reachable from a root (out-links, registered and temp roots)."""
     from fimio.store.gc import collect
-
-    store = opts.store()
     from fimio.store.paths import StorePath
 
+    store = opts.store()
     result = collect(store, dry_run=dry_run, max_freed=parse_size(max_freed) if max_freed else None)
     deleted = [StorePath.parse(logical.rsplit("/", 1)[1]) for logical in result.deleted]
     if as_json:

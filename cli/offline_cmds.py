@@ -14,8 +14,8 @@ from fimio.store.errors import UsageError
 from fimio.store.fsutil import open_input, widen_pipe
 
 from .main import emit_json, global_options, info, json_option, pass_options
-from .render import names_json
 from .progress import ByteProgress
+from .render import names_json
 
 
 def _signing_keys(opts, key_files):
