@@ -62,7 +62,12 @@ class SandboxSpec:
                 argv += ["--ro-bind", host, host]
         argv += ["--bind", self.scratch_store, self.store_dir]
         for physical, logical in self.closure:
-            argv += ["--ro-bind", physical, logical]
+            if os.path.islink(physical):
+                # a store path that is a symlink is one inside too; --ro-bind would follow it
+                # and show the build whatever it points to on this host
+                argv += ["--symlink", os.readlink(physical), logical]
+            else:
+                argv += ["--ro-bind", physical, logical]
         # A tmpfs build directory lists entries in another order than the store's
         # filesystem does: the --vary directory-order lever (spec/reproducibility.md).
         build = ["--tmpfs", self.build_mount] if self.build_tmpfs else ["--bind", self.build_dir, self.build_mount]

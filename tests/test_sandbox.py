@@ -242,6 +242,21 @@ def test_store_paths_outside_the_closure_are_unreachable_even_by_name(cli, tmp_p
     assert secret not in refs
 
 
+def test_a_symlink_in_the_closure_is_a_symlink_inside_never_a_window_on_the_host(cli, tmp_path):
+    """A store path that is a symlink (a source or an output) appears as that symlink: it
+    does not show the build what its target is on this host."""
+    (tmp_path / "host-secret").write_text("host secret\n")
+    os.symlink(tmp_path / "host-secret", tmp_path / "srclink")
+    write_drv(tmp_path / "a.toml", "a", f"ln -s {tmp_path / 'host-secret'} $out")
+    f = write_drv(tmp_path / "b.toml", "b", """
+        for p in $a $src; do
+          if cat "$p" >/dev/null 2>&1; then echo "READ $p"; else echo "dangling $(readlink $p)"; fi
+        done > $out
+        """, inputs={"a": {"drv": "a.toml"}, "src": {"path": "srclink"}})
+    lines = pathlib.Path(out_of(realise_json(cli, f))[1]).read_text().splitlines()
+    assert lines == [f"dangling {tmp_path / 'host-secret'}"] * 2
+
+
 def test_writes_outside_out_and_build_fail(cli, tmp_path):
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "f").write_text("source\n")
