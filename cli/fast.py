@@ -94,14 +94,19 @@ def _realise_locked(opts, targets, root) -> int | None:
             results = []
             for target in targets:
                 drv_base = _drv_base(txn, cache_db, paths_db, target, store, store_dir)
-                if drv_base is None:
+                if drv_base is None or not _is_derivation(txn.get(drv_base[:32].encode(), db=paths_db), drv_base):
                     return None
                 with open(os.path.join(store, drv_base), "rb") as f:
                     outputs = json.loads(f.read())["outputs"]
                 for name, logical in outputs.items():
+                    # valid, and made from this very .drv: the full path checks that a .drv's
+                    # outputs are the paths its contents hash to; this one trusts only what it did
                     base = logical.rsplit("/", 1)[1]
                     record = txn.get(base[:32].encode(), db=paths_db)
-                    if record is None or json.loads(record)["path"] != base:
+                    if record is None:
+                        return None
+                    record = json.loads(record)
+                    if record["path"] != base or record.get("deriver") != drv_base:
                         return None
                 results.append(outputs)
     finally:
@@ -129,6 +134,15 @@ def _realise_locked(opts, targets, root) -> int | None:
             out.write(os.path.join(store, outputs[name].rsplit("/", 1)[1]) + "\n")
     out.flush()
     return 0
+
+
+def _is_derivation(record: bytes | None, base: str) -> bool:
+    """Whether a path record is a valid ``.drv`` written as one (a text object), not any
+    file that happens to be named so."""
+    if record is None or not base.endswith(".drv"):
+        return False
+    record = json.loads(record)
+    return record["path"] == base and record.get("ca") == "text"
 
 
 def _drv_base(txn, cache_db, paths_db, target, store, store_dir) -> str | None:

@@ -372,3 +372,18 @@ def test_outputs_are_printed_in_one_order_whether_built_or_already_valid(cli, tm
     full = cli.out("realise", "--no-out-link", m, env={"FIMIO_NO_FAST_PATH": "1"}).splitlines()
     assert first == again == full
     assert [p.rsplit("-", 1)[1] for p in first] == ["bin", "dev", "multi"]
+
+
+def test_the_fast_path_trusts_no_forged_drv(cli, tmp_path):
+    """A file named like a derivation, whose "outputs" name another derivation's valid
+    outputs: the no-op fast path must not print them; the full path refuses it (exit 4)."""
+    s = write_drv(tmp_path / "s.toml", "single", "echo s > $out")
+    real_drv = cli.out("instantiate", s)
+    real_out = cli.out("realise", "--no-out-link", s)
+    drv = json.loads(pathlib.Path(real_drv).read_text())
+    drv["args"] = ["-c", "echo something else > $out"]  # other contents, the same "outputs"
+    (tmp_path / "forged.drv").write_text(json.dumps(drv))
+    forged = cli.out("add", tmp_path / "forged.drv")
+    for target in (forged, os.path.basename(forged)[:32]):
+        assert_one_error_line(cli("realise", "--no-out-link", target), 4, "hash to")
+    assert cli.out("realise", "--no-out-link", real_drv) == real_out  # the genuine one still takes it
