@@ -29,7 +29,9 @@ def default_root() -> str:
 
 
 def resolve_root(flag: str | None = None) -> str:
-    return os.path.abspath(flag or os.environ.get("FIMIO_ROOT") or default_root())
+    """The physical root, canonical (symlinks resolved): physical paths have one spelling,
+    so out-links made through one spelling of the root are roots for every other."""
+    return os.path.realpath(flag or os.environ.get("FIMIO_ROOT") or default_root())
 
 
 # what the build sandbox mounts: a store bound at, above or inside one would hide it

@@ -107,6 +107,7 @@ class LocalStore:
     """A store on this machine. Open one with :meth:`open`; close it with :meth:`close`."""
 
     def __init__(self, root: str, store_dir: str):
+        root = os.path.realpath(root)  # one spelling of every physical path (see config.resolve_root)
         self.root = root
         self.store_dir = store_dir
         self.store = os.path.join(root, "store")

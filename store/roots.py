@@ -156,31 +156,41 @@ def add_root(store, link: str, target: StorePath) -> str:
 
 
 def list_roots(store) -> dict[str, StorePath]:
-    """``{root link: store path}`` for every live root; dangling registrations are removed."""
+    """``{root link: store path}`` for every live root; registrations whose out-link is gone
+    or now points outside this store are removed."""
     roots = {}
     directory = os.path.join(store.root, "gcroots")
+    real_store = os.path.realpath(store.store)
     for name in sorted(os.listdir(directory)):
         reg = os.path.join(directory, name)
         if not os.path.islink(reg):
             continue
-        link = os.readlink(reg)
-        target = link if link.startswith(store.store + "/") else None
-        if target is None:
+        link = os.path.join(directory, os.readlink(reg))  # (a relative target is relative to its link)
+        base = _base_in_store(link, real_store)
+        shown = reg
+        if base is None:  # an indirect root: the out-link it names
             try:
-                target = os.readlink(link)
+                base = _base_in_store(os.path.join(os.path.dirname(link), os.readlink(link)), real_store)
             except OSError:
-                os.unlink(reg)  # the out-link is gone: so is the root
-                continue
-            if not target.startswith(store.store + "/"):
-                os.unlink(reg)
+                base = None
+            if base is None:
+                os.unlink(reg)  # the out-link is gone, or was pointed elsewhere: so is the root
                 continue
             shown = link
-        else:
-            shown = reg
-        base = target[len(store.store) + 1:].split("/", 1)[0]
         try:
-            path = StorePath.parse(base)
+            roots[shown] = StorePath.parse(base)
         except Exception:
             continue
-        roots[shown] = path
     return roots
+
+
+def _base_in_store(target: str, real_store: str) -> str | None:
+    """The base name of the store path that the absolute ``target`` (the path, or a path
+    inside it) names, however the store's root is spelled (a symlinked root, ``..``); None if
+    not in this store. Only the parent is resolved: the store path itself may be a symlink."""
+    parent = os.path.realpath(os.path.dirname(target.rstrip("/")))
+    if parent == real_store:
+        return os.path.basename(target.rstrip("/"))
+    if parent.startswith(real_store + "/"):
+        return parent[len(real_store) + 1:].split("/", 1)[0]
+    return None

@@ -318,3 +318,34 @@ def test_a_second_temp_roots_file_in_one_process_fails_at_once(store):
     finally:
         first.close()
     TempRoots(store).close()  # once closed, a new one is fine
+
+
+def test_roots_hold_however_the_store_root_is_spelled(tmp_path):
+    """An out-link made through a symlink to the store root (or with an older spelling of
+    it) roots its path for commands that name the root directly, and listing roots
+    removes none of them."""
+    from conftest import Fimio
+
+    real = tmp_path / "S"
+    real.mkdir()
+    os.symlink(real, tmp_path / "Slink")
+    via_link, direct = Fimio(tmp_path / "Slink"), Fimio(real)
+    (tmp_path / "a").write_text("a\n")
+    (tmp_path / "b").write_text("b\n")
+    s = write_drv(tmp_path / "s.toml", "single", "echo s > $out")
+    work = tmp_path / "work"
+    work.mkdir()
+    built = via_link.out("realise", s, cwd=work)
+    assert built.startswith(str(real / "store") + "/")  # printed under the one canonical spelling
+    # an out-link written with the other spelling, as an older fimio did, registered as a root
+    a = direct.out("add", tmp_path / "a")
+    os.symlink(str(tmp_path / "Slink" / "store" / os.path.basename(a)), work / "old-link")
+    os.symlink(work / "old-link", real / "gcroots" / "by-hand")
+    b = direct.out("add", tmp_path / "b")  # no root: collectable
+    registered = sorted(os.listdir(real / "gcroots"))
+    listed = direct.out("roots").splitlines()
+    assert f"{work / 'result'} -> {built}" in listed and f"{work / 'old-link'} -> {a}" in listed
+    assert sorted(os.listdir(real / "gcroots")) == registered  # listing removed nothing
+    deleted = [d["physical"] for d in json.loads(direct.out("gc", "--json"))["deleted"]]
+    assert b in deleted and built not in deleted and a not in deleted
+    assert (work / "result").read_text() == "s\n" and (work / "old-link").read_text() == "a\n"
