@@ -121,6 +121,10 @@ def test_uploads_are_checked_and_never_overwrite(tmp_path):
         assert http("PUT", f"{srv.url}/{wrong}", good, WRITE_TOKEN)[0] == 400
         assert not (cache / wrong).exists()
         assert http("PUT", f"{srv.url}/{key}", b"not zstd", WRITE_TOKEN)[0] == 400
+        # the right frame with more after it would be unreadable to clients forever
+        for extra in (b"junk", good, os.urandom(1 << 20)):
+            assert http("PUT", f"{srv.url}/{key}", good + extra, WRITE_TOKEN)[0] == 400
+        assert not (cache / key).exists()
         assert http("PUT", f"{srv.url}/{key}", good, WRITE_TOKEN)[0] == 201
         assert http("PUT", f"{srv.url}/{key}", good, WRITE_TOKEN)[0] == 200
         assert (cache / key).read_bytes() == good
@@ -136,6 +140,8 @@ def test_uploads_are_checked_and_never_overwrite(tmp_path):
                             json.dumps({"keys": [key, wrong, "nonsense"]}).encode(), WRITE_TOKEN)
         assert status == 200 and json.loads(body)["missing"] == [wrong, "nonsense"]
         assert http("POST", f"{srv.url}/_api/v1/missing", b"[1,2]", WRITE_TOKEN)[0] == 400
+        deep = b'{"keys":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        assert http("POST", f"{srv.url}/_api/v1/missing", deep, WRITE_TOKEN)[0] == 400
     finally:
         assert srv.stop() == 0
 
@@ -175,3 +181,20 @@ def test_bad_tokens_file_and_listen(tmp_path):
     assert_one_error_line(proc, 2, "--listen")
     proc = run_fimio(["serve", "--cache", "ftp://x"], tmp_path / "R")
     assert_one_error_line(proc, 2, "bad cache URL")
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A write that fails (a full disk) must not leave its temporary file to keep it full."""
+    import errno
+
+    from fimio.store.cache.server import CacheServer
+
+    server = CacheServer(f"file://{tmp_path / 'cache'}", tokens={WRITE_TOKEN: "write"})
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        server._store_object(f"realisations/{'a' * 32}!out.json", b"{}")
+    assert os.listdir(tmp_path / "cache" / ".tmp") == []

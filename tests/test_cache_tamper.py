@@ -308,3 +308,50 @@ def test_a_torn_blob_in_the_local_store_is_fetched_again(setup, name):
     assert setup.copy().returncode == 0
     assert (b / "store" / setup.tree.path.base / name).read_bytes() == (setup.tmp / "src" / name).read_bytes()
     assert run_fimio(["verify", "--check-contents"], b).returncode == 0
+
+
+class _LyingQueryServer:
+    """Serves a cache directory for GET/HEAD, but answers the batched existence query
+    (POST) with ``answer``, raw bytes on the socket."""
+
+    def __init__(self, directory, answer: bytes):
+        import functools
+        import http.server
+        import threading
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.wfile.write(answer)
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     functools.partial(Handler, directory=str(directory)))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("answer,code", [
+    (b"GARBAGE LINE\r\n\r\n", 6),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n{\"missing\":", 6),
+    # entries that are no keys are ignored: nothing is missing, so everything is fetched
+    (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n{"missing":[[1],{"a":1},2]}', 0),
+], ids=["status-line", "cut-chunked", "not-strings"])
+def test_a_bad_answer_to_the_existence_query_is_one_line(setup, answer, code):
+    server = _LyingQueryServer(setup.cache, answer)
+    try:
+        proc = setup.copy(None, server.url)
+    finally:
+        server.stop()
+    if code:
+        assert_one_error_line(proc, code, "malformed answer")
+        setup.assert_nothing_registered()
+    else:
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr

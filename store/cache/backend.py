@@ -199,6 +199,7 @@ class HttpBackend(ObstoreBackend):
         return bool(self._smart)
 
     def _post_missing(self, keys: list[str]) -> set[str] | None:
+        import http.client
         import urllib.error
         import urllib.request
 
@@ -219,14 +220,14 @@ class HttpBackend(ObstoreBackend):
             raise RemoteError(f"cache '{self.url}' answered HTTP {e.code} to the missing-objects query") from None
         except (urllib.error.URLError, OSError) as e:
             raise RemoteError(f"cannot reach cache '{self.url}'", f"{getattr(e, 'reason', e)}") from None
-        except (ValueError, RecursionError):
+        except (ValueError, RecursionError, http.client.HTTPException):
             raise RemoteError(f"cache '{self.url}' sent a malformed answer to the missing-objects query") from None
         missing = answer.get("missing") if isinstance(answer, dict) else None
         if not isinstance(missing, list):
             raise RemoteError(f"cache '{self.url}' sent a malformed answer to the missing-objects query")
         self._smart = True
         wanted = set(keys)
-        return {k for k in missing if k in wanted}
+        return {k for k in missing if isinstance(k, str) and k in wanted}
 
 
 # Retries hide flaky networks but make "unreachable" take minutes; two quick retries.

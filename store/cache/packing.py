@@ -98,11 +98,13 @@ def compress(data, level: int) -> bytes:
     return comp.compress(data)
 
 
-def decompress(data: bytes, raw_size: int, where: str) -> bytes:
+def decompress(data: bytes, raw_size: int, where: str, whole: bool = False) -> bytes:
     """Decompress one frame that must hold exactly ``raw_size`` bytes; IntegrityError otherwise.
 
     The frame's declared content size is checked *before* any output is allocated, so a
-    hostile frame cannot make us allocate more than the (signed-for) size."""
+    hostile frame cannot make us allocate more than the (signed-for) size. ``whole``: also
+    refuse anything after the frame (what a cache stores must be exactly one frame: clients
+    cap a download at the bound of its raw size, so extra bytes would make it unreadable)."""
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
@@ -114,7 +116,15 @@ def decompress(data: bytes, raw_size: int, where: str) -> bytes:
     if dec is None:
         dec = _local.zd = zstandard.ZstdDecompressor()
     try:
-        out = dec.decompress(data, max_output_size=raw_size) if raw_size else b""
+        if whole:
+            if len(data) > compress_bound(raw_size):
+                raise IntegrityError(f"object '{where}' is larger than its contents can compress to")
+            stream = dec.decompressobj()
+            out = stream.decompress(data)  # bounded: zstd checks the output against the declared size
+            if not stream.eof or stream.unused_data:
+                raise IntegrityError(f"object '{where}' is not exactly one zstd frame")
+        else:
+            out = dec.decompress(data, max_output_size=raw_size) if raw_size else b""
     except zstandard.ZstdError:
         raise IntegrityError(f"object '{where}' is corrupt (zstd)", "the cache is corrupt or hostile") from None
     if len(out) != raw_size:

@@ -151,7 +151,7 @@ class CacheServer:
             keys = body["keys"]
             if not isinstance(keys, list) or len(keys) > MAX_KEYS or not all(isinstance(k, str) for k in keys):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise web.HTTPBadRequest(text=f'expected {{"keys": [at most {MAX_KEYS} strings]}}\n') from None
         if self.root:
             loop = asyncio.get_running_loop()
@@ -214,11 +214,11 @@ class CacheServer:
             return False
         os.makedirs(os.path.dirname(final), exist_ok=True)
         tmp = os.path.join(self.root, ".tmp", f"{os.getpid()}-{os.urandom(8).hex()}")
-        with open(tmp, "xb") as f:
-            f.write(data)
-            if key.startswith(("info/", "realisations/")):
-                os.fsync(f.fileno())
-        try:
+        try:  # the temp file goes whatever fails (a full disk would otherwise keep it full)
+            with open(tmp, "xb") as f:
+                f.write(data)
+                if key.startswith(("info/", "realisations/")):
+                    os.fsync(f.fileno())
             if key.startswith("info/"):
                 fsutil.syncfs(self.root)  # every object uploaded before is durable first
             os.link(tmp, final)
@@ -226,7 +226,7 @@ class CacheServer:
         except FileExistsError:
             return False
         finally:
-            os.unlink(tmp)
+            fsutil.unlink_if_exists(tmp)
 
     def _exists(self, key: str) -> bool:
         if self.root:
@@ -276,7 +276,7 @@ def _check_upload(key: str, data: bytes) -> None:
     limit = MAX_MANIFEST if kind == "trees" else MAX_OBJECT
     if raw_size < 0 or raw_size > limit:
         raise IntegrityError(f"'{key}' has no or too large a content size")
-    raw = packing.decompress(data, raw_size, key)
+    raw = packing.decompress(data, raw_size, key, whole=True)
     digest = bytes.fromhex(key.rsplit("/", 1)[1][:64])
     if kind == "packs":
         blobs = packing.parse_pack(raw, key)
