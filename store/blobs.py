@@ -162,7 +162,10 @@ class Blobs:
                 return
             except FileExistsError:
                 pass
-            tmp = path + b".fimio-link"
+            if os.path.samestat(os.stat(path), os.stat(key)):
+                return  # a hard link of a file adopted before (a build's own hard links)
+            # a name of our own under tmp/ (same filesystem), never one the build may have made
+            tmp = os.path.join(os.fsencode(self.tmp), f"adopt-{os.getpid()}-{os.urandom(6).hex()}".encode())
             try:
                 os.link(key, tmp)
                 os.rename(tmp, path)

@@ -150,7 +150,11 @@ class Builder:
             outputs = self._collect(drv, scratch_store, closure)
         except BuildError as e:
             e.log_tail = _tail(log)
+            e.drv, e.log = drv, log  # the log of a failed build is kept (fimio log)
             self._cleanup_failed(scratch, e)
+            raise
+        except BaseException:
+            fsutil.remove_tree(scratch)
             raise
         record["outputs"] = {n: {"path": o.path.base, "root": o.node.digest.hex()} for n, o in outputs.items()}
         return BuildResult(drv, outputs, record, log, scratch)

@@ -411,12 +411,14 @@ def test_failing_builder(cli, tmp_path):
     ("kill -9 $$", "exit code 137"),  # bwrap reports a killed builder as 128 + signal
 ], ids=["no-output", "fifo-in-output", "killed"])
 def test_other_build_failures(cli, tmp_path, script, needle):
-    f = write_drv(tmp_path / "x.toml", "x", script)
+    f = write_drv(tmp_path / "x.toml", "x", "echo the builder ran; " + script)
     out = outputs_of(cli, f)["out"]
     proc = cli("realise", "--no-out-link", f)
     assert proc.returncode == 1, proc.stderr
     assert needle in proc.stderr.splitlines()[-1]
     not_registered(cli, out)
+    assert cli.out("log", f).startswith("the builder ran")  # the log of a failed build is kept
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == []
 
 
 def test_builder_outside_the_sandbox(cli, tmp_path):
@@ -426,6 +428,20 @@ def test_builder_outside_the_sandbox(cli, tmp_path):
 
 
 # ---- outputs: normalisation and references ----------------------------------------------
+
+def test_hard_links_in_an_output_stay_what_they_are(cli, tmp_path):
+    """Files of an output that are hard links of each other, or share contents with names
+    of every kind: the output holds exactly what the builder made, and verifies clean."""
+    f = write_drv(tmp_path / "h.toml", "hardlinks", """
+        mkdir $out; echo y > $out/a; ln $out/a $out/b; ln $out/a $out/c
+        echo same > $out/f; echo same > $out/g; echo other > $out/g.fimio-link
+        """)
+    out = pathlib.Path(out_of(realise_json(cli, f))[1])
+    assert sorted(os.listdir(out)) == ["a", "b", "c", "f", "g", "g.fimio-link"]
+    assert [(out / n).read_text() for n in ("b", "g", "g.fimio-link")] == ["y\n", "same\n", "other\n"]
+    proc = cli("verify", "--check-contents")
+    assert proc.returncode == 0 and proc.stdout == "", proc.stdout + proc.stderr
+
 
 def test_outputs_are_normalised(cli, tmp_path):
     f = write_drv(tmp_path / "n.toml", "norm", """
