@@ -101,6 +101,18 @@ class Builder:
         self.keep_failed = keep_failed
         self.log_sink = log_sink  # callable(drv, bytes line) for -v, or None
         self.fingerprinter = fingerprinter
+        self.interrupted = False  # set by interrupt(): no build may start or succeed after it
+        self._running: set = set()  # the builders in progress (Popen)
+        self._lock = threading.Lock()
+
+    def interrupt(self) -> None:
+        """Stop every build in progress at once (Ctrl-C): their process groups are killed,
+        and they end as failed builds, so that nothing of them is registered."""
+        with self._lock:
+            self.interrupted = True
+            running = list(self._running)
+        for proc in running:
+            _kill_group(proc)
 
     def run_build(self, drv: Derivation, input_paths: dict[str, str], closure: list[StorePath],
                   variation: Variation | None = None) -> BuildResult:
@@ -139,6 +151,9 @@ class Builder:
         record = self._base_record(drv, variation)
         log_path = os.path.join(scratch, "log")
         status, timed_out = self._run(spec, drv, log_path, variation)
+        if self.interrupted:
+            fsutil.remove_tree(scratch)
+            raise BuildError(f"build of '{drv.drv_path.base}' interrupted")
         record["end"] = time.time()
         record["duration"] = round(record["end"] - record["start"], 6)
         record["exitStatus"] = status
@@ -193,6 +208,17 @@ class Builder:
         finally:
             if saved_affinity is not None:
                 os.sched_setaffinity(0, saved_affinity)
+        with self._lock:
+            self._running.add(proc)
+            if self.interrupted:
+                _kill_group(proc)
+        try:
+            return self._wait(proc, drv, log_path, stream)
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+
+    def _wait(self, proc, drv: Derivation, log_path: str, stream: bool) -> tuple[int, bool]:
         pump = None
         if stream:
             pump = threading.Thread(target=self._pump, args=(proc.stdout, log_path, drv), daemon=True)

@@ -196,6 +196,16 @@ class Realiser:
         if not todo:
             return []
         jobs = self.options.jobs or os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            try:
+                return self._schedule(pool, todo, jobs)
+            except KeyboardInterrupt:  # the pool's exit would wait for every running build
+                self.builder.interrupt()
+                raise
+
+    def _schedule(self, pool, todo: list[Derivation], jobs: int) -> list[str]:
+        """Run ``todo`` on ``pool``, each once its dependencies are done; the derivations
+        built. After a failure nothing new starts; the builds running finish first."""
         pending = {d.drv_path.base: d for d in todo}
         deps = {
             key: {self.graph.load(p).drv_path.base for p in d.input_drvs()} & pending.keys()
@@ -206,28 +216,27 @@ class Realiser:
         running = {}
         failure: BaseException | None = None
         counts = {"total": len(todo), "done": 0}
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            while pending or running:
-                if failure is None:
-                    for key in [k for k in pending if deps[k] <= done][: max(0, jobs - len(running))]:
-                        drv = pending.pop(key)
-                        self._progress("start", drv, counts)
-                        running[pool.submit(self.realise_one, drv)] = drv
-                if not running:
-                    break
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    drv = running.pop(fut)
-                    try:
-                        if fut.result():
-                            built.append(drv.drv_path.base)
-                        done.add(drv.drv_path.base)
-                        counts["done"] += 1
-                        self._progress("done", drv, counts)
-                    except BaseException as e:  # stop scheduling; let running builds finish
-                        if failure is None:
-                            failure = e
-                        pending.clear()
+        while pending or running:
+            if failure is None:
+                for key in [k for k in pending if deps[k] <= done][: max(0, jobs - len(running))]:
+                    drv = pending.pop(key)
+                    self._progress("start", drv, counts)
+                    running[pool.submit(self.realise_one, drv)] = drv
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                drv = running.pop(fut)
+                try:
+                    if fut.result():
+                        built.append(drv.drv_path.base)
+                    done.add(drv.drv_path.base)
+                    counts["done"] += 1
+                    self._progress("done", drv, counts)
+                except BaseException as e:  # stop scheduling; let running builds finish
+                    if failure is None:
+                        failure = e
+                    pending.clear()
         if failure is not None:
             raise failure
         return built

@@ -387,3 +387,25 @@ def test_the_fast_path_trusts_no_forged_drv(cli, tmp_path):
     for target in (forged, os.path.basename(forged)[:32]):
         assert_one_error_line(cli("realise", "--no-out-link", target), 4, "hash to")
     assert cli.out("realise", "--no-out-link", real_drv) == real_out  # the genuine one still takes it
+
+
+def test_ctrl_c_stops_the_build_at_once_and_registers_nothing(cli, tmp_path):
+    import signal
+    import subprocess
+
+    slow = write_drv(tmp_path / "slow.toml", "slow", "sleep 30 & mkdir $out; echo done > $out/f; sleep 30")
+    out = outputs_of(cli, slow)["out"]
+    proc = subprocess.Popen([fimio_executable(), "realise", "--no-out-link", str(slow)], env=fimio_env(cli.root),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not any(e.startswith("build-") for e in os.listdir(cli.root / "tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # the builder is running
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - start < 5, "the build went on after Ctrl-C"
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
+    assert cli("path-info", out).returncode == 5
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == []
