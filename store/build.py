@@ -373,6 +373,7 @@ def fetch(store, drv: Derivation, offline: bool = False) -> BuildResult:
     hashes on a mismatch, NotFound (exit 5) when offline or the URL cannot be fetched.
     """
     import hashlib
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -394,9 +395,12 @@ def fetch(store, drv: Derivation, offline: bool = False) -> BuildResult:
             while chunk := resp.read(1 << 20):
                 hasher.update(chunk)
                 out.write(chunk)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         fsutil.remove_tree(scratch)
-        reason = getattr(e, "reason", None) or e
+        if isinstance(e, http.client.HTTPException):  # a bad status line, a body cut short, ...
+            reason = f"a broken answer ({type(e).__name__})"
+        else:
+            reason = getattr(e, "reason", None) or e
         raise NotFound(f"cannot fetch {url} for '{drv.name}': {reason}") from None
     got = hasher.hexdigest()
     if got != want:

@@ -220,6 +220,20 @@ def read_toml(path: str) -> RawDerivation:
     return rd
 
 
+def _fetchable(url: str) -> bool:
+    """A well-formed http(s) URL with a host, or a file:// URL (what the fetcher can open)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # raises ValueError for a bad port
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    if parts.scheme == "file":
+        return bool(parts.path)
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not any(c.isspace() for c in url)
+
+
 def _expect(rd: RawDerivation, value, kind, key: str, table: str | None = None, what: str | None = None):
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         name = what or {str: "a string", int: "an integer", list: "a list", dict: "a table"}[kind]
@@ -250,8 +264,8 @@ def _validate(rd: RawDerivation) -> None:
             _expect(rd, fetch[key], str, key, "fetch")
         if not _HASH_RE.fullmatch(fetch["hash"]):
             raise rd.error("[fetch] hash must be 'sha256:<64 hex>' or 'blake3:<64 hex>'", "hash", "fetch")
-        if not re.match(r"(https?|file)://", fetch["url"]):
-            raise rd.error("[fetch] url must be http://, https:// or file://", "url", "fetch")
+        if not _fetchable(fetch["url"]):
+            raise rd.error("[fetch] url must be a well-formed http://, https:// or file:// URL", "url", "fetch")
         for key in ("builder", "args", "inputs", "outputs"):
             if key in d:
                 raise rd.error(f"a fixed-output derivation ([fetch]) cannot have '{key}'", key)

@@ -530,6 +530,37 @@ def test_fixed_output_hash_mismatch(cli, tmp_path, file_server):
     assert [e for e in os.listdir(cli.root / "tmp") if e.startswith(("fetch-", "build-"))] == []
 
 
+@pytest.mark.parametrize("answer", [b"GARBAGE LINE\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n10\r\nhel"],
+                         ids=["status-line", "cut-chunked"])
+def test_fixed_output_from_a_broken_server(cli, tmp_path, answer):
+    """A server that answers nonsense: not found (exit 5), one line, nothing left."""
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def serve():
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        d = fetch_example_copy(tmp_path / "fetch", f"http://127.0.0.1:{srv.getsockname()[1]}/greeting.txt")
+        out = outputs_of(cli, d / "fetch.toml")["out"]
+        assert_one_error_line(cli("realise", "--no-out-link", d / "fetch.toml"), 5, "broken answer")
+        t.join(5)
+    not_registered(cli, out)
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("fetch-")] == []
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http:///no-host", "http://host:notaport/x", "ftp://host/x"])
+def test_a_malformed_fetch_url_is_bad_input(cli, tmp_path, url):
+    d = fetch_example_copy(tmp_path / "fetch", url)
+    assert_one_error_line(cli("instantiate", d / "fetch.toml"), 2, "[fetch] url")
+
+
 def test_fixed_output_unreachable_url(cli, tmp_path, file_server):
     d = fetch_example_copy(tmp_path / "fetch", f"{file_server.url}/no-such-file.txt")
     out = outputs_of(cli, d / "fetch.toml")["out"]
