@@ -19,8 +19,16 @@ import stat
 
 
 def stat_signature(path: str) -> str:
-    """A digest of the lstat of ``path`` and, for a directory, of every entry below it."""
+    """A digest of the lstat of ``path`` and, for a directory, of every entry below it; for
+    a ``path`` that is a symlink also of what it points to (a derivation file is read
+    through its symlink: an edit of the target must show)."""
     h = hashlib.sha256()
+    if os.path.islink(path):
+        try:
+            st = os.stat(path)
+            h.update(f"->{st.st_mode}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
+        except OSError:
+            h.update(b"->missing\n")
     stack = [path]
     while stack:
         p = stack.pop()

@@ -409,3 +409,13 @@ def test_ctrl_c_stops_the_build_at_once_and_registers_nothing(cli, tmp_path):
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
     assert cli("path-info", out).returncode == 5
     assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == []
+
+
+def test_a_derivation_file_read_through_a_symlink_is_evaluated_again_when_its_target_changes(cli, tmp_path):
+    real = write_drv(tmp_path / "real.toml", "echo", "echo first > $out")
+    os.symlink(real, tmp_path / "link.toml")
+    first = cli.out("realise", "--no-out-link", tmp_path / "link.toml")
+    real.write_text(real.read_text().replace("first", "second"))
+    for env in ({}, {"FIMIO_NO_FAST_PATH": "1"}):
+        again = cli.out("realise", "--no-out-link", tmp_path / "link.toml", env=env)
+        assert again != first and pathlib.Path(again).read_text() == "second\n"
