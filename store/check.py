@@ -113,6 +113,7 @@ class _Checker:
         if drv.is_fixed_output:
             e.skipped = "fixed-output derivation: its declared hash is checked on every fetch"
             return e
+        self.realiser.realise_inputs(drv)  # a GC may have taken them since the outputs were built
         self.infos = {n: self.store.info(p) for n, p in drv.output_paths().items()}
         base = {n: i.root.hex() for n, i in self.infos.items()}
         e.rounds.append(Round(1, "registered", [], asdict(DEFAULT), base))

@@ -192,6 +192,11 @@ class Realiser:
                     raise NotFound(f"output '{self.store.logical(p)}' of '{d.drv_path.base}' could not be realised")
         return outcome
 
+    def realise_inputs(self, drv: Derivation) -> None:
+        """Make the outputs of ``drv``'s input derivations valid (substituted or built): a
+        rebuild of ``drv`` needs them even when its own outputs were valid all along."""
+        self._build_all(self.plan([self.graph.load(p) for p in drv.input_drvs()]))
+
     def _build_all(self, todo: list[Derivation]) -> list[str]:
         if not todo:
             return []

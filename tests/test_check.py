@@ -266,3 +266,19 @@ def test_fewer_than_two_rounds_is_bad_usage(cli, tmp_path):
 
     drv = write_drv(tmp_path, "control", CONTROL)
     assert_one_error_line(cli("realise", drv, "--no-out-link", "--check", "--rounds", "1"), 2, "--rounds")
+
+
+def test_a_check_rebuilds_inputs_a_collection_took(cli, tmp_path):
+    """The output to check is valid (rooted by ./result), but the build-time inputs it was
+    made from were collected: --check realises them again first, then compares."""
+    from test_sandbox import write_drv as write
+
+    write(tmp_path / "dep.toml", "dep", "echo dep > $out")
+    top = write(tmp_path / "top.toml", "top", "cat $dep > $out", inputs={"dep": {"drv": "dep.toml"}})
+    work = tmp_path / "work"
+    work.mkdir()
+    cli("realise", top, cwd=work, check=0)
+    deleted = json.loads(cli.out("gc", "--json"))["deleted"]
+    assert any(d["path"].endswith("-dep") for d in deleted)  # the input's output went
+    report, _ = check_json(cli, top, args=("--rounds", "2"), code=0)
+    assert report["ok"] and entry(report, "top")["result"] == "identical"
