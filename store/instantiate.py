@@ -49,6 +49,11 @@ class Graph:
         self._sigs: dict[str, str] = {}  # file -> stat signature taken before reading it
         self._deps: dict[str, set[str]] = {}  # derivation file -> every file its graph read
         self._pending: list[tuple[str, bytes, list]] = []  # .drv files to write, dependencies first
+        # ``store`` inputs not valid here: taken from the substituters if ``substitute``
+        # (callable([StorePath]) -> set of those made valid) is set, else listed when the
+        # graph is complete (every one named, not only the first)
+        self.substitute = None
+        self._missing: list[tuple[StorePath, str]] = []
 
     # ---- loading ---------------------------------------------------------------------
 
@@ -147,6 +152,7 @@ class Graph:
         self._hashes[logical] = drv.drv_hash
         self._by_file[file] = logical
         if not stack:  # the whole graph is known: write every new .drv in one commit
+            self._refuse_missing_store_inputs()
             self.store.add_texts(self._pending)
             self._pending.clear()
             self._remember(file, drv)
@@ -186,12 +192,23 @@ class Graph:
             return Input("src", self.store.logical(info.path))
         text = spec["store"]
         try:
-            path, sub = self.store.resolve(text)
-        except (UsageError, NotFound) as e:
+            path, sub = self.store.resolve(text, must_be_valid=False)
+        except UsageError as e:
             raise rd.error(f"input '{var}': {e.message}", var, "inputs") from None
+        except NotFound as e:  # a bare hash part nothing here has: there is no path to fetch
+            raise NotFound(f"{rd.error(f'input {var!r}: {e.message}', var, 'inputs').message}") from None
         if sub:
             raise rd.error(f"input '{var}': give a store path, not a file inside one", var, "inputs")
+        if not self.store.is_valid(path) and not (self.substitute and path in self.substitute([path])):
+            self._missing.append((path, f"input '{var}' of {rd.file}"))
         return Input("store", self.store.logical(path))
+
+    def _refuse_missing_store_inputs(self) -> None:
+        missing, self._missing = self._missing, []
+        if missing:
+            raise NotFound(f"{len(missing)} store input(s) of the derivation graph are not valid here",
+                           "realise or copy them first, or give a --substituter that has them",
+                           details=[f"{self.store.logical(p)}: {where}" for p, where in missing])
 
     # ---- walking ---------------------------------------------------------------------
 

@@ -67,6 +67,8 @@ class Realiser:
         self.store = store
         self.options = options
         self.graph = Graph(store)
+        if options.substituters:  # a `store` input not valid here comes from them
+            self.graph.substitute = options.substituters.substitute
         self.builder = buildmod.Builder(
             store, cores=options.cores, keep_failed=options.keep_failed, log_sink=options.log_sink,
             fingerprinter=fingerprinter,
