@@ -57,10 +57,11 @@ def open_substituters(opts, store, urls, no_substitute, offline):
     config = opts.config()
     urls = list(urls) or list(config.substituters)
     if offline:
-        skipped = [u for u in urls if not u.startswith("file://")]
+        from fimio.store.cache.url import offline_usable
+
+        urls, skipped = offline_usable(urls)
         if skipped:
             info(opts, f"offline: not using {', '.join(skipped)}")
-        urls = [u for u in urls if u.startswith("file://")]
     if not urls:
         return None
     from fimio.store.cache.substitute import SubstituterSet

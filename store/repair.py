@@ -57,6 +57,12 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
     log = log or (lambda message: None)
     config = opts.config()
     urls = substituter_urls(opts)
+    if config.offline:
+        from .cache.url import offline_usable
+
+        urls, skipped = offline_usable(urls)
+        if skipped:
+            log(f"offline: not using {', '.join(skipped)}")
     damaged: dict[StorePath, list[Problem]] = {}
     dangling: dict[StorePath, list[Problem]] = {}
     other: list[Problem] = []

@@ -111,6 +111,26 @@ def test_repair_of_a_truncated_single_file_path(origin, damaged):
     fim(origin, damaged, "verify", "--check-contents", check=0)
 
 
+def test_offline_repair_uses_the_file_caches_and_connects_to_nothing_else(origin, damaged):
+    from offlinefixtures import ConnectionRecorder
+
+    recorder = ConnectionRecorder()
+    try:
+        config = write_config(damaged.parent / "offline.toml", trusted=[origin["pk"]],
+                              substituters=[f"http://127.0.0.1:{recorder.port}", f"file://{origin['cache']}"])
+        with open(config, "a") as f:
+            f.write("offline = true\n")
+        f = damaged / "store" / origin["paths"]["single.txt"]
+        os.chmod(f, 0o644)
+        os.truncate(f, 10)
+        proc = fim(origin, damaged, "verify", "--check-contents", "--repair", config=config, check=0)
+        assert f"offline: not using http://127.0.0.1:{recorder.port}" in proc.stderr
+        assert f.read_text() == "a single-file store path\n" * 100
+    finally:
+        recorder.close()
+    assert recorder.connections == 0
+
+
 def test_repair_of_a_reference_whose_record_is_gone(origin, damaged):
     app = StorePath.parse(origin["paths"]["app"])
     store = LocalStore(str(damaged), STORE_DIR)

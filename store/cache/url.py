@@ -118,6 +118,13 @@ def open_backend(url: str | CacheURL, token: str | None = None):
     return s3_backend(cu.text, cu.bucket, cu.location, cu.params)
 
 
+def offline_usable(urls) -> tuple[list[str], list[str]]:
+    """``(kept, dropped)``: the caches an offline command may read (``file://``), and the
+    others, which it must not even connect to (spec/offline.md)."""
+    kept = [u for u in urls if u.startswith("file://")]
+    return kept, [u for u in urls if not u.startswith("file://")]
+
+
 def open_with_config(url: str, config=None):
     """:func:`open_backend` with the token the config (or FIMIO_TOKEN) gives for ``url``."""
     cu = parse_cache_url(url)
