@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from . import build as buildmod
 from .db import dumps, loads
 from .derivation import Derivation, host_system
-from .errors import BuildError, IntegrityError, NotFound
+from .errors import BuildError, IntegrityError, NotFound, RemoteError
 from .instantiate import Graph
 from .paths import StorePath
 from .roots import TempRoots
@@ -170,7 +170,7 @@ class Realiser:
             return
         try:
             got = self.options.substituters.substitute_outputs(wanted)
-        except IntegrityError as e:
+        except (IntegrityError, RemoteError) as e:  # a cache that fails mid-way: as if it had nothing
             self.warn(f"{e.message}; building instead")
             return
         with self._lock:

@@ -204,3 +204,39 @@ def test_targets_are_taken_as_every_command_takes_them(world, tmp_path):
     for args in (["push", cache], ["challenge", "--cache", cache], ["realise"], ["export", "-o", "x.bundle", "--key", world["sk"]]):
         assert_one_error_line(fim(world, "A", *args, tmp_path / "nope.toml", cwd=work), 5, "nope.toml")
         assert_one_error_line(fim(world, "A", *args, tmp_path / "g", cwd=work), 2, str(tmp_path / "g"))
+
+
+def test_a_cache_that_fails_while_downloading_means_building_instead(world, tmp_path):
+    """The cache has the outputs, but every content object answers HTTP 500: realise warns
+    and builds them (as if the cache had had nothing); the result is the same."""
+    import functools
+    import http.server
+    import threading
+
+    app = graph(tmp_path / "g")
+    cache_dir = tmp_path / "cache"
+    out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    fim(world, "A", "push", f"file://{cache_dir}", app, "--key", world["sk"], check=0)
+
+    class Failing(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.startswith(("/packs/", "/chunks/")):
+                self.send_error(500)
+            else:
+                super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Failing, directory=str(cache_dir)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        proc = fim(world, "B", "realise", app, "--no-out-link", "--json", "--substituter",
+                   f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert proc.returncode == 0, proc.stderr
+    assert "building instead" in proc.stderr and json.loads(proc.stdout)["built"]
+    assert fim(world, "B", "realise", app, "--no-out-link", check=0).stdout.strip() == out.replace(
+        str(tmp_path / "A"), str(tmp_path / "B"))
