@@ -22,7 +22,7 @@ from .roots import gc_lock, list_roots, live_temp_roots
 class GcResult:
     deleted: list[str] = field(default_factory=list)  # logical paths
     freed: int = 0  # bytes of file content no longer stored
-    kept: int = 0
+    kept: int = 0  # valid paths left: reachable ones, and those --max-freed spared
 
 
 def reachable(store, roots) -> set[str]:
@@ -50,7 +50,6 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
         alive = reachable(store, roots)
         infos = {i.path.hash_part: i for i in store.all_paths()}
         dead = {h: i for h, i in infos.items() if h not in alive}
-        result.kept = len(infos) - len(dead)
         for info in _referrers_first(dead):
             if max_freed is not None and result.freed >= max_freed:
                 break
@@ -61,6 +60,7 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
             with store.db.write() as txn:
                 store.invalidate(txn, info)
             fsutil.remove_tree(store.physical(info.path))
+        result.kept = len(infos) - len(result.deleted)  # reachable, and (--max-freed) left for later
         if not dry_run:
             _remove_unused_blobs(store)
     return result

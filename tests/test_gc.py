@@ -150,7 +150,7 @@ def test_max_freed(cli, tmp_path):
         (tmp_path / f"f{i}").write_bytes(bytes([65 + i]) * 1000)
         paths.append(add(cli, tmp_path / f"f{i}"))
     first = gc(cli, "--max-freed", "1")
-    assert len(first["deleted"]) == 1 and first["freed"] == 1000
+    assert len(first["deleted"]) == 1 and first["freed"] == 1000 and first["kept"] == 3
     second = gc(cli, "--max-freed", "1K")  # 1024 bytes: stops once that much is freed
     assert len(second["deleted"]) == 2 and second["freed"] == 2000
     assert sum(valid(cli, p) for p in paths) == 1
