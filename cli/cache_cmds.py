@@ -84,14 +84,14 @@ def _do_push(opts, store, url, paths, realisations=(), hashes=(), key_files=(), 
 
     keys = _signing_keys(opts, key_files)
     backend = open_with_config(url, opts.config())
-    if not keys:
-        info(opts, "fimio: warning: pushing unsigned (no --key and no secret-key-files); "
-                   "clients that require signatures will refuse these paths")
     progress = ByteProgress(opts, f"pushing to {backend.url}")
     try:
         stats = Pusher(store, backend, keys, jobs=jobs, progress=progress.callback).push(paths, realisations, hashes)
     finally:
         progress.done()
+    if not keys:  # after the push: an error in it is then the one line a failed push prints
+        info(opts, "fimio: warning: pushed unsigned (no --key and no secret-key-files); "
+                   "clients that require signatures will refuse these paths")
     return backend, stats
 
 

@@ -333,6 +333,7 @@ def plan_export(store, targets, closure: bool = False, with_sources: bool = Fals
     if closure:
         roots = store.closure(roots)
     paths = order_paths(store, list(dict.fromkeys(roots + store.closure(closed))))
+    store.refuse_local_only(paths)
     store.hold(paths)
     in_bundle = set(paths)
     # every derivation of the targets' graphs with an output in the bundle (a runtime closure

@@ -228,6 +228,14 @@ class LocalStore:
                 stack.extend(StorePath.parse(r) for r in loads(data)["references"])
         return sorted(seen.values())
 
+    def refuse_local_only(self, paths) -> None:
+        """UsageError if a path must not leave this store: a kept ``--check`` build (ca
+        "check"), whose address names the original output and no other store can check."""
+        for p in paths:
+            if self.info(p).ca == "check":
+                raise UsageError(f"'{self.logical(p)}' is a kept --check build, which stays in this store",
+                                 "compare it here with 'fimio diff', or export the output it was checked against")
+
     def hold(self, paths) -> None:
         """Keep ``paths`` from a concurrent gc while this process keeps temp roots, and
         confirm they are still valid: a gc may have run since they were looked up."""

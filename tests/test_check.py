@@ -282,3 +282,14 @@ def test_a_check_rebuilds_inputs_a_collection_took(cli, tmp_path):
     assert any(d["path"].endswith("-dep") for d in deleted)  # the input's output went
     report, _ = check_json(cli, top, args=("--rounds", "2"), code=0)
     assert report["ok"] and entry(report, "top")["result"] == "identical"
+
+
+def test_a_kept_check_build_never_leaves_the_store(cli, tmp_path):
+    from conftest import assert_one_error_line
+
+    drv = write_drv(tmp_path, "random", PLANTED["random"][0])
+    report, _ = check_json(cli, drv, code=3)
+    (check_path,) = [p for e in report["derivations"] for o in e["outputs"] for p in o["checkPaths"]]
+    for args in (["push", f"file://{tmp_path / 'cache'}", check_path], ["export", check_path, "-o", tmp_path / "b"]):
+        assert_one_error_line(cli(*args), 2, "kept --check build")
+    assert not (tmp_path / "b").exists()

@@ -101,6 +101,7 @@ class Pusher:
         store = self.store
         self.params = cache_params(self.backend, store.store_dir, create=True)
         closure = store.closure(paths)
+        store.refuse_local_only(closure)
         store.hold(closure)
         self.stats.paths = len(closure)
         infos = {p: store.info(p) for p in closure}
