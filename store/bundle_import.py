@@ -227,6 +227,8 @@ class Importer:
                     self._declare(bp, child)
         if pending:
             raise bad(f"'{bp.path}' lacks {len(pending)} of its directory objects")
+        if spec["type"] == "directory":
+            _check_dag(bp, decoded)
         # the tree is complete before its blobs: check it against the signed info, lay it out
         node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
         if node.digest != bp.root or tree_size(node) != bp.size:
@@ -288,10 +290,14 @@ class Importer:
             self.staging.add_stream(digest, size, s.read)
         self.received.add(digest)
 
-    def _assemble(self, digest: bytes, decoded: dict) -> DirNode:
-        node = DirNode()
-        for name, child in decoded[digest].items():
-            node.entries[name] = self._assemble(child, decoded) if isinstance(child, bytes) else child
+    def _assemble(self, digest: bytes, decoded: dict, made: dict | None = None) -> DirNode:
+        """The tree of directory ``digest``; a directory named twice is one shared node."""
+        made = {} if made is None else made
+        node = made.get(digest)
+        if node is None:
+            node = made[digest] = DirNode()
+            for name, child in decoded[digest].items():
+                node.entries[name] = self._assemble(child, decoded, made) if isinstance(child, bytes) else child
         return node
 
     def _realisation(self, data: bytes) -> None:
@@ -439,6 +445,42 @@ class Importer:
                     txn.put(f"{drv_hash}!{rid}".encode(), data, db=store.db.dbs["records"], overwrite=False)
 
 
+# Entries of a tree once every shared directory is counted where it appears: what laying
+# the tree out creates. Directories are sent once, so a small bundle could otherwise name
+# an astronomically large tree (each level naming the next twice).
+MAX_ENTRIES = 20_000_000
+
+
+def _check_dag(bp: BundlePath, decoded: dict) -> None:
+    """Refuse a section whose directories, as a tree, nest deeper than the store allows or
+    expand to more than MAX_ENTRIES entries. Both follow the longest and the widest ways
+    down the directory graph (a directory reached by several ways counts on each); computed
+    bottom-up once per directory, without recursion."""
+    height: dict[bytes, int] = {}  # names from this directory down to its deepest object
+    size: dict[bytes, int] = {}  # entries below it, shared directories counted each time
+    stack = [(bp.root, False)]
+    while stack:
+        digest, expanded = stack.pop()
+        if digest in height:
+            continue
+        children = [c for c in decoded[digest].values() if isinstance(c, bytes)]
+        if not expanded:
+            stack.append((digest, True))
+            stack.extend((c, False) for c in children if c not in height)
+            continue
+        entries = decoded[digest]
+        # every entry is one name down; a directory adds what lies below it
+        height[digest] = max((1 + height[c] if isinstance(c, bytes) else 1 for c in entries.values()), default=0)
+        size[digest] = len(entries) + sum(size[c] for c in children)
+        if height[digest] > MAX_DEPTH:
+            raise bad(f"'{bp.path}' nests deeper than {MAX_DEPTH} levels")
+        if size[digest] > MAX_ENTRIES:
+            raise bad(f"'{bp.path}' expands to more than {MAX_ENTRIES:,} entries")
+
+
 def import_bundle(store, f, trusted, require_sigs: bool = True, warn=None) -> ImportResult:
     """Import the bundle read from binary file ``f`` (see :class:`Importer`)."""
-    return Importer(store, trusted, require_sigs, warn).run(f)
+    try:
+        return Importer(store, trusted, require_sigs, warn).run(f)
+    except RecursionError:  # _check_dag bounds every walk of a tree; this is a last guard
+        raise bad("tree too deep") from None

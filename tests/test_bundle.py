@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -567,3 +568,79 @@ def test_no_binary_output_to_a_terminal(tmp_path, vector_key):
         code, _, shown = run_on_terminal(args, cli.root, stdout_too=True)
         assert code == 2 and shown.startswith("fimio: error: refusing to write a binary"), shown
         assert "fimio-bundle" not in shown and "nix-archive" not in shown
+
+
+def _bundle_of_directories(root, blobs: dict) -> bytes:
+    """An unsigned one-path bundle of ``root`` that sends each distinct directory once,
+    parents first, as writers must (a directory named twice is sent once)."""
+    import io
+
+    from fimio.store.bundle import T_DIR, T_HEADER, T_PATH, BundleWriter, canonical
+    from fimio.store.paths import source_path
+    from fimio.store.tree import DirNode, FileNode
+
+    sizes: dict = {}
+
+    def size(n):  # the tree's size with shared directories counted each time, computed once each
+        if isinstance(n, FileNode):
+            return n.size
+        if n.digest not in sizes:
+            sizes[n.digest] = sum(size(c) for c in n.entries.values() if isinstance(c, (DirNode, FileNode)))
+        return sizes[n.digest]
+
+    order, seen, queue = [], set(), [root]
+    while queue:
+        d = queue.pop(0)
+        if d.digest in seen:
+            continue
+        seen.add(d.digest)
+        order.append(d)
+        queue.extend(c for c in d.entries.values() if isinstance(c, DirNode))
+    path = source_path("/fimio/store", "dag", root.digest).logical("/fimio/store")
+    buf = io.BytesIO()
+    w = BundleWriter(buf)
+    w.record(T_HEADER, canonical({"format": "fimio-bundle", "version": 1, "storeDir": "/fimio/store", "paths": 1}))
+    w.record(T_PATH, canonical({"path": path, "root": "blake3:" + root.digest.hex(), "size": size(root),
+                                "references": [], "deriver": None, "ca": "source", "node": {"type": "directory"},
+                                "signatures": [], "dirs": len(order), "blobs": len(blobs)}))
+    for d in order:
+        w.record(T_DIR, d.encoding())
+    for digest, data in blobs.items():
+        w.blob(digest, len(data), [data])
+    w.finish([])
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", ["deep-through-shortcuts", "exponentially-wide"])
+def test_a_directory_graph_that_expands_beyond_the_limits_is_refused(tmp_path, shape):
+    """Directories are sent once however often they are named, so a small bundle can name a
+    tree far deeper than the store allows (a long chain also named from the root at every
+    level) or astronomically large (each level naming the next twice): refused (exit 4)."""
+    import blake3
+
+    from fimio.store.bundle_import import import_bundle
+    from fimio.store.cache.keys import TrustedKeys
+    from fimio.store.errors import IntegrityError
+    from fimio.store.local import LocalStore
+    from fimio.store.tree import DirNode, FileNode
+
+    data = b"leaf\n"
+    node = DirNode({b"f": FileNode(blake3.blake3(data).digest(), len(data), False)})
+    if shape == "deep-through-shortcuts":
+        chain = [node]
+        for _ in range(600):
+            chain.append(DirNode({b"d": chain[-1]}))
+        root, needle = DirNode({f"s{i:03}".encode(): c for i, c in enumerate(chain)}), "deeper than 512"
+    else:
+        for _ in range(40):
+            node = DirNode({b"x": node, b"y": node})
+        root, needle = node, "expands to more than"
+    bundle = _bundle_of_directories(root, {blake3.blake3(data).digest(): data})
+    assert len(bundle) < 1 << 20
+    store = LocalStore(str(tmp_path / "root"), "/fimio/store")
+    try:
+        with pytest.raises(IntegrityError, match=needle):
+            import_bundle(store, io.BytesIO(bundle), TrustedKeys(), require_sigs=False)
+        assert store.all_paths() == [] and os.listdir(store.tmp) == []
+    finally:
+        store.close()
