@@ -294,10 +294,12 @@ def run(opts, target, command):
     argv = [bwrap_path(), "--dev-bind", "/", "/", "--ro-bind", store.store, store.store_dir,
             "--chdir", os.getcwd(), "--die-with-parent", "--", *command]
     name = command[0]
-    if name.startswith(store.store_dir + "/"):  # seen at the logical path inside, physical here
-        found = os.path.exists(store.store + name[len(store.store_dir):])
+    # an absolute name is looked up as itself (lexists: a symlink into the logical store
+    # resolves only inside); a logical store path at its physical place here
+    if name.startswith(store.store_dir + "/"):
+        found = os.path.lexists(store.store + name[len(store.store_dir):])
     elif name.startswith("/"):
-        found = os.path.exists(name)
+        found = os.path.lexists(name)
     else:
         found = shutil.which(name) is not None or os.path.exists(os.path.join(store.physical(path), "bin", name))
     if not found:

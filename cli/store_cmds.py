@@ -48,7 +48,7 @@ def _open_sub(store, target, follow: bool = False):
     full = os.path.join(physical, sub) if sub else physical
     if sub or follow:
         # measured against where the store path is, not where a symlink at its top points
-        base = os.path.join(os.path.realpath(store.store), path.base)
+        base = os.path.join(store.store, path.base)  # the store's root is canonical already
         real = os.path.realpath(full)
         if real != base and not real.startswith(base + "/"):
             raise UsageError(f"'{target}' leaves its store path")

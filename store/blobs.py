@@ -162,8 +162,11 @@ class Blobs:
                 return
             except FileExistsError:
                 pass
-            if os.path.samestat(os.stat(path), os.stat(key)):
-                return  # a hard link of a file adopted before (a build's own hard links)
+            try:
+                if os.path.samestat(os.stat(path), os.stat(key)):
+                    return  # a hard link of a file adopted before (a build's own hard links)
+            except FileNotFoundError:
+                continue  # a GC removed the unused blob meanwhile: publish ours instead
             # a name of our own under tmp/ (same filesystem), never one the build may have made
             tmp = os.path.join(os.fsencode(self.tmp), f"adopt-{os.getpid()}-{os.urandom(6).hex()}".encode())
             try:

@@ -366,7 +366,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # ---- fixed-output derivations ---------------------------------------------------------
 
 
-def fetch(store, drv: Derivation, offline: bool = False) -> BuildResult:
+def fetch(store, drv: Derivation, offline: bool = False, interrupted=lambda: False) -> BuildResult:
     """Realise a fixed-output derivation: download its URL and check the declared hash.
 
     The only network access fimio's builds have. Raises IntegrityError (exit 4) naming both
@@ -393,8 +393,13 @@ def fetch(store, drv: Derivation, offline: bool = False) -> BuildResult:
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
+                if interrupted():  # Ctrl-C: the download stops at once too
+                    raise BuildError(f"fetch of '{drv.name}' interrupted")
                 hasher.update(chunk)
                 out.write(chunk)
+    except BuildError:
+        fsutil.remove_tree(scratch)
+        raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         fsutil.remove_tree(scratch)
         if isinstance(e, http.client.HTTPException):  # a bad status line, a body cut short, ...

@@ -27,7 +27,7 @@ from .bundle_read import RecordStream, bad, hex32, int_field, load_json, read_ex
 from .bundle_stage import SMALL, Staging
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath, content_address_error
-from .tree import MAX_DEPTH, DirNode, FileNode, SymlinkNode, TreeError, blob_sizes, decode_dir, tree_size
+from .tree import MAX_DEPTH, DirNode, FileNode, SymlinkNode, TreeError, blob_sizes, decode_dir, text_blob, tree_size
 
 _CHUNK = 1 << 20
 
@@ -233,7 +233,7 @@ class Importer:
         node = self._assemble(bp.root, decoded) if spec["type"] == "directory" else self._leaf_root(bp, spec)
         if node.digest != bp.root or tree_size(node) != bp.size:
             raise bad(f"the tree of '{bp.path}' does not match its signed root digest and size")
-        wrong = content_address_error(self.store.store_dir, bp.path, bp.ca, node, bp.references)
+        wrong = content_address_error(self.store.store_dir, bp.path, bp.ca, node.digest, text_blob(node), bp.references)
         if wrong:
             raise bad(f"'{bp.path}' {wrong}")
         if bp.new:

@@ -20,8 +20,8 @@ from .derivation import (
     parse_drv_json,
     read_toml,
 )
-from .errors import IntegrityError, NotFound, UsageError
-from .paths import StorePath, check_name, text_path
+from .errors import IntegrityError, NotFound, RemoteError, UsageError
+from .paths import StorePath, check_name, is_hash_part, text_path
 
 FETCH_BUILDER = "builtin:fetchurl"
 
@@ -195,13 +195,30 @@ class Graph:
             path, sub = self.store.resolve(text, must_be_valid=False)
         except UsageError as e:
             raise rd.error(f"input '{var}': {e.message}", var, "inputs") from None
-        except NotFound as e:  # a bare hash part nothing here has: there is no path to fetch
-            raise NotFound(f"{rd.error(f'input {var!r}: {e.message}', var, 'inputs').message}") from None
+        except NotFound as e:
+            where = rd.error(f"input '{var}': {e.message}", var, "inputs")
+            if is_hash_part(text):  # a bare hash part nothing here has: not found, nothing to fetch
+                raise NotFound(where.message) from None
+            raise where from None  # not a store path at all: bad input
         if sub:
             raise rd.error(f"input '{var}': give a store path, not a file inside one", var, "inputs")
-        if not self.store.is_valid(path) and not (self.substitute and path in self.substitute([path])):
-            self._missing.append((path, f"input '{var}' of {rd.file}"))
+        if self.store.temp_roots is not None:
+            self.store.temp_roots.add([path])  # protected before it is judged valid (or fetched)
+        if not self.store.is_valid(path):
+            why = self._fetch(path)
+            if why is not None:
+                self._missing.append((path, f"input '{var}' of {rd.file}{why}"))
         return Input("store", self.store.logical(path))
+
+    def _fetch(self, path: StorePath) -> str | None:
+        """Take a ``store`` input from the substituters; None once it is valid, else why not
+        (a cache that fails is like one that lacks it, as for a realise's outputs)."""
+        if self.substitute is None:
+            return ""
+        try:
+            return None if path in self.substitute([path]) else ""
+        except (IntegrityError, RemoteError) as e:
+            return f" ({e.message})"
 
     def _refuse_missing_store_inputs(self) -> None:
         missing, self._missing = self._missing, []

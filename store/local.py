@@ -33,7 +33,7 @@ from . import fsutil
 from .db import Database, dumps, loads
 from .errors import FimioError, IntegrityError, NotFound, UsageError
 from .paths import StorePath, check_name, content_address_error, is_hash_part, source_path, text_path
-from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, tree_size
+from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, text_blob, tree_size
 from .blobs import Blobs
 from .forkpool import ForkPool
 
@@ -646,7 +646,7 @@ class LocalStore:
             if not os.path.lexists(self.physical(info.path)):
                 found.append(Problem(logical, "is registered but missing on disk"))
             else:
-                found.extend(self._check_address(info))
+                found.extend(self._check_address(info, check_contents))
                 if check_contents:
                     found.extend(self._check_contents(info))
             # A concurrent gc invalidates a path before deleting its files: one that is no
@@ -656,15 +656,19 @@ class LocalStore:
         self._remove_garbage(valid)
         return problems
 
-    def _check_address(self, info: PathInfo) -> list[Problem]:
+    def _check_address(self, info: PathInfo, check_contents: bool) -> list[Problem]:
         """A content-addressed path's registered content must give its name (a forged or
-        damaged record would otherwise stand for content it is not)."""
-        if info.ca is None:
-            return []
-        try:
-            wrong = content_address_error(self.store_dir, info.path, info.ca, self.load_tree(info), info.references)
-        except IntegrityError as e:
-            return [Problem(self.logical(info.path), e.message)]
+        damaged record would otherwise stand for content it is not). A source path needs
+        only its record; a text object's file is read, so only with ``check_contents``."""
+        blob = None
+        if info.ca == "text":
+            if not check_contents:
+                return []
+            try:
+                blob = text_blob(self.load_tree(info))
+            except IntegrityError as e:
+                return [Problem(self.logical(info.path), e.message)]
+        wrong = content_address_error(self.store_dir, info.path, info.ca, info.root, blob, info.references)
         return [Problem(self.logical(info.path), wrong)] if wrong else []
 
     def _check_contents(self, info: PathInfo) -> list[Problem]:

@@ -87,17 +87,19 @@ def text_path(store_dir: str, name: str, content_digest: bytes, references=()) -
     return StorePath(fingerprint_hash("text", store_dir, name, content_digest.hex(), refs), name)
 
 
-def content_address_error(store_dir: str, path: StorePath, ca, root, references) -> str | None:
+def content_address_error(store_dir: str, path: StorePath, ca, root_digest: bytes, text_blob: bytes | None,
+                          references) -> str | None:
     """Why ``path``, which claims to be content-addressed (``ca`` "source" or "text"), is not
     the path its content and ``references`` give; None when it is, or when it is input-
-    addressed (``ca`` None: only a signature can vouch for those). ``root``: the path's
-    root node; a text object is one plain file, addressed by the digest of its bytes."""
+    addressed (``ca`` None: only a signature can vouch for those). A source path is
+    addressed by its root digest; a text object is one plain file, addressed by the digest
+    of its bytes: ``text_blob`` (``tree.text_blob`` of the root; None if it is no such file)."""
     if ca == "source":
-        content = root.digest
+        content = root_digest
     elif ca == "text":
-        if getattr(root, "blob", None) is None or root.executable:
+        if text_blob is None:
             return "is a text object but not a plain file"
-        content = root.blob
+        content = text_blob
     else:
         return None
     make = source_path if ca == "source" else text_path

@@ -49,6 +49,12 @@ def is_derivation_target(store, target: str) -> bool:
     if is_derivation_file(store, target):
         return True
     base = _store_base(store, target)
+    if base is None and os.path.lexists(target):  # ./result, a symlink, another spelling of the root
+        try:
+            path, sub = store.resolve(target, must_be_valid=False)
+        except (UsageError, NotFound):
+            return False
+        return not sub and path.name.endswith(".drv")
     if base is None:
         return False
     if is_hash_part(base):

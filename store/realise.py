@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from . import build as buildmod
+from . import fsutil
 from .db import dumps, loads
 from .derivation import Derivation, host_system
 from .errors import BuildError, IntegrityError, NotFound, RemoteError
@@ -261,13 +262,17 @@ class Realiser:
             if not self.missing_outputs(drv):
                 return False  # another process built it while we waited
             result = self.build(drv)
+            if self.builder.interrupted:  # finished as Ctrl-C came: nothing of it is registered
+                fsutil.remove_tree(result.scratch)
+                raise BuildError(f"build of '{drv.drv_path.base}' interrupted")
             self.register(result)
             return True
 
     def build(self, drv: Derivation, variation=None):
         """Run one build (or fetch) without registering it."""
         if drv.is_fixed_output:
-            return buildmod.fetch(self.store, drv, offline=self.options.offline)
+            return buildmod.fetch(self.store, drv, offline=self.options.offline,
+                                  interrupted=lambda: self.builder.interrupted)
         inputs = input_paths(self.graph, drv)
         closure = self.store.closure(_base(p) for p in inputs.values())
         self.temp_roots.add(closure)
@@ -294,8 +299,6 @@ class Realiser:
             with self.store.writing():
                 self.store.commit_many(items, also=also)
         finally:
-            from . import fsutil
-
             fsutil.remove_tree(result.scratch)
         self.save_log(drv, result.log)
 

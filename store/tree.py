@@ -197,6 +197,12 @@ def blob_sizes(node: Node) -> dict[bytes, int]:
     return out
 
 
+def text_blob(node: Node) -> bytes | None:
+    """The blob digest of a root that is one plain (non-executable) file, as a text object
+    is (spec/store-paths.md §3); None for any other root."""
+    return node.blob if isinstance(node, FileNode) and not node.executable else None
+
+
 def tree_size(node: Node) -> int:
     """Total size of the file contents in the tree."""
     return sum(n.size for _, n in iter_files(node) if isinstance(n, FileNode))
@@ -257,7 +263,7 @@ def _scan_entry(path: bytes, st: os.stat_result, on_file, depth: int) -> Node:
             entries = node.entries
             if children and depth >= MAX_DEPTH:
                 raise UsageError(f"'{os.fsdecode(path)}' has entries nested deeper than {MAX_DEPTH} levels",
-                                 f"the store's limit (spec/tree.md)")
+                                 "the store's limit (spec/tree.md)")
             for name, child_path, child_st in children:
                 if not valid_name(name):
                     raise UsageError(f"invalid file name {name!r} in '{os.fsdecode(path)}'")

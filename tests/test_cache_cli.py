@@ -240,3 +240,15 @@ def test_a_cache_that_fails_while_downloading_means_building_instead(world, tmp_
     assert "building instead" in proc.stderr and json.loads(proc.stdout)["built"]
     assert fim(world, "B", "realise", app, "--no-out-link", check=0).stdout.strip() == out.replace(
         str(tmp_path / "A"), str(tmp_path / "B"))
+
+
+def test_a_derivation_given_through_a_symlink_is_a_derivation(world, tmp_path):
+    """push of a .drv reached through a symlink pushes its outputs and realisation, as push
+    of the .drv itself does (not the .drv file as a plain path)."""
+    app = graph(tmp_path / "g")
+    fim(world, "A", "realise", app, "--no-out-link", check=0)
+    drv = fim(world, "A", "instantiate", app, check=0).stdout.strip()
+    os.symlink(drv, tmp_path / "drvlink")
+    pushed = json.loads(fim(world, "A", "push", f"file://{tmp_path / 'c'}", tmp_path / "drvlink", "--key",
+                            world["sk"], "--json", check=0).stdout)
+    assert pushed["realisationsSent"] == 1

@@ -89,6 +89,7 @@ BAD = [
     ("missing-drv-file", 'name = "x"\n' + SH + '\n[inputs]\ndep = { drv = "no-such.toml" }\n',
      5, "input 'dep': derivation file 'no-such.toml' does not exist"),
     ("store-input-garbage", 'name = "x"\n' + SH + '[inputs]\ns = { store = "not a path" }\n', 4, "input 's'"),
+    ("store-input-outside", 'name = "x"\n' + SH + '[inputs]\ns = { store = "/usr/bin" }\n', 4, "not in the store"),
     ("toml-syntax", 'name = "x"\n' + SH + 'args = ["-c", "true",,]\n', 3, "invalid TOML"),
     ("toml-syntax-key", 'name = "x"\n' + SH + "\n[env]\nA B = 1\n", 5, "invalid TOML"),
     ("toml-duplicate-key", 'name = "x"\n' + SH + 'name = "y"\n', 3, "invalid TOML"),

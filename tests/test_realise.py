@@ -326,6 +326,17 @@ def test_run(examples):
         assert_one_error_line(run_fimio(["run", hello, "--", missing], examples.root), 2, "not found", missing)
 
 
+def test_run_of_a_symlink_into_the_logical_store(cli, tmp_path):
+    """A command that is a symlink to another path at its logical place resolves only inside
+    `run`: it must not be refused for not resolving on the host."""
+    write_drv(tmp_path / "dep.toml", "dep", "mkdir -p $out/bin; printf '#!/bin/sh\\necho ok\\n' > $out/bin/tool; "
+              "chmod +x $out/bin/tool")
+    top = write_drv(tmp_path / "top.toml", "top", "mkdir -p $out/bin; ln -s $dep/bin/tool $out/bin/tool",
+                    inputs={"dep": {"drv": "dep.toml"}})
+    out = cli.out("realise", "--no-out-link", top)
+    assert cli.out("run", out, "--", f"{out}/bin/tool") == "ok"
+
+
 def test_realise_is_quick_when_nothing_is_to_do(examples):
     """A no-op realise of the whole graph example stays cheap (start-up + one lookup)."""
     start = time.monotonic()

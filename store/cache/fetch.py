@@ -28,7 +28,7 @@ from .. import fsutil
 from ..errors import IntegrityError
 from ..forkpool import ForkPool
 from ..paths import content_address_error
-from ..tree import DirNode, FileNode, Node, blob_sizes
+from ..tree import DirNode, FileNode, Node, text_blob
 from . import ingest, manifest, packing
 from .layout import object_key
 
@@ -125,19 +125,21 @@ def _fetch_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
     raw = _get(item.backend, key, info.manifest_size, stats)
     packing.check_digest(raw, info.manifest, key)
     item.manifest = manifest.decode(raw, info.root, info.size, key)
-    wrong = content_address_error(store_dir, info.path, info.ca, item.manifest.root, info.references)
+    root = item.manifest.root
+    wrong = content_address_error(store_dir, info.path, info.ca, root.digest, text_blob(root), info.references)
     if wrong:
         raise IntegrityError(f"'{info.path.logical(store_dir)}' in cache '{item.backend.url}' {wrong}",
                              "the cache holds a forged path; remove it from the cache")
 
 
-def _variants(node: Node, out: dict) -> None:
-    """Collect ``{blob digest: {executable variants used}}`` of a tree."""
+def _variants(node: Node, out: dict, sizes: dict) -> None:
+    """Collect ``{blob digest: {executable variants used}}`` of a tree, and each blob's size."""
     if isinstance(node, DirNode):
         for child in node.entries.values():
-            _variants(child, out)
+            _variants(child, out, sizes)
     elif isinstance(node, FileNode):
         out.setdefault(node.blob, set()).add(node.executable)
+        sizes[node.blob] = node.size
         if node.size == 0:
             out.setdefault(_EMPTY, set())  # marks: the tree has empty files
 
@@ -147,8 +149,7 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
     needed: dict[bytes, set] = {}
     sizes: dict[bytes, int] = {}
     for it in items:
-        _variants(it.manifest.root, needed)
-        sizes.update(blob_sizes(it.manifest.root))
+        _variants(it.manifest.root, needed, sizes)
     fresh = store.blobs.empty()  # a fresh store has nothing: two stats per blob saved
     store.blobs.prepare_bulk()
     if needed.pop(_EMPTY, None) is not None:
