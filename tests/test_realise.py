@@ -406,8 +406,11 @@ def test_ctrl_c_stops_the_build_at_once_and_registers_nothing(cli, tmp_path):
 
     slow = write_drv(tmp_path / "slow.toml", "slow", "sleep 30 & mkdir $out; echo done > $out/f; sleep 30")
     out = outputs_of(cli, slow)["out"]
+    # as at a terminal: SIGINT handled (a job started in the background of a script, as this
+    # test run may be, inherits it ignored, and Python then leaves it ignored)
     proc = subprocess.Popen([fimio_executable(), "realise", "--no-out-link", str(slow)], env=fimio_env(cli.root),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while not any(e.startswith("build-") for e in os.listdir(cli.root / "tmp")):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
