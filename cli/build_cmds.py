@@ -59,9 +59,7 @@ def open_substituters(opts, store, urls, no_substitute, offline):
     if offline:
         from fimio.store.cache.url import offline_usable
 
-        urls, skipped = offline_usable(urls)
-        if skipped:
-            info(opts, f"offline: not using {', '.join(skipped)}")
+        urls = offline_usable(urls, lambda message: info(opts, message))
     if not urls:
         return None
     from fimio.store.cache.substitute import SubstituterSet

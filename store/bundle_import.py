@@ -195,9 +195,9 @@ class Importer:
         """Read a path section's directory and blob records; return how many there were."""
         spec = bp.node_spec
         decoded: dict[bytes, dict] = {}
-        pending: dict[bytes, int] = {}  # directory digest -> depth, declared but not yet received
+        pending: set[bytes] = set()  # directory digests declared but not yet received
         if spec["type"] == "directory":
-            pending[bp.root] = 0
+            pending.add(bp.root)
         else:
             root = self._leaf_root(bp, spec)
             if root.digest != bp.root:
@@ -209,9 +209,9 @@ class Importer:
                 raise bad(f"'{bp.path}' declares {bp.dirs} directories but has fewer")
             data = self._payload(s, length, MAX_DIR, "directory")
             digest = blake3.blake3(data).digest()
-            depth = pending.pop(digest, None)
-            if depth is None:
+            if digest not in pending:
                 raise bad(f"directory object {digest.hex()[:16]}… is not part of '{bp.path}'")
+            pending.discard(digest)
             try:
                 entries = decode_dir(data)
             except TreeError as e:
@@ -219,10 +219,8 @@ class Importer:
             decoded[digest] = entries
             for child in entries.values():
                 if isinstance(child, bytes):
-                    if depth + 1 > MAX_DEPTH:
-                        raise bad(f"'{bp.path}' nests directories deeper than {MAX_DEPTH}")
-                    if child not in decoded:
-                        pending.setdefault(child, depth + 1)
+                    if child not in decoded:  # depth and size: _check_dag, once all have come
+                        pending.add(child)
                 else:
                     self._declare(bp, child)
         if pending:

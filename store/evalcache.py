@@ -25,8 +25,7 @@ def stat_signature(path: str) -> str:
     h = hashlib.sha256()
     if os.path.islink(path):
         try:
-            st = os.stat(path)
-            h.update(f"->{st.st_mode}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
+            h.update(f"->{_stat_line(os.stat(path))}".encode())
         except OSError:
             h.update(b"->missing\n")
     stack = [path]
@@ -37,7 +36,7 @@ def stat_signature(path: str) -> str:
         except OSError:
             h.update(f"{p}\0missing\n".encode())
             continue
-        h.update(f"{p}\0{st.st_mode}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n".encode())
+        h.update(f"{p}\0{_stat_line(st)}".encode())
         if stat.S_ISDIR(st.st_mode):
             try:
                 names = sorted(os.listdir(p))
@@ -46,6 +45,10 @@ def stat_signature(path: str) -> str:
                 continue
             stack.extend(os.path.join(p, n) for n in reversed(names))
     return h.hexdigest()
+
+
+def _stat_line(st) -> str:
+    return f"{st.st_mode}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n"
 
 
 def cache_key(file: str, store_dir: str) -> bytes:

@@ -60,9 +60,7 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
     if config.offline:
         from .cache.url import offline_usable
 
-        urls, skipped = offline_usable(urls)
-        if skipped:
-            log(f"offline: not using {', '.join(skipped)}")
+        urls = offline_usable(urls, log)
     damaged: dict[StorePath, list[Problem]] = {}
     dangling: dict[StorePath, list[Problem]] = {}
     other: list[Problem] = []

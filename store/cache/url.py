@@ -118,11 +118,13 @@ def open_backend(url: str | CacheURL, token: str | None = None):
     return s3_backend(cu.text, cu.bucket, cu.location, cu.params)
 
 
-def offline_usable(urls) -> tuple[list[str], list[str]]:
-    """``(kept, dropped)``: the caches an offline command may read (``file://``), and the
-    others, which it must not even connect to (spec/offline.md)."""
-    kept = [u for u in urls if u.startswith("file://")]
-    return kept, [u for u in urls if not u.startswith("file://")]
+def offline_usable(urls, note) -> list[str]:
+    """The caches an offline command may read (``file://``); the others, which it must not
+    even connect to (spec/offline.md), are named to ``note(message)``."""
+    dropped = [u for u in urls if not u.startswith("file://")]
+    if dropped:
+        note(f"offline: not using {', '.join(dropped)}")
+    return [u for u in urls if u.startswith("file://")]
 
 
 def open_with_config(url: str, config=None):
