@@ -212,9 +212,13 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
 @click.option("--tokens", "tokens_file", metavar="FILE", help="Bearer tokens, one 'TOKEN read|write' per line.")
 @click.option("--anonymous-read", is_flag=True, help="With --tokens: let anyone read.")
 @click.option("--max-upload", default=256 << 20, show_default=True, metavar="BYTES", help="Largest accepted PUT.")
+@click.option("--idle-timeout", default=60.0, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0.1, max=86400),
+              help="Close a connection that takes longer to send a request head; answer 408 to a body "
+                   "that stalls this long.")
 @global_options
 @pass_options
-def serve(opts, cache_url, listen, tokens_file, anonymous_read, max_upload):
+def serve(opts, cache_url, listen, tokens_file, anonymous_read, max_upload, idle_timeout):
     """Serve a cache over HTTP: reads for everyone (or token holders), uploads with a write token.
 
     Runs until SIGTERM or SIGINT, then finishes the requests in flight and exits 0."""
@@ -222,7 +226,7 @@ def serve(opts, cache_url, listen, tokens_file, anonymous_read, max_upload):
 
     host, port = parse_listen(listen)
     tokens = load_tokens(tokens_file) if tokens_file else None
-    server = CacheServer(cache_url, tokens, anonymous_read, max_upload)
+    server = CacheServer(cache_url, tokens, anonymous_read, max_upload, idle_timeout)
 
     def ready(url):
         mode = "read-only" if tokens is None else ("reads open, writes need a token" if anonymous_read

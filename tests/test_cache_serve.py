@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -198,3 +200,65 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         server._store_object(f"realisations/{'a' * 32}!out.json", b"{}")
     assert os.listdir(tmp_path / "cache" / ".tmp") == []
+
+
+def _recv_all(sock, deadline_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes (or ``deadline_s`` passes), and when."""
+    start = time.monotonic()
+    sock.settimeout(0.2)
+    got = b""
+    while time.monotonic() - start < deadline_s:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got, time.monotonic() - start
+
+
+def test_slow_clients_are_cut_off_after_the_idle_timeout(tmp_path):
+    cache = tmp_path / "cache"
+    srv = Serve(f"file://{cache}", tmp_path, tokens={WRITE_TOKEN: "write"}, extra=("--idle-timeout", "1"))
+    host, port = srv.url.removeprefix("http://").split(":")
+    try:
+        # a request head trickled a byte at a time never completes: closed after ~1 s anyway
+        with socket.create_connection((host, int(port))) as s:
+            start = time.monotonic()
+            head = b"GET /fimio-cache.json HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+            closed = False
+            for byte in head:
+                try:
+                    s.send(bytes([byte]))
+                except (BrokenPipeError, ConnectionResetError):
+                    closed = True
+                    break
+                time.sleep(0.05)
+                if time.monotonic() - start > 8:
+                    break
+            got, _ = _recv_all(s, 8 - (time.monotonic() - start)) if not closed else (b"", 0)
+            assert time.monotonic() - start < 6, "the trickling connection was never closed"
+            assert not got.startswith(b"HTTP/1.1 200")
+        # a connection that says nothing at all is closed too
+        with socket.create_connection((host, int(port))) as s:
+            got, took = _recv_all(s, 8)
+            assert took < 6 and got == b""
+        # an upload whose body stalls gets 408, and the object is not stored
+        raw = os.urandom(1000)
+        digest = blake3.blake3(raw).hexdigest()
+        key = f"chunks/{digest[:2]}/{digest}.zst"
+        frame = zstandard.ZstdCompressor().compress(raw)
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(f"PUT /{key} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRITE_TOKEN}\r\n"
+                      f"Content-Length: {len(frame)}\r\n\r\n".encode() + frame[:10])
+            got, took = _recv_all(s, 8)
+            assert got.startswith(b"HTTP/1.1 408") and took < 6
+        assert not (cache / key).exists()
+        # a prompt client is served as before
+        assert http("PUT", f"{srv.url}/{key}", frame, WRITE_TOKEN)[0] == 201
+        assert http("GET", f"{srv.url}/{key}")[0] == 401  # reads need a token here
+    finally:
+        srv.stop()

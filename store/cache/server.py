@@ -12,6 +12,9 @@
 * Tokens file: one ``TOKEN read`` or ``TOKEN write`` per line (``#`` comments); ``write``
   implies ``read``. Without a tokens file the server is read-only for everyone; with one,
   reads need a token unless ``anonymous_read``. 401 = no/unknown token, 403 = wrong scope.
+* Slow clients: a connection that has not sent a whole request head within ``idle_timeout``
+  seconds of connecting (or of its last response) is closed, and a request body that stalls
+  that long is answered 408. A handful of clients trickling bytes can hold no handler.
 * SIGTERM/SIGINT: stop accepting, finish requests in flight, exit 0.
 """
 
@@ -66,7 +69,7 @@ def load_tokens(path: str) -> dict[str, str]:
 
 class CacheServer:
     def __init__(self, cache_url: str, tokens: dict[str, str] | None = None, anonymous_read: bool = False,
-                 max_upload: int = 256 << 20):
+                 max_upload: int = 256 << 20, idle_timeout: float = 60.0):
         from .url import open_backend, parse_cache_url
 
         self.url = parse_cache_url(cache_url)
@@ -75,6 +78,7 @@ class CacheServer:
         self.tokens = tokens
         self.anonymous_read = anonymous_read or tokens is None
         self.max_upload = max_upload
+        self.idle_timeout = idle_timeout
         if self.root:
             from .filebackend import clean_tmp
 
@@ -146,9 +150,9 @@ class CacheServer:
 
     async def missing(self, request):
         self._require(request, "read")
+        body = await self._read_body(request, MAX_QUERY_BODY)
         try:
-            body = await request.json()
-            keys = body["keys"]
+            keys = json.loads(body)["keys"]
             if not isinstance(keys, list) or len(keys) > MAX_KEYS or not all(isinstance(k, str) for k in keys):
                 raise ValueError
         except (ValueError, KeyError, TypeError, RecursionError):
@@ -190,13 +194,32 @@ class CacheServer:
             raise web.HTTPLengthRequired(text="Content-Length is required\n")
         if length > self.max_upload:
             raise web.HTTPRequestEntityTooLarge(max_size=self.max_upload, actual_size=length)
-        data = await request.content.readexactly(length) if length else b""
+        data = await self._read_body(request, length)
         loop = asyncio.get_running_loop()
         try:
             created = await loop.run_in_executor(None, self._store_object, key, data)
         except IntegrityError as e:
             raise web.HTTPBadRequest(text=f"{e.message}\n") from None
         return web.Response(status=201 if created else 200)
+
+    async def _read_body(self, request, limit: int) -> bytes:
+        """The request body, at most ``limit`` bytes (413 beyond). Each read may wait at most
+        ``idle_timeout``: a body that stalls is answered 408, and its handler is freed."""
+        body = bytearray()
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    chunk = await request.content.read(1 << 20)
+            except TimeoutError:
+                raise web.HTTPRequestTimeout(text="the request body stalled\n", headers={"Connection": "close"}) from None
+            if not chunk:
+                break
+            body += chunk
+            if len(body) > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
+        if request.content_length is not None and len(body) != request.content_length:
+            raise web.HTTPBadRequest(text="the request body is shorter than its Content-Length\n")
+        return bytes(body)
 
     def _store_object(self, key: str, data: bytes) -> bool:
         """Check and publish one uploaded object (runs in a worker thread)."""
@@ -313,7 +336,12 @@ def run(server: CacheServer, host: str, port: int, ready=None) -> None:
     """Serve until SIGTERM/SIGINT. ``ready(url)`` is called once the socket listens."""
 
     async def main():
-        runner = web.AppRunner(server.app(), handle_signals=False, access_log=None, shutdown_timeout=10)
+        # keepalive_timeout also bounds the wait for a new connection's first request head
+        # (aiohttp >= 3.14.4), and nothing the client trickles in meanwhile extends it. After
+        # an error answer, the unread rest of a body is drained no longer than that either.
+        runner = web.AppRunner(server.app(), handle_signals=False, access_log=None, shutdown_timeout=10,
+                               keepalive_timeout=server.idle_timeout,
+                               lingering_time=min(10.0, server.idle_timeout))
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True, backlog=512)
         try:
