@@ -9,7 +9,14 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fimio`` console script: run a command, map errors to exit codes."""
-    sys.exit(run(argv))
+    code = run(argv)
+    if code == 130:
+        # Interrupted: worker threads may still be blocked in network I/O, and a normal exit
+        # would wait for them (see fimio.store.threadpool). The store needs nothing of them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -12,7 +12,6 @@ import collections
 import json
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
@@ -21,6 +20,7 @@ from .bundle import (DIGEST, MAX_LOG, RECORD_HEAD, T_BLOB, T_DIR, T_HEADER, T_LO
                      T_RECORD, VERSION, BundleWriter, canonical, compress_frame, info_payload)
 from .errors import IntegrityError, NotFound, UsageError
 from .paths import StorePath
+from .threadpool import ThreadPool
 from .tree import DirNode, FileNode, Node
 
 _SMALL = 4 << 20  # blobs up to this size are read whole (and hashed on a worker thread)
@@ -65,7 +65,7 @@ def export_bundle(store, plan: ExportPlan, out, keys=(), level: int = 2, progres
     w.record(T_HEADER, canonical({"format": "fimio-bundle", "version": VERSION, "storeDir": store_dir,
                                   "paths": len(plan.paths)}))
     sent: set[bytes] = set()
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPool(max_workers=2) as pool:
         for info in infos:
             node = store.load_tree(info)
             dirs = _dirs_preorder(node)

@@ -355,3 +355,60 @@ def test_a_bad_answer_to_the_existence_query_is_one_line(setup, answer, code):
         setup.assert_nothing_registered()
     else:
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+class _StallingServer:
+    """Serves a cache directory, but every object body stops after its first KiB until
+    :meth:`stop`: a download that hangs mid-transfer. ``stalled`` is set once one does."""
+
+    def __init__(self, directory):
+        import functools
+        import http.server
+        import threading
+
+        self.stalled, self.release = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def copyfile(self, source, outputfile):
+                if not self.path.endswith(".zst"):
+                    return super().copyfile(source, outputfile)
+                outputfile.write(source.read(1024))
+                outputfile.flush()
+                outer.stalled.set()
+                outer.release.wait(60)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     functools.partial(Handler, directory=str(directory)))
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_ctrl_c_during_a_download_stops_at_once_and_registers_nothing(setup):
+    server = _StallingServer(setup.cache)
+    try:
+        env = fimio_env(setup.tmp / "B-int", {"FIMIO_CONFIG": setup.config})
+        # as at a terminal: SIGINT handled, whatever this test run inherited
+        proc = subprocess.Popen([fimio_executable(), "copy", "--from", server.url, f"{STORE_DIR}/{setup.tree.path.base}"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert server.stalled.wait(30), proc.communicate()
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert time.monotonic() - start < 5, "the download went on after Ctrl-C"
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
+        setup.b = setup.tmp / "B-int"
+        setup.assert_nothing_registered()
+    finally:
+        server.stop()

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import IntegrityError, RemoteError
+from ..threadpool import ThreadPool
 
 _STATUS_RE = re.compile(r"status code: (\d{3})")
 _TOKEN_HINT = "set a token for this URL under [tokens] in the config file, or FIMIO_TOKEN"
@@ -50,7 +50,7 @@ class Backend:
         keys = list(dict.fromkeys(keys))
         if len(keys) <= 1:
             return {k for k in keys if not self.exists(k)}
-        with ThreadPoolExecutor(max_workers=16) as pool:
+        with ThreadPool(max_workers=16) as pool:
             present = list(pool.map(self.exists, keys))
         return {k for k, p in zip(keys, present) if not p}
 

@@ -10,11 +10,11 @@ reported but never decide anything.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import FimioError, IntegrityError
 from ..paths import StorePath
+from ..threadpool import ThreadPool
 from .keys import TrustedKeys
 from .layout import MAX_INFO, MAX_REALISATION, Realisation, RemoteInfo, info_key, realisation_key
 
@@ -50,7 +50,7 @@ def compare(store, backends, keys, items, require_sigs: bool = True) -> list[Com
     for drv_hash, output, path in items:
         what = f"{drv_hash}!{output}" if drv_hash else store.logical(path)
         comp = Comparison(what, path, [_local_claim(store, drv_hash, output, path)])
-        with ThreadPoolExecutor(max_workers=max(1, len(backends))) as pool:
+        with ThreadPool(max_workers=max(1, len(backends))) as pool:
             comp.claims += list(pool.map(lambda b: _remote_claim(store, b, trusted, require_sigs,
                                                                  drv_hash, output, path), backends))
         out.append(comp)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import blake3
 
 from ..errors import IntegrityError, UsageError
 from ..paths import StorePath
+from ..threadpool import ThreadPool
 from ..tree import DirNode, FileNode, Node
 from . import packing
 from .keys import add_signature
@@ -107,7 +107,7 @@ class Pusher:
         infos = {p: store.info(p) for p in closure}
         absent = self.backend.missing([info_key(p.hash_part) for p in closure])
         todo = [p for p in closure if info_key(p.hash_part) in absent]
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+        with ThreadPool(max_workers=self.jobs) as pool:
             self.pool = pool
             works = [self._prepare(infos[p]) for p in todo]
             self._upload_objects(works)

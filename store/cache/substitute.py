@@ -27,11 +27,10 @@ paths (pass ``locks_held`` for those it does hold).
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from .. import fsutil
 from ..errors import FimioError, IntegrityError, RemoteError
 from ..paths import StorePath
+from ..threadpool import ThreadPool
 from .fetch import FetchStats, fetch_paths
 from .ingest import register
 from .keys import TrustedKeys
@@ -76,7 +75,7 @@ class SubstituterSet:
         self.on_error = on_error
         self.errors: list[FimioError] = []
         self.subs = [Substituter(u, open_with_config(u, config), i) for i, u in enumerate(dict.fromkeys(urls))]
-        self.pool = ThreadPoolExecutor(max_workers=max(2, jobs))
+        self.pool = ThreadPool(max_workers=max(2, jobs))
         self.stats = FetchStats()
 
     @classmethod
@@ -85,16 +84,16 @@ class SubstituterSet:
         return cls(store, config.substituters if urls is None else urls, config.trusted_public_keys,
                    config.require_sigs, config, **kw)
 
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
+    def close(self, interrupted: bool = False) -> None:
+        self.pool.close(interrupted)
         for s in self.subs:
             s.backend.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
 
     # ---- querying ----------------------------------------------------------------------
 
@@ -152,7 +151,7 @@ class SubstituterSet:
         live = self._live()
         if not keys or not live:
             return {}, {}
-        with ThreadPoolExecutor(max_workers=len(live)) as outer:
+        with ThreadPool(max_workers=len(live)) as outer:
             answers = list(outer.map(lambda s: self._query_sub(s, keys, cap, parse, fingerprint_of), live))
         found, refused = {}, {}
         for key in keys:
