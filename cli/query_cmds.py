@@ -43,9 +43,12 @@ def path_info(opts, paths, recursive, closure_size, human_readable, as_json):
             line += f"\t{fmt(r['closureSize'])}"
         repro = r["reproducibility"]
         if repro is not None:
-            verdict = "bit-identical" if repro["bitIdentical"] else "NOT reproducible"
-            varied = f" under {', '.join(repro['variations'])}" if repro.get("variations") else ""
-            line += f"\tchecked {repro['checked']}x: {verdict}{varied}"
+            if repro["bitIdentical"]:  # the variations tried are the evidence
+                varied = f" under {', '.join(repro['variations'])}" if repro.get("variations") else ""
+                line += f"\tchecked {repro['checked']}x: bit-identical{varied}"
+            else:  # the cause found is the news (a variation tried need not be one)
+                cause = f" ({repro['causes'][-1]})" if repro.get("causes") else ""
+                line += f"\tchecked {repro['checked']}x: NOT reproducible{cause}"
         click.echo(line)
 
 

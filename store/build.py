@@ -186,6 +186,8 @@ class Builder:
             "start": time.time(),
             "variation": {k: getattr(variation, k) for k in variation.__dataclass_fields__},
         }
+        # the cores the build was given, configured or varied: a change of either is a cause
+        record["variation"]["cores"] = variation.cores if variation.cores is not None else self.cores
         if self.fingerprinter is not None:
             record["fingerprints"] = self.fingerprinter.fingerprint(drv.host_paths, drv.builder)
         return record

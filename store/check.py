@@ -12,8 +12,13 @@ Procedure (``spec/reproducibility.md`` is normative):
    compared file by file.
 3. When outputs differ under ``--vary``, a control build under default conditions tells
    non-determinism from a variation; then one build per changed variation (in parallel,
-   up to ``jobs``) names the variations that change the output on their own, and a second
-   control confirms the build is deterministic at all.
+   up to ``jobs``) names the variations that change the output on their own. Each named
+   variation is built once more and must give the same output again, and a second control
+   must agree with the registered output: a build that only sometimes differs is called
+   non-deterministic, never blamed on whichever variation happened to coincide.
+   When the registered output differs from rebuilds that all agree, one more control
+   built at least a second later must agree too before the host is blamed (a build that
+   embeds the time in seconds agrees with itself within one second).
 4. Every build is recorded in ``records`` (``purpose``: check/control/bisect), every
    output's verdict in ``checks`` under ``<output hash part>!<time ns>``.
 """
@@ -26,7 +31,6 @@ import shutil
 import subprocess
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 
 from . import fsutil, treediff
@@ -36,6 +40,7 @@ from .db import dumps
 from .errors import BuildError
 from .paths import StorePath, check_name, fingerprint_hash
 from .sandbox import fs_type
+from .threadpool import ThreadPool
 
 DEFAULT = Variation()
 # Two sets of varied values; round k >= 2 uses ALTERNATES[(k - 2) % 2]. Locales need not
@@ -47,6 +52,7 @@ ALTERNATES = [
          env_order="reversed", dir_order="tmpfs"),
 ]
 DIFFOSCOPE_TIMEOUT = 300
+_CLOCK_TICK = 1.1  # seconds between two controls: coarser than a clock read in whole seconds
 DIFFOSCOPE_LIMIT = 64 * 1024
 
 
@@ -154,7 +160,7 @@ class _Checker:
         with self._count_lock:  # bisection builds run in worker threads
             self.entry.builds += 1
         try:
-            result = self.realiser.build(self.drv, v)
+            result = self.realiser.build(self.drv, v, save_failed_log=False)
         except BuildError as err:
             varied = v.changed_from(DEFAULT)
             what = f"round {k}" if k else purpose
@@ -203,6 +209,12 @@ class _Checker:
         self.entry.bisect_builds = 1
         if control != base:
             agree = all(r.digests == control for r in rounds[1:])
+            if agree and (host or not self.just_built):
+                # Rebuilds made within a second of each other agree; one made later must too.
+                time.sleep(_CLOCK_TICK)
+                self.entry.bisect_builds = 2
+                if self._build(DEFAULT, "control") != control:
+                    return self._nondeterministic("non-deterministic: builds made a second apart differ")
             if host and agree:
                 # a changed host path alone is no proof: the rebuilds must also agree
                 return Cause("host-changed", "the host changed since the registered output was built: "
@@ -210,32 +222,55 @@ class _Checker:
             if not self.just_built and agree:
                 return Cause("registered-differs",
                              f"the registered output ({self.entry.baseline}) differs from every rebuild here, "
-                             "and the rebuilds agree with and without variations: it was built under other "
-                             "conditions (another host, host-path contents or fimio version; see 'fimio provenance')")
+                             "and the rebuilds agree with and without variations, also a second apart: it was "
+                             "built under conditions fimio does not record (the host's state, files outside the "
+                             "fingerprinted host paths, another fimio; see 'fimio provenance')")
             return self._nondeterministic("non-deterministic: a build under default conditions differs too")
         if not first.varied:
             return self._nondeterministic("non-deterministic: builds under the same conditions differ")
-        changed, variation = first.varied, first
-        singles = {}
-        jobs = max(1, min(len(changed), self.realiser.options.jobs or os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {f: pool.submit(self._build_quiet, replace(DEFAULT, **{f: variation.variation[f]}), "bisect")
-                       for f in changed}
-            for f, fut in futures.items():
-                singles[f] = fut.result()
-        for f in changed:
-            singles[f][1]["bisect"] = f
-            self._save_record(singles[f][1])
-        self.entry.bisect_builds = len(changed) + 2
-        named = [f for f in changed if singles[f][0] != base]
-        if self._build(DEFAULT, "control") != base:
+        return self._bisect(first)
+
+    def _bisect(self, first: Round) -> Cause:
+        """Name the variations of round ``first`` that change the output on their own (see
+        the module doc); the registered output and one control agree already."""
+        base = self.entry.rounds[0].digests
+        changed = first.varied
+        alone = {f: replace(DEFAULT, **{f: first.variation[f]}) for f in changed}
+        singles = self._parallel([(f, alone[f]) for f in changed])
+        named = [f for f in changed if singles[f] != base]
+        # confirmations: each named variation again, the whole variation again when none
+        # is named, and a second control
+        again = self._parallel([(f, alone[f]) for f in named]
+                               + ([] if named else [("all", replace(DEFAULT, **first.variation))])
+                               + [("control", DEFAULT)])
+        self.entry.bisect_builds = 1 + len(singles) + len(again)
+        if again["control"] != base:
             return self._nondeterministic("non-deterministic: a second build under default conditions differs")
-        values = {f: [getattr(DEFAULT, f), variation.variation[f]] for f in (named or changed)}
+        unsteady = [f for f in named if again[f] != singles[f]] + (
+            ["all"] if not named and again["all"] != first.digests else [])
+        if unsteady:
+            what = ", ".join(VARIATION_TEXT.get(f, "whole variation") for f in unsteady)
+            return self._nondeterministic(f"non-deterministic: the build only sometimes differs (the {what} "
+                                          "gave another output when built again)")
+        values = {f: [getattr(DEFAULT, f), first.variation[f]] for f in (named or changed)}
         if named:
             names = ", ".join(VARIATION_TEXT[f] for f in named)
             return Cause("variation", f"the output depends on the {names}", named, values)
         return Cause("combination", "no single variation changes the output, all of them together do: "
                      + ", ".join(changed), changed, values)
+
+    def _parallel(self, builds: list[tuple[str, Variation]]) -> dict[str, dict[str, str]]:
+        """Run ``(label, variation)`` builds in parallel (up to ``jobs``); their digests by label."""
+        jobs = max(1, min(len(builds), self.realiser.options.jobs or os.cpu_count() or 1))
+        with ThreadPool(max_workers=jobs) as pool:
+            futures = {label: pool.submit(self._build_quiet, v, "control" if label == "control" else "bisect")
+                       for label, v in builds}
+            results = {label: fut.result() for label, fut in futures.items()}
+        for label, (_, record) in results.items():
+            if label != "control":
+                record["bisect"] = label
+            self._save_record(record)
+        return {label: digests for label, (digests, _) in results.items()}
 
     def _host_changes(self, record: dict) -> tuple[list[str], tuple[str, str]]:
         """What differs between the host of the registered build (its record) and ``record``:
@@ -266,6 +301,9 @@ class _Checker:
             out.append(f"builder {new['builder'].get('path')}")
         if registered.get("fimio") != record.get("fimio"):
             out.append(f"fimio {registered.get('fimio')} -> {record.get('fimio')}")
+        was, now = ((r.get("variation") or {}).get("cores") for r in (registered, record))
+        if was is not None and now is not None and was != now:
+            out.append(f"build cores {was} -> {now} (FIMIO_BUILD_CORES, the 'cores' setting)")
         return out, tuple(ids)
 
     def _nondeterministic(self, text: str) -> Cause:
@@ -343,26 +381,25 @@ _CLOCK = re.compile(r"\b[0-2][0-9]:[0-5][0-9]:[0-5][0-9]\b")
 def _hint(entry: DrvCheck, started: float) -> str | None:
     """A guess at the source of non-determinism from the text diffs: an embedded clock."""
     lo, hi = started - 2 * 86400, time.time() + 86400
-    seen_text = False
-    for o in entry.outputs:
-        for d in o.diffs:
-            for c in d.diff.changes:
-                if not c.unified:
-                    continue
-                seen_text = True
-                changed = [line[1:] for line in c.unified.splitlines()
-                           if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-                for line in changed:
-                    for m in _NUMBER.finditer(line):
-                        digits = m.group(1)
-                        t = int(digits) / 10 ** (len(digits) - 10)
-                        if lo <= t <= hi:
-                            return f"looks like the current time is embedded ('{digits}' in {c.path or 'the output'})"
-                    if _CLOCK.search(line):
-                        return f"looks like the current time is embedded (a clock time in {c.path or 'the output'})"
+    changes = [c for o in entry.outputs for d in o.diffs for c in d.diff.changes]
+    for c in changes:
+        if not c.unified:
+            continue
+        changed = [line[1:] for line in c.unified.splitlines()
+                   if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        for line in changed:
+            for m in _NUMBER.finditer(line):
+                digits = m.group(1)
+                t = int(digits) / 10 ** (len(digits) - 10)
+                if lo <= t <= hi:
+                    return f"looks like the current time is embedded ('{digits}' in {c.path or 'the output'})"
+            if _CLOCK.search(line):
+                return f"looks like the current time is embedded (a clock time in {c.path or 'the output'})"
     if entry.outputs and any(o.diffs for o in entry.outputs):
+        # said only when binary contents are all there is to look at (not for modes or links)
+        binary = not any(c.unified for c in changes) and any((c.note or "").startswith("binary") for c in changes)
         return ("no timestamp found in the differences: randomness (e.g. /dev/urandom), addresses or "
-                "scheduling order" + ("" if seen_text else "; the differing files are binary"))
+                "scheduling order" + ("; the differing files are binary" if binary else ""))
     return None
 
 

@@ -268,8 +268,10 @@ class Realiser:
             self.register(result)
             return True
 
-    def build(self, drv: Derivation, variation=None):
-        """Run one build (or fetch) without registering it."""
+    def build(self, drv: Derivation, variation=None, save_failed_log: bool = True):
+        """Run one build (or fetch) without registering it. A failed build's log becomes the
+        derivation's log (``fimio log``) unless ``save_failed_log`` is false (check rounds:
+        the log of the registered build stays)."""
         if drv.is_fixed_output:
             return buildmod.fetch(self.store, drv, offline=self.options.offline,
                                   interrupted=lambda: self.builder.interrupted)
@@ -279,7 +281,7 @@ class Realiser:
         try:
             return self.builder.run_build(drv, inputs, closure, variation)
         except BuildError as e:
-            if getattr(e, "log", None) is not None:
+            if save_failed_log and getattr(e, "log", None) is not None:
                 self.save_log(drv, e.log)
             raise
 

@@ -59,8 +59,8 @@ CONTROL = ("mkdir -p $out/share $out/bin && echo hello > $out/share/greeting && 
            "printf '#!/bin/sh\\necho hi\\n' > $out/bin/hi && chmod +x $out/bin/hi && ln -s share/greeting $out/link")
 
 
-def check_json(cli, *targets, args=("--rounds", "2", "--vary"), code=3):
-    proc = cli("realise", *targets, "--no-out-link", "--check", *args, "--json", check=code)
+def check_json(cli, *targets, args=("--rounds", "2", "--vary"), code=3, env=None):
+    proc = cli("realise", *targets, "--no-out-link", "--check", *args, "--json", check=code, env=env)
     out = json.loads(proc.stdout)
     validate_both(out["checks"], SCHEMA)
     return out["checks"], proc
@@ -293,3 +293,71 @@ def test_a_kept_check_build_never_leaves_the_store(cli, tmp_path):
     for args in (["push", f"file://{tmp_path / 'cache'}", check_path], ["export", check_path, "-o", tmp_path / "b"]):
         assert_one_error_line(cli(*args), 2, "kept --check build")
     assert not (tmp_path / "b").exists()
+
+
+def test_a_build_that_only_sometimes_differs_is_never_blamed_on_a_variation(cli, tmp_path):
+    """The build prints what it reads from a FIFO the test feeds: the registered build and
+    every build after round 2 read "A", round 2 and the first bisection build to read read
+    "B". Without confirmation, that one variation would be named as the cause."""
+    import threading
+
+    feed = tmp_path / "feed"
+    feed.mkdir()
+    fifo = feed / "fifo"
+    os.mkfifo(fifo)
+    keep_open = os.open(fifo, os.O_RDWR)  # the pipe lives (and readers block) while the test runs
+    script = f"dd if={fifo} bs=1 count=1 2>/dev/null > $out"
+    drv = write_drv(tmp_path, "sometimes", script, sandbox=f'[sandbox]\nhost_paths = ["/usr", "/bin", "/lib", "/lib64", "{feed}"]')
+    try:
+        os.write(keep_open, b"A")
+        cli("realise", drv, "--no-out-link", check=0)
+        # round 2 (varied), control, the bisection builds (one of them B), then enough for the rest
+        os.write(keep_open, b"B" + b"A" + b"B" + b"A" * 40)
+        report, _ = check_json(cli, drv)
+    finally:
+        threading.Thread(target=os.close, args=(keep_open,), daemon=True).start()
+    e = entry(report, "sometimes")
+    assert e["cause"]["kind"] == "non-deterministic", e["cause"]
+    assert "only sometimes differs" in e["cause"]["text"]
+    assert e["cause"]["variations"] == []
+
+
+def test_a_clock_in_whole_seconds_is_not_blamed_on_the_host(cli, tmp_path):
+    """Rebuilds made within one second agree with each other and differ from the output
+    registered earlier; a control built a second later shows the build is not deterministic."""
+    import time
+
+    drv = write_drv(tmp_path, "seconds", "date -u +%s > $out")
+    cli("realise", drv, "--no-out-link", check=0)
+    time.sleep(1.2)
+    report, _ = check_json(cli, drv)
+    cause = entry(report, "seconds")["cause"]
+    assert cause["kind"] == "non-deterministic", cause
+    assert "current time" in cause["hint"]
+
+
+def test_a_change_of_the_configured_cores_is_named(cli, tmp_path):
+    drv = write_drv(tmp_path, "cores", PLANTED["cores"][0])
+    cli("realise", drv, "--no-out-link", check=0)
+    config = tmp_path / "config.toml"
+    config.write_text(f"cores = {(os.cpu_count() or 1) + 1}\n")
+    report, _ = check_json(cli, drv, args=(), env={"FIMIO_CONFIG": str(config)})
+    cause = entry(report, "cores")["cause"]
+    assert cause["kind"] == "host-changed" and "build cores" in cause["text"], cause
+
+
+def test_a_failed_check_round_keeps_the_log_of_the_registered_build(cli, tmp_path):
+    drv = write_drv(tmp_path, "picky", 'echo "building on $(uname -n)"; test "$(uname -n)" = localhost && echo ok > $out')
+    cli("realise", drv, "--no-out-link", check=0)
+    before = cli.out("log", drv)
+    assert "building on localhost" in before
+    cli("realise", drv, "--no-out-link", "--check", "--vary", check=1)
+    assert cli.out("log", drv) == before
+
+
+def test_path_info_names_the_cause_of_a_difference(cli, tmp_path):
+    drv = write_drv(tmp_path, "hostname", PLANTED["hostname"][0])
+    out = cli.out("realise", drv, "--no-out-link")
+    cli("realise", drv, "--no-out-link", "--check", "--vary", check=3)
+    line = cli.out("path-info", out)
+    assert line.endswith("checked 1x: NOT reproducible (the output depends on the host name)"), line
