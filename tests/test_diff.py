@@ -95,11 +95,11 @@ def test_host_path_change_between_two_builds_is_named(cli, tmp_path):
     text = cli.out("diff", out, check_path)
     assert "• the contents differ: 1 path" in text
     assert f"  • host path {tool} changed" in text
-    # @3 is the control build that confirmed the cause; @-1 is the newest record;
+    # @3 is the control build, @4 the delayed one that confirmed the cause; @-1 is the newest record;
     # out-of-range ids are "not found"
     assert cli.out("diff", f"{hp}@2", f"{hp}@-1").endswith("identical records")
     proc = cli("diff", f"{hp}@1", f"{hp}@9")
-    assert proc.returncode == 5 and "there are builds @1 to @3" in proc.stderr
+    assert proc.returncode == 5 and "there are builds @1 to @4" in proc.stderr
 
 
 def test_provenance_lists_builds_and_agreement(cli, tmp_path):
@@ -107,14 +107,14 @@ def test_provenance_lists_builds_and_agreement(cli, tmp_path):
     drv.write_text('name = "h"\nbuilder = "/bin/sh"\nargs = ["-c", "uname -n > $out"]\n[env]\nPATH = "/usr/bin:/bin"\n')
     cli("realise", drv, "--no-out-link", "--check", "--vary", check=3)
     text = cli.out("provenance", drv)
-    assert "builds (14):" in text
+    assert "builds (15):" in text  # 1 + check + control + 10 bisections + confirmation + control
     assert "@2   check" in text and "kept " in text and "@7   bisect hostname" in text
     assert "[A] out " in text and "(the registered output)" in text and "[B] out " in text
     assert "cause: the output depends on the host name" in text
     data = json.loads(cli.out("provenance", drv, "--json"))
     groups = {tuple(g["records"]) for g in data["groups"]}
     hp = data["drv"].rsplit("/", 1)[1].split("-")[0]
-    assert (f"{hp}@2", f"{hp}@7") in groups
+    assert (f"{hp}@2", f"{hp}@7", f"{hp}@14") in groups  # @14 confirms @7
     assert data["records"][0]["id"] == f"{hp}@1" and "fingerprints" in data["records"][0]
 
 
