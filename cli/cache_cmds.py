@@ -252,16 +252,22 @@ def challenge(opts, target, caches, as_json):
     from fimio.store.cache.url import open_with_config, parse_cache_url
     from fimio.store.prefetch import is_derivation_target
 
+    from fimio.store.cache.push import cache_params
+    from fimio.store.cache.substitute import SubstituterSet
+
     for u in caches:
         parse_cache_url(u)
     store, config = opts.store(), opts.config()
+    backends = [open_with_config(u, config) for u in caches]
+    for b in backends:  # a cache down or for another store directory must not read as "absent"
+        cache_params(b, store.store_dir, create=False)
     if is_derivation_target(store, target):
         from fimio.store.realise import resolve_outputs
 
         items = [(h, o, p) for h, o, p in resolve_outputs(store, target)]
     else:
-        items = [(None, None, _remote_path(store, None, target))]
-    backends = [open_with_config(u, config) for u in caches]
+        with SubstituterSet(store, caches, config.trusted_public_keys, config.require_sigs, config) as subs:
+            items = [(None, None, _remote_path(store, subs, target))]
     comparisons = compare(store, backends, config.trusted_public_keys, items, config.require_sigs)
     if as_json:
         emit_json([{"output": c.what, "path": store.logical(c.path), "agree": c.agree,

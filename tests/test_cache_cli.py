@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -252,3 +254,79 @@ def test_a_derivation_given_through_a_symlink_is_a_derivation(world, tmp_path):
     pushed = json.loads(fim(world, "A", "push", f"file://{tmp_path / 'c'}", tmp_path / "drvlink", "--key",
                             world["sk"], "--json", check=0).stdout)
     assert pushed["realisationsSent"] == 1
+
+
+def test_challenge_asks_the_caches_for_a_bare_hash_and_never_takes_a_dead_cache_for_absent(world, tmp_path):
+    (tmp_path / "f.txt").write_text("challenged\n")
+    path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()
+    hash_part = path.rsplit("/", 1)[1][:32]
+    cache = f"file://{tmp_path / 'c'}"
+    fim(world, "A", "push", cache, path, "--key", world["sk"], check=0)
+    # a store that does not hold the path finds it in the cache by its hash part
+    text = fim(world, "B", "challenge", hash_part, "--cache", cache, check=0).stdout
+    assert text.startswith(f"{STORE_DIR}/{path.rsplit('/', 1)[1]}: ") and "blake3:" in text
+    assert_one_error_line(fim(world, "A", "challenge", path, "--cache", "http://127.0.0.1:9"), 6, "cannot reach")
+    other = tmp_path / "other"
+    elsewhere = fim(world, "O", "add", tmp_path / "f.txt", env={"FIMIO_STORE_DIR": "/other/store"}, check=0)
+    fim(world, "O", "push", f"file://{other}", elsewhere.stdout.strip(), env={"FIMIO_STORE_DIR": "/other/store"},
+        check=0)
+    assert_one_error_line(fim(world, "A", "challenge", path, "--cache", f"file://{other}"), 2, "store directory")
+
+
+def test_garbage_in_place_of_cache_entries_is_the_cache_s_fault(world, tmp_path):
+    """A directory where an object or info file should be: readers refuse it (exit 4; realise
+    builds instead), pushers name the cache (exit 6), fimio serve answers 404."""
+    import shutil
+
+    app = graph(tmp_path / "g")
+    good = tmp_path / "good"
+    out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    fim(world, "A", "push", f"file://{good}", app, "--key", world["sk"], check=0)
+    for kind in ("info", "packs"):
+        broken = tmp_path / f"broken-{kind}"
+        shutil.copytree(good, broken)
+        victim = sorted((broken / kind).rglob("*.*"))[0]
+        victim.unlink()
+        victim.mkdir()
+        proc = fim(world, f"B-{kind}", "copy", "--from", f"file://{broken}", out)
+        assert_one_error_line(proc, 4, "directory")
+        proc = fim(world, f"C-{kind}", "realise", app, "--no-out-link", "--substituter", f"file://{broken}")
+        assert proc.returncode == 0 and "building instead" in proc.stderr, proc.stderr
+        if kind == "packs":
+            srv = Serve(f"file://{broken}", tmp_path)
+            try:
+                key = victim.relative_to(broken).as_posix()
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(f"{srv.url}/{key}", timeout=10)
+                assert e.value.code == 404
+            finally:
+                srv.stop()
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "info").write_text("not a directory\n")
+    proc = fim(world, "A", "push", f"file://{blocked}", app, "--key", world["sk"])
+    assert_one_error_line(proc, 6, "cache")
+    assert "store root" not in proc.stderr
+
+
+def test_push_counts_only_what_it_published(world, tmp_path):
+    """Two machines pushing the same path at once: the one whose info lands second has
+    published nothing, and says so (the race is forced by answering "all missing")."""
+    from fimio.store.cache.push import Pusher
+    from fimio.store.cache.url import open_backend
+    from fimio.store.local import LocalStore
+
+    (tmp_path / "f.txt").write_text("raced\n")
+    cache = f"file://{tmp_path / 'c'}"
+    stores = [LocalStore(str(tmp_path / r), STORE_DIR) for r in ("A", "B")]
+    try:
+        paths = [s.add_path(str(tmp_path / "f.txt")).path for s in stores]
+        first = Pusher(stores[0], open_backend(cache), []).push([paths[0]])
+        assert first.paths_sent == 1
+        late = open_backend(cache)
+        late.missing = lambda keys: set(keys)  # it asked before the first push landed
+        second = Pusher(stores[1], late, []).push([paths[1]])
+        assert second.paths_sent == 0 and second.sent_paths == [] and second.objects_sent == 0
+    finally:
+        for s in stores:
+            s.close()

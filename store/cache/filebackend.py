@@ -9,11 +9,10 @@ that names it. A static file server (or ``fimio serve``) can serve the same dire
 
 from __future__ import annotations
 
-import errno
 import os
 
 from .. import fsutil
-from ..errors import RemoteError
+from ..errors import IntegrityError, RemoteError
 from .backend import Backend, too_big
 
 
@@ -36,21 +35,23 @@ class FileBackend(Backend):
                 data = f.read(max_size + 1)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        except PermissionError:
-            raise RemoteError(f"cannot read '{key}' in cache '{self.url}': permission denied") from None
+        except IsADirectoryError:
+            raise IntegrityError(f"'{key}' in cache '{self.url}' is a directory, not an object") from None
+        except OSError as e:
+            raise RemoteError(f"cannot read '{key}' in cache '{self.url}': {e.strerror}") from None
         if len(data) > max_size:
             raise too_big(self.url, key, len(data), max_size)
         return data
 
     def exists(self, key: str) -> bool:
-        return os.path.exists(self._path(key))
+        return os.path.isfile(self._path(key))
 
     def missing(self, keys) -> set[str]:
-        return {k for k in keys if not os.path.exists(self._path(k))}
+        return {k for k in keys if not os.path.isfile(self._path(k))}
 
     def put(self, key: str, data: bytes) -> bool:
         final = self._path(key)
-        if os.path.exists(final):
+        if os.path.isfile(final):
             return False
         try:
             self._mkdirs(os.path.dirname(final))
@@ -61,13 +62,14 @@ class FileBackend(Backend):
                 os.link(tmp, final)
                 return True
             except FileExistsError:
+                if not os.path.isfile(final):
+                    raise RemoteError(f"cannot write '{key}' to cache '{self.url}': something else is in "
+                                      "its place (remove it)") from None
                 return False  # a concurrent writer published the same content-addressed object
             finally:
                 os.unlink(tmp)
-        except OSError as e:
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise RemoteError(f"cannot write to cache '{self.url}': {e.strerror}") from None
-            raise
+        except OSError as e:  # the cache's trouble (full, read-only, a file in a directory's place)
+            raise RemoteError(f"cannot write '{key}' to cache '{self.url}': {e.strerror}") from None
 
     def _mkdirs(self, d: str) -> None:
         if d in self._made:

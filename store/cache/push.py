@@ -206,8 +206,10 @@ class Pusher:
         parts += [self._read_blob(work, digest, size) for digest, size in pack.blobs]
         return b"".join(parts)
 
-    def _put(self, key: str, data: bytes, raw_size: int) -> None:
-        if self.backend.put(key, data):
+    def _put(self, key: str, data: bytes, raw_size: int) -> bool:
+        """Upload one object; whether this call published it (false: it was there already)."""
+        created = self.backend.put(key, data)
+        if created:
             with self._lock:
                 self.stats.objects_sent += 1 if not key.startswith(("info/", "realisations/")) else 0
                 self.stats.bytes_sent += len(data)
@@ -217,6 +219,7 @@ class Pusher:
             done = self._done
         if self.progress is not None:
             self.progress(done, getattr(self, "_total", 0))
+        return created
 
     def _upload_infos(self, works: list[_Work]) -> None:
         by_path = {w.info.path: w for w in works}
@@ -245,7 +248,8 @@ class Pusher:
         for key in self.keys:
             remote.signatures = add_signature(remote.signatures, key.sign(remote.fingerprint(store_dir)))
         data = remote.to_json(store_dir)
-        self._put(info_key(info.path.hash_part), data, len(data))
+        if not self._put(info_key(info.path.hash_part), data, len(data)):
+            return  # another machine published this path meanwhile
         with self._lock:
             self.stats.paths_sent += 1
             self.stats.sent_paths.append(self.store.logical(info.path))

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import stat
 import sys
 
 from aiohttp import web
@@ -126,6 +127,8 @@ class CacheServer:
                 st = os.stat(path)
             except (FileNotFoundError, NotADirectoryError):
                 raise web.HTTPNotFound() from None
+            if not stat.S_ISREG(st.st_mode):  # garbage in the cache directory: no object
+                raise web.HTTPNotFound()
             return web.FileResponse(path, headers={"Content-Type": _ctype(key)}) if st.st_size else web.Response(
                 body=b"", content_type=_ctype(key))
         import obstore
@@ -166,7 +169,7 @@ class CacheServer:
 
     def _missing_files(self, keys) -> list[str]:
         root = self.root
-        return [k for k in keys if not _KEY_RE.fullmatch(k) or not os.path.exists(os.path.join(root, k))]
+        return [k for k in keys if not _KEY_RE.fullmatch(k) or not os.path.isfile(os.path.join(root, k))]
 
     async def _missing_remote(self, keys) -> list[str]:
         import obstore
@@ -233,9 +236,10 @@ class CacheServer:
         if self.root is None:
             return self.backend.put(key, data)
         final = os.path.join(self.root, key)
-        if os.path.exists(final):
+        if os.path.isfile(final):
             return False
         os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.makedirs(os.path.join(self.root, ".tmp"), exist_ok=True)  # the directory may have been emptied
         tmp = os.path.join(self.root, ".tmp", f"{os.getpid()}-{os.urandom(8).hex()}")
         try:  # the temp file goes whatever fails (a full disk would otherwise keep it full)
             with open(tmp, "xb") as f:
@@ -247,13 +251,15 @@ class CacheServer:
             os.link(tmp, final)
             return True
         except FileExistsError:
+            if not os.path.isfile(final):
+                raise OSError(errno.EEXIST, f"'{key}' is taken by something that is no object") from None
             return False
         finally:
             fsutil.unlink_if_exists(tmp)
 
     def _exists(self, key: str) -> bool:
         if self.root:
-            return os.path.exists(os.path.join(self.root, key))
+            return os.path.isfile(os.path.join(self.root, key))
         return self.backend.exists(key)
 
 
