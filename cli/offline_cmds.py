@@ -184,7 +184,7 @@ def _export_atomic(store, plan, output, keys, level, progress):
         raise UsageError(f"cannot write '{output}': it is a directory", "name a file with -o")
     if not os.path.isdir(directory):
         raise UsageError(f"cannot write '{output}': '{directory}' is not a directory")
-    tmp = fsutil.sibling_tmp(output)
+    tmp = fsutil.sibling_tmp(output, sweep=True)
     try:
         # written back while the export goes on, so that the fsync finds little left
         with open(tmp, "wb") as f, fsutil.EarlyFlush(directory, every=64 << 20) as early:

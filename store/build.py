@@ -241,11 +241,23 @@ class Builder:
         return proc.returncode, timed_out
 
     def _pump(self, pipe, log_path: str, drv: Derivation) -> None:
-        with open(log_path, "ab") as log:
-            for line in iter(pipe.readline, b""):
-                log.write(line)
+        """Copy the builder's output to its log and to the log sink (``-v``) until it ends.
+        Whatever fails to write, the pipe is drained to its end: a builder blocked on a full
+        pipe would never finish, and the build would wait for it forever."""
+        log = open(log_path, "ab")
+        for line in iter(pipe.readline, b""):
+            if log is not None:
+                try:
+                    log.write(line)
+                except OSError:  # a full disk: the log ends here
+                    log = _close_quietly(log)
+            try:
                 self.log_sink(drv, line)
+            except OSError:  # the terminal went away
+                pass
         pipe.close()
+        if log is not None:
+            _close_quietly(log)
 
     def _fail(self, drv: Derivation, scratch: str, log: bytes, status: int, timed_out: bool):
         if timed_out:
@@ -341,6 +353,14 @@ def _hash_and_scan(path: bytes, candidates, found: set) -> tuple[bytes, int]:
             scan_refs(tail + chunk, candidates, found)
             tail = chunk[-31:]
     return hasher.digest(), size
+
+
+def _close_quietly(f) -> None:
+    """Close ``f``, ignoring a failure to write back what it buffered (a full disk)."""
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def _narrow_affinity(cores: int | None):

@@ -51,7 +51,20 @@ def _errno(e: lmdb.Error) -> int | None:
 
 def _os_error(e: lmdb.Error, path: str) -> OSError:
     code = _errno(e)
+    if code == errno.EIO and _nearly_full(path):
+        code = errno.ENOSPC  # LMDB reports a short write to its data file as EIO
     return OSError(code, os.strerror(code), path)
+
+
+def _nearly_full(path: str) -> bool:
+    """Whether the file system of ``path`` has less than 16 MiB (or 1% of its inodes) left
+    for an unprivileged writer: an I/O error there is far more likely a full disk (a commit
+    of a large transaction writes megabytes at once, so "a little left" is no proof of room)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (16 << 20) or (st.f_files > 0 and st.f_favail < st.f_files // 100)
 
 
 def _translate(e: lmdb.Error, path: str) -> Exception:

@@ -194,27 +194,46 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def sibling_tmp(path: str) -> str:
+def sibling_tmp(path: str, sweep: bool = False) -> str:
     """A fresh name next to ``path`` for building it before a rename: hidden, carrying our
-    pid, and short enough for any name ``path`` may have (NAME_MAX is 255 bytes)."""
+    pid, and short enough for any name ``path`` may have (NAME_MAX is 255 bytes).
+
+    ``sweep``: first remove the temp siblings of the same name that killed processes left
+    (a restore or export killed half-way; each could hold gigabytes). It lists the
+    directory, so it is for user-named targets, not for names made in a loop."""
     directory, base = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".{base[:64]}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    prefix = f".{base[:64]}.tmp-"
+    if sweep:
+        try:
+            names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+        except OSError:
+            names = []
+        for name in names:
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+                remove_tree(os.path.join(directory, name))
+    return os.path.join(directory, f"{prefix}{os.getpid()}-{os.urandom(4).hex()}")
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o644, durable: bool = True, tmp: str | None = None) -> None:
     """Write ``data`` to ``path`` via a temp file and rename: readers see old or new, never
-    half. ``durable`` also fsyncs the file and its directory."""
-    tmp = sibling_tmp(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    half. ``durable`` also fsyncs the file and its directory. ``tmp``: the temp file's name
+    (same file system; default a sibling of ``path``), removed if anything fails."""
+    tmp = tmp or sibling_tmp(path)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if durable:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        unlink_if_exists(tmp)
+        raise
     if durable:
         fsync_dir(os.path.dirname(path) or ".")
 

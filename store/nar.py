@@ -518,7 +518,7 @@ def restore(stream: BinaryIO, dest: str | os.PathLike | bytes) -> None:
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
         raise UsageError(f"NAR: cannot restore to '{dest}': '{parent}' is not a directory")
-    builder = _Builder(fsutil.sibling_tmp(dest))
+    builder = _Builder(fsutil.sibling_tmp(dest, sweep=True))
     try:
         for entry in iter_entries(stream):
             builder.add(entry)

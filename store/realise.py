@@ -282,7 +282,10 @@ class Realiser:
             return self.builder.run_build(drv, inputs, closure, variation)
         except BuildError as e:
             if save_failed_log and getattr(e, "log", None) is not None:
-                self.save_log(drv, e.log)
+                try:
+                    self.save_log(drv, e.log)
+                except OSError:
+                    pass  # (a full disk) the failure is the news; its log tail is in the error
             raise
 
     def register(self, result) -> None:
@@ -302,16 +305,19 @@ class Realiser:
                 self.store.commit_many(items, also=also)
         finally:
             fsutil.remove_tree(result.scratch)
-        self.save_log(drv, result.log)
+        try:
+            self.save_log(drv, result.log)
+        except OSError as e:  # the outputs are valid: a log that does not fit is no failure
+            self.warn(f"the build log of '{drv.drv_path.base}' was not kept: {e.strerror}")
 
     def save_log(self, drv: Derivation, log: bytes) -> None:
         import zstandard
 
-        from .fsutil import write_atomic
-
         path = os.path.join(self.store.root, "logs", f"{drv.drv_hash}.log.zst")
-        # no fsync: a log lost to a power cut costs nothing the store relies on
-        write_atomic(path, zstandard.ZstdCompressor(level=3).compress(log), durable=False)
+        # no fsync: a log lost to a power cut costs nothing the store relies on; the temp file
+        # is under tmp/, where a killed process's leftovers are removed (recovery.py)
+        fsutil.write_atomic(path, zstandard.ZstdCompressor(level=3).compress(log), durable=False,
+                            tmp=self.store._tmp_name("log"))
 
 
 def realisation(drv: Derivation, output: str, path: StorePath, root: bytes) -> dict:

@@ -146,12 +146,15 @@ def add_root(store, link: str, target: StorePath) -> str:
     if not registered:
         tmp = f"{reg}.tmp-{os.getpid()}"
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.symlink(link, tmp)
-        os.replace(tmp, reg)
-        fsutil.fsync_dir(os.path.dirname(reg))
+            fsutil.unlink_if_exists(tmp)
+            os.symlink(link, tmp)
+            os.replace(tmp, reg)
+            fsutil.fsync_dir(os.path.dirname(reg))
+        except BaseException:
+            # an out-link that is no root would dangle after the next gc: take it back
+            fsutil.unlink_if_exists(tmp)
+            fsutil.unlink_if_exists(link)
+            raise
     return link
 
 

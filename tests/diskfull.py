@@ -25,9 +25,13 @@ from conftest import STORE_DIR, fimio_env, fimio_executable  # noqa: E402
 PAGE = 4096
 
 
-def fimio(args, root, config=None) -> dict:
+def fimio(args, root, config=None, timeout: float = 300) -> dict:
     env = fimio_env(root, {"FIMIO_CONFIG": config} if config else None)
-    p = subprocess.run([fimio_executable(), *map(str, args)], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        p = subprocess.run([fimio_executable(), *map(str, args)], env=env, capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        return {"rc": "hung", "stderr": (e.stderr or b"").decode(errors="replace"), "stdout": ""}
     return {"rc": p.returncode, "stderr": p.stderr, "stdout": p.stdout}
 
 
@@ -38,7 +42,9 @@ def state(root) -> dict:
     try:
         valid = sorted(i.path.base for i in s.all_paths())
         garbage = sorted(e for e in os.listdir(s.store) if e != ".links" and e not in valid)
-        return {"valid": valid, "garbage": garbage, "tmp": sorted(os.listdir(s.tmp))}
+        logs = os.path.join(str(root), "logs")
+        stray_logs = sorted(n for n in os.listdir(logs) if not n.endswith(".log.zst")) if os.path.isdir(logs) else []
+        return {"valid": valid, "garbage": garbage, "tmp": sorted(os.listdir(s.tmp)) + stray_logs}
     finally:
         s.close()
 
@@ -80,9 +86,9 @@ def make_tree(directory: str, files: int, size: int, seed: int = 1) -> str:
 
 
 def run_case(out: list, case: str, root: str, command: list, config=None, filler: str | None = None,
-             small: str | None = None) -> None:
+             small: str | None = None, timeout: float = 300) -> None:
     """One command that may meet a full disk, then the checks of a usable store."""
-    r = fimio(command, root, config)
+    r = fimio(command, root, config, timeout)
     out.append({"case": case, "step": "command", **r})
     if not os.path.isdir(os.path.join(root, "db")):
         return  # could not even create the store: nothing to check
@@ -128,6 +134,10 @@ def scenario_realise(mnt: str, work: str, out: list) -> None:
     fill_to = "avail=$(df -k --output=avail $out | tail -1); head -c $(( (avail - {leave}) * 1024 )) /dev/zero > $out/data"
     cases = [("2000kb", "head -c 2000000 /dev/zero > $out/data"), ("12000kb", "head -c 12000000 /dev/zero > $out/data")]
     cases += [(f"full-less-{k}k", fill_to.format(leave=k)) for k in (0, 8, 24, 48, 96, 160)]
+    # -v: the build's output goes through fimio to the log and the terminal; the disk is full
+    # before the builder says much, and the builder must still be read to its end
+    cases += [("chatty-v", fill_to.format(leave=0) + "; i=0; while [ $i -lt 20000 ]; do "
+                           "echo line $i padding padding padding; i=$((i+1)); done; exit 1")]
     for name, script in cases:
         drv = os.path.join(work, f"{name}.toml")
         with open(drv, "w") as f:
@@ -135,7 +145,8 @@ def scenario_realise(mnt: str, work: str, out: list) -> None:
                     f'args = ["-c", {json.dumps("mkdir $out; " + script + "; echo done > $out/flag")}]\n'
                     '[env]\nPATH = "/usr/bin:/bin"\n[sandbox]\nhost_paths = ["/usr", "/bin", "/lib", "/lib64"]\n')
         root = os.path.join(mnt, f"r-{name}")
-        run_case(out, f"realise-{name}", root, ["realise", "--no-out-link", drv], small=small)
+        verbose = ["-v"] if name.endswith("-v") else []
+        run_case(out, f"realise-{name}", root, ["realise", *verbose, "--no-out-link", drv], small=small, timeout=120)
         shutil.rmtree(root)
 
 
@@ -173,7 +184,23 @@ def scenario_inodes(mnt: str, work: str, out: list) -> None:
     run_case(out, "add-inodes", root, ["add", tree], small=small)
 
 
-SCENARIOS = {"add": scenario_add, "realise": scenario_realise, "substitute": scenario_substitute,
+def scenario_push(mnt: str, work: str, out: list) -> None:
+    """Pushing 2-12 MB paths from a store on the ordinary disk to a file:// cache on the
+    8 MB tmpfs: the ones that do not fit fail with one line, and leave no partial upload."""
+    source = os.path.join(work, "source")
+    cache_dir = os.path.join(mnt, "cache")
+    for mb in (2, 12):
+        tree = make_tree(os.path.join(work, f"t{mb}"), mb * 4, 250_000, seed=mb)
+        path = fimio(["add", tree], source)["stdout"].strip()
+        r = fimio(["push", f"file://{cache_dir}", path], source)
+        leftovers = sorted(os.listdir(os.path.join(cache_dir, ".tmp"))) if os.path.isdir(
+            os.path.join(cache_dir, ".tmp")) else []
+        out.append({"case": f"push-{mb}mb", "step": "command", **r})
+        out.append({"case": f"push-{mb}mb", "step": "cache-tmp", "rc": 0, "stderr": "", "stdout": "",
+                    "state": {"garbage": [], "tmp": leftovers}})
+
+
+SCENARIOS = {"push": scenario_push, "add": scenario_add, "realise": scenario_realise, "substitute": scenario_substitute,
              "inodes": scenario_inodes}
 
 

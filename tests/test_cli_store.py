@@ -193,6 +193,28 @@ def test_restore_from_stdin(cli, tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["pkg", "root", "out", "readme", "r" * 250])
 
 
+def test_a_killed_restore_leaves_nothing_the_next_restore_keeps(cli, tmp_path):
+    """A restore (or export) killed half-way leaves its hidden temp sibling; the next one to
+    the same name removes such leftovers of dead processes, and only those."""
+    import subprocess
+
+    src = make_pkg(tmp_path / "pkg")
+    nar = cli("dump", cli.out("add", src), check=0, text=False).stdout
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".r3.tmp-{dead.pid}-0badc0de"
+    (stale / "bin").mkdir(parents=True)
+    (stale / "bin" / "partial").write_bytes(b"x" * 1000)
+    (stale / "bin").chmod(0o555)
+    live = out / f".r3.tmp-{os.getpid()}-0badc0de"  # a live process's: never touched
+    live.write_text("in progress\n")
+    cli("restore", out / "r3", input=nar, check=0)
+    assert sorted(os.listdir(out)) == sorted(["r3", live.name])
+    assert scan(out / "r3").digest == scan(src).digest
+
+
 # ---- path-info / query ------------------------------------------------------------------
 
 def _graph(cli, tmp_path):

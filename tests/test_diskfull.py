@@ -59,6 +59,9 @@ def judge(steps: list[dict], build: bool = False) -> dict:
         assert "Traceback" not in s["stderr"], where
         if s["step"] == "command":
             outcomes[s["case"]] = s["rc"]
+            assert s["rc"] != "hung", where
+            # LMDB says "Input/output error" for a short write; a full disk is named as such
+            assert "Input/output error" not in s["stderr"], where
             if s["rc"] != 0:
                 assert s["rc"] in (1, 5, 6), where
                 lines = s["stderr"].strip().splitlines()
@@ -94,6 +97,7 @@ def test_realise_of_a_big_output_on_a_full_disk(tmp_path):
     assert outcomes["realise-2000kb"] == 0 and outcomes["realise-12000kb"] == 1, outcomes
     # some fills fail after the build (log, blobs, rename or commit), some succeed
     assert {rc for c, rc in outcomes.items() if c.startswith("realise-full")} == {0, 1}, outcomes
+    assert outcomes["realise-chatty-v"] == 1, outcomes  # not hung, no traceback from the log writer
     print(outcomes)
 
 
@@ -102,6 +106,12 @@ def test_substitution_on_a_full_disk(tmp_path):
     outcomes = judge(run_scenario(tmp_path, "substitute"))
     assert outcomes["substitute-2mb"] == 0 and outcomes["substitute-12mb"] != 0, outcomes
     print(outcomes)
+
+
+@needs_mount
+def test_push_to_a_full_cache(tmp_path):
+    outcomes = judge(run_scenario(tmp_path, "push"))
+    assert outcomes["push-2mb"] == 0 and outcomes["push-12mb"] == 6, outcomes
 
 
 @needs_mount

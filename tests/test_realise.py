@@ -433,3 +433,33 @@ def test_a_derivation_file_read_through_a_symlink_is_evaluated_again_when_its_ta
     for env in ({}, {"FIMIO_NO_FAST_PATH": "1"}):
         again = cli.out("realise", "--no-out-link", tmp_path / "link.toml", env=env)
         assert again != first and pathlib.Path(again).read_text() == "second\n"
+
+
+def test_a_log_that_cannot_be_kept_fails_nothing_and_leaves_nothing(cli, tmp_path):
+    """The outputs are registered before the log is written: a log that cannot be written
+    (here a directory in its place; on a full disk alike) is a warning, not a failed build
+    whose outputs are nonetheless valid, and its temp file does not stay behind."""
+    drv = write_drv(tmp_path / "logged.toml", "logged", "echo chatter; echo x > $out")
+    (info,) = json.loads(cli.out("instantiate", "--json", drv))
+    (cli.root / "logs" / f"{info['drvHash']}.log.zst").mkdir(parents=True)
+    proc = cli("realise", "--no-out-link", drv)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: the build log of" in proc.stderr and "was not kept" in proc.stderr
+    assert pathlib.Path(proc.stdout.strip()).read_text() == "x\n"
+    assert sorted(p.name for p in (cli.root / "logs").iterdir()) == [f"{info['drvHash']}.log.zst"]
+    assert os.listdir(cli.root / "tmp") == []
+
+
+def test_an_out_link_that_cannot_be_made_a_root_is_taken_back(cli, tmp_path):
+    """Registering the out-link as a GC root fails (a directory in the registration's
+    place): the command fails, and no out-link is left that gc would turn into a dangling one."""
+    import hashlib
+
+    drv = write_drv(tmp_path / "rooted.toml", "rooted", "echo x > $out")
+    cli("realise", "--no-out-link", drv, check=0)
+    link = tmp_path / "result"
+    reg = cli.root / "gcroots" / ("auto-" + hashlib.sha256(str(link).encode()).hexdigest()[:32])
+    reg.mkdir()
+    for env in ({}, {"FIMIO_NO_FAST_PATH": "1"}):
+        proc = cli("realise", drv, "-o", link, env=env)
+        assert proc.returncode != 0 and not os.path.lexists(link), (env, proc.stderr)

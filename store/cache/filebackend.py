@@ -53,23 +53,22 @@ class FileBackend(Backend):
         final = self._path(key)
         if os.path.isfile(final):
             return False
+        tmp = os.path.join(self._tmp, f"{os.getpid()}-{os.urandom(8).hex()}")
         try:
             self._mkdirs(os.path.dirname(final))
-            tmp = os.path.join(self._tmp, f"{os.getpid()}-{os.urandom(8).hex()}")
             with open(tmp, "xb") as f:
                 f.write(data)
-            try:
-                os.link(tmp, final)
-                return True
-            except FileExistsError:
-                if not os.path.isfile(final):
-                    raise RemoteError(f"cannot write '{key}' to cache '{self.url}': something else is in "
-                                      "its place (remove it)") from None
-                return False  # a concurrent writer published the same content-addressed object
-            finally:
-                os.unlink(tmp)
+            os.link(tmp, final)
+            return True
+        except FileExistsError:
+            if not os.path.isfile(final):
+                raise RemoteError(f"cannot write '{key}' to cache '{self.url}': something else is in "
+                                  "its place (remove it)") from None
+            return False  # a concurrent writer published the same content-addressed object
         except OSError as e:  # the cache's trouble (full, read-only, a file in a directory's place)
             raise RemoteError(f"cannot write '{key}' to cache '{self.url}': {e.strerror}") from None
+        finally:  # whatever failed: a full cache must not fill up with partial uploads
+            fsutil.unlink_if_exists(tmp)
 
     def _mkdirs(self, d: str) -> None:
         if d in self._made:
