@@ -286,6 +286,12 @@ def _validate(rd: RawDerivation) -> None:
         isinstance(o, str) and _OUTPUT_NAME.fullmatch(o) for o in outputs
     ):
         raise rd.error("'outputs' must be a non-empty list of distinct names like \"out\", \"bin\"", "outputs")
+    # the names the derivation gives its store paths: <name>.drv and <name>-<output>
+    longest = max([len(".drv")] + [len(o) + 1 for o in outputs if o != "out"])
+    if len(d["name"]) + longest > 211:
+        raise rd.error(f"name of {len(d['name'])} characters is too long: with "
+                       f"'{'.drv' if longest == 4 else '-' + max(outputs, key=len)}' it must fit the 211 "
+                       "characters of a store name", "name")
     env = _expect(rd, d.get("env", {}), dict, "env")
     for key, value in env.items():
         if not _ENV_NAME.fullmatch(key):

@@ -41,6 +41,10 @@ BAD = [
     ("unknown-fetch-key", 'name = "x"\n[fetch]\nurl = "http://h/x"\nhash = "sha256:' + "0" * 64 + '"\nmd5 = "x"\n',
      5, "unknown key 'md5' in [fetch]"),
     ("name-not-string", "name = 5\n" + SH, 1, "'name' must be a string"),
+    # 211 characters are a store name, but not with ".drv" (or "-dev") after them
+    ("name-too-long-for-drv", f'name = "{"n" * 208}"\n' + SH, 1, "with '.drv' it must fit"),
+    ("name-too-long-for-output", f'name = "{"n" * 200}"\n' + SH + 'outputs = ["out", "documentation"]\n', 1,
+     "with '-documentation' it must fit"),
     ("args-not-list", 'name = "x"\n' + SH + 'args = "-c true"\n', 3, "'args' must be a list"),
     ("args-not-strings", 'name = "x"\n' + SH + 'args = ["-c", 1]\n', 3, "'args' must be a list of strings"),
     ("builder-not-string", 'name = "x"\nbuilder = ["/bin/sh"]\n', 2, "'builder' must be a string"),
