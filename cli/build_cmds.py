@@ -151,7 +151,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
     if checks is not None and not checks.ok:
         from fimio.store.errors import NotReproducible
 
-        raise NotReproducible(checks.summary(), "see the report above; 'fimio diff' explains .check outputs")
+        where = "the \"checks\" report on stdout" if as_json else "the report above"
+        raise NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs")
 
 
 def _out_links(store, outcome, out_link) -> dict:

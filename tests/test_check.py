@@ -90,7 +90,7 @@ def test_planted_cause_is_named(cli, tmp_path, name):
     assert e["cause"]["variations"] == variations, e["cause"]
     if name == "time":
         assert "current time" in e["cause"]["hint"]
-    assert "fimio: error: not reproducible" in proc.stderr
+    assert "fimio: error: not reproducible" in proc.stderr and 'see the "checks" report on stdout' in proc.stderr
     (out,) = e["outputs"]
     assert not out["identical"] and len(set(out["digests"])) == 2
     (check_path,) = out["checkPaths"]
@@ -149,6 +149,7 @@ def test_text_report_reads_well(cli, tmp_path):
     assert "explain: fimio diff " in err and ".check" in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("fimio: error: not reproducible: hostname (variation: hostname)")
+    assert "see the report above" in last
     assert "Traceback" not in err
 
 
