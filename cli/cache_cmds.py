@@ -113,10 +113,15 @@ def push(opts, cache, targets, key_files, jobs, as_json):
     store = opts.store(protect=True)
     paths, realisations, hashes = _push_targets(store, targets)
     backend, stats = _do_push(opts, store, cache, paths, realisations, hashes, key_files, jobs)
+    for path in stats.conflicts:  # always on stderr: a finding about reproducibility
+        click.echo(f"fimio: warning: the cache holds other contents for '{path}': its realisation was not "
+                   f"pushed (a build that is not reproducible? see 'fimio challenge {path} --cache {cache}')",
+                   err=True)
     if as_json:
         emit_json({"cache": backend.url, "paths": stats.paths, "pathsSent": stats.paths_sent,
                    "sent": stats.sent_paths, "objectsSent": stats.objects_sent, "bytesSent": stats.bytes_sent,
-                   "rawBytesSent": stats.raw_bytes_sent, "realisationsSent": stats.realisations_sent})
+                   "rawBytesSent": stats.raw_bytes_sent, "realisationsSent": stats.realisations_sent,
+                   "conflicts": stats.conflicts})
     else:
         info(opts, f"pushed {stats.paths_sent} of {stats.paths} paths to {backend.url} "
                    f"({stats.objects_sent} objects, {human_size(stats.bytes_sent)})")

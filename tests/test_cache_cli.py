@@ -330,3 +330,23 @@ def test_push_counts_only_what_it_published(world, tmp_path):
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_realisation_that_contradicts_the_cache_is_not_pushed(world, tmp_path):
+    """A and B build a derivation that is not reproducible; A pushes first. B's realisation
+    would name A's path with B's contents: B is warned and pushes none, so readers keep
+    substituting A's build instead of rebuilding every time."""
+    drv = tmp_path / "rand.toml"
+    drv.write_text('name = "rand"\nargs = ["-c", "head -c 16 /dev/urandom > $out"]\n' + SH)
+    cache = f"file://{tmp_path / 'c'}"
+    out_a = fim(world, "A", "realise", drv, "--no-out-link", check=0).stdout.strip()
+    fim(world, "B", "realise", drv, "--no-out-link", check=0)
+    fim(world, "A", "push", cache, drv, "--key", world["sk"], check=0)
+    proc = fim(world, "B", "push", cache, drv, "--key", world["sk"], "--json", check=0)
+    report = json.loads(proc.stdout)
+    assert report["realisationsSent"] == 0 and report["conflicts"] == [f"{STORE_DIR}/{os.path.basename(out_a)}"]
+    assert "the cache holds other contents for" in proc.stderr
+    proc = fim(world, "C", "realise", drv, "--no-out-link", "--json", "--substituter", cache, check=0)
+    assert json.loads(proc.stdout)["built"] == [] and "disagrees" not in proc.stderr, proc.stderr
+    out_c = fim(world, "C", "realise", drv, "--no-out-link", check=0).stdout.strip()
+    assert pathlib.Path(out_c).read_bytes() == pathlib.Path(out_a).read_bytes()

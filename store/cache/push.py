@@ -28,8 +28,8 @@ from ..threadpool import ThreadPool
 from ..tree import DirNode, FileNode, Node
 from . import packing
 from .keys import add_signature
-from .layout import (CACHE_INFO_KEY, MAX_CACHE_INFO, CacheParams, Realisation, RemoteInfo, info_key, log_key,
-                     object_key, record_key)
+from .layout import (CACHE_INFO_KEY, MAX_CACHE_INFO, MAX_INFO, CacheParams, Realisation, RemoteInfo, info_key,
+                     log_key, object_key, record_key)
 from .manifest import Chunk, LargeBlob, Manifest, Pack
 
 
@@ -45,6 +45,8 @@ class PushStats:
     raw_bytes_sent: int = 0
     realisations_sent: int = 0
     sent_paths: list[str] = field(default_factory=list)
+    # outputs whose realisation was not pushed: the cache holds other contents under that path
+    conflicts: list[str] = field(default_factory=list)
 
 
 def cache_params(backend, store_dir: str, create: bool) -> CacheParams | None:
@@ -255,6 +257,17 @@ class Pusher:
             self.stats.sent_paths.append(self.store.logical(info.path))
 
     def _push_realisation(self, r: Realisation) -> None:
+        """Publish a realisation, unless the cache already holds its output path with other
+        contents (another machine's build of a derivation that is not reproducible): a
+        realisation that contradicts the path would only make every reader build instead."""
+        store_dir = self.store.store_dir
+        if r.path.logical(store_dir) not in self.stats.sent_paths:
+            key = info_key(r.path.hash_part)
+            data = self.backend.get(key, MAX_INFO)
+            if data is not None and RemoteInfo.parse(data, store_dir, r.path.hash_part,
+                                                     f"{self.backend.url}/{key}").root != r.root:
+                self.stats.conflicts.append(r.path.logical(store_dir))
+                return
         for key in self.keys:
             r.signatures = add_signature(r.signatures, key.sign(r.fingerprint(self.store.store_dir)))
         data = r.to_json(self.store.store_dir)
