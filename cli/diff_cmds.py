@@ -29,6 +29,14 @@ def diff(opts, a, b, as_json):
     graph = Graph(store)
     report = explain(store, graph, resolve(store, graph, a), resolve(store, graph, b))
     if as_json:
-        emit_json(report.to_json())
+        from .render import names_json
+
+        data = report.to_json()
+        for side, operand in (("a", report.a), ("b", report.b)):
+            # the store path behind each operand, by both names: the output, or the .drv
+            path = operand.info.path if operand.info is not None else getattr(operand.drv, "drv_path", None)
+            if path is not None:
+                data[side].update(names_json(store, path))
+        emit_json(data)
     else:
         click.echo(report.render())

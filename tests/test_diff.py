@@ -55,6 +55,7 @@ def test_identical_derivations(cli, tmp_path):
     assert cli.out("diff", drv, b / "app.toml").endswith("identical derivations")
     data = json.loads(cli.out("diff", drv, drv, "--json"))
     assert data["identical"] and data["findings"] == [] and data["chains"] == []
+    assert data["a"]["physical"] == drv and data["a"]["path"].startswith("/fimio/store/")
 
 
 def test_env_args_builder_and_host_paths(cli, tmp_path):
@@ -158,6 +159,7 @@ def _outputs_differing_in_ten(cli, tmp_path, files: int):
 def test_output_file_comparison(cli, tmp_path):
     pa, pb = _outputs_differing_in_ten(cli, tmp_path, 3000)
     data = json.loads(cli.out("diff", pa, pb, "--json"))
+    assert (data["a"]["physical"], data["b"]["physical"]) == (pa, pb)  # both names, as every --json gives
     files = data["findings"][0]
     assert files["kind"] == "files"
     labels = {c["label"]: c["what"] for c in files["children"]}
