@@ -71,8 +71,10 @@ def run(argv: list[str] | None = None) -> int:
     except OSError as e:
         if os.environ.get("FIMIO_DEBUG") == "1":
             raise
-        where = f" '{os.fsdecode(e.filename)}'" if e.filename else ""
-        _fail(f"{e.strerror or e}{where}", "check free space and permissions of the store root")
+        if e.filename:  # the file system in trouble is the one of the file named
+            _fail(f"{e.strerror or e} '{os.fsdecode(e.filename)}'", "check free space and permissions there")
+        else:
+            _fail(f"{e.strerror or e}", "check free space and permissions of the store root and of any target")
         return 1
 
 
