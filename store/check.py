@@ -52,8 +52,8 @@ ALTERNATES = [
          env_order="reversed", dir_order="tmpfs"),
 ]
 DIFFOSCOPE_TIMEOUT = 300
-_CLOCK_TICK = 1.1  # seconds between two controls: coarser than a clock read in whole seconds
 DIFFOSCOPE_LIMIT = 64 * 1024
+_CLOCK_TICK = 1.1  # seconds between two controls: coarser than a clock read in whole seconds
 
 
 class _Plan:
