@@ -22,7 +22,7 @@ from . import fsutil
 from .derivation import Derivation
 from .errors import BuildError, IntegrityError, NotFound
 from .paths import StorePath
-from .sandbox import SandboxSpec, builder_visible
+from .sandbox import SandboxSpec, builder_visible, masked_proc_fds
 from .tree import DirNode, FileNode, Node, SymlinkNode
 
 SOURCE_DATE_EPOCH = "315532800"
@@ -97,7 +97,8 @@ class Builder:
 
     def __init__(self, store, *, cores: int = 0, keep_failed: bool = False, log_sink=None, fingerprinter=None):
         self.store = store
-        self.cores = cores or os.cpu_count() or 1
+        # the CPUs this process may use (taskset, cgroups), as nproc inside will see them
+        self.cores = cores or len(os.sched_getaffinity(0)) or 1
         self.keep_failed = keep_failed
         self.log_sink = log_sink  # callable(drv, bytes line) for -v, or None
         self.fingerprinter = fingerprinter
@@ -128,7 +129,8 @@ class Builder:
         build_dir = os.path.join(scratch, "build")
         os.mkdir(scratch_store)
         os.mkdir(build_dir)
-        os.chmod(scratch, 0o755)
+        for d in (scratch, scratch_store, build_dir):  # whatever fimio's own umask: the build sees 0755
+            os.chmod(d, 0o755)
         closure_logical = [self.store.logical(p) for p in closure]
         if not builder_visible(drv.builder, drv.host_paths, closure_logical):
             raise BuildError(f"builder '{drv.builder}' of '{drv.name}' is not visible in the sandbox",
@@ -193,7 +195,8 @@ class Builder:
         return record
 
     def _run(self, spec: SandboxSpec, drv: Derivation, log_path: str, variation: Variation) -> tuple[int, bool]:
-        argv = spec.command()
+        data_fds = masked_proc_fds()
+        argv = spec.command(data_fds)
         # The umask is set in the child only (Popen(umask=)): os.umask() would be
         # process-wide and race with parallel builds and store writes in other threads.
         # A CPU-count variation narrows this thread's affinity, which fork() copies to the
@@ -201,30 +204,30 @@ class Builder:
         # affinity is per thread, so other builds are unaffected, and restored at once.
         saved_affinity = _narrow_affinity(variation.cores)
         try:
-            with open(log_path, "wb") as log:
-                stream = self.log_sink is not None
-                proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE if stream else log,
-                    stderr=subprocess.STDOUT, env={}, start_new_session=True, umask=variation.umask,
-                )
+            # Always a pipe, read by fimio into the log: what the builder's stdout and stderr
+            # are must not depend on -v (nor name the log's physical path).
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={},
+                start_new_session=True, umask=variation.umask, pass_fds=tuple(data_fds.values()),
+            )
         finally:
             if saved_affinity is not None:
                 os.sched_setaffinity(0, saved_affinity)
+            for fd in data_fds.values():
+                os.close(fd)
         with self._lock:
             self._running.add(proc)
             if self.interrupted:
                 _kill_group(proc)
         try:
-            return self._wait(proc, drv, log_path, stream)
+            return self._wait(proc, drv, log_path)
         finally:
             with self._lock:
                 self._running.discard(proc)
 
-    def _wait(self, proc, drv: Derivation, log_path: str, stream: bool) -> tuple[int, bool]:
-        pump = None
-        if stream:
-            pump = threading.Thread(target=self._pump, args=(proc.stdout, log_path, drv), daemon=True)
-            pump.start()
+    def _wait(self, proc, drv: Derivation, log_path: str) -> tuple[int, bool]:
+        pump = threading.Thread(target=self._pump, args=(proc.stdout, log_path, drv), daemon=True)
+        pump.start()
         timed_out = False
         try:
             proc.wait(timeout=drv.timeout or None)
@@ -236,28 +239,39 @@ class Builder:
             _kill_group(proc)
             proc.wait()
             raise
-        if pump is not None:
-            pump.join()
+        pump.join()
         return proc.returncode, timed_out
 
     def _pump(self, pipe, log_path: str, drv: Derivation) -> None:
-        """Copy the builder's output to its log and to the log sink (``-v``) until it ends.
-        Whatever fails to write, the pipe is drained to its end: a builder blocked on a full
-        pipe would never finish, and the build would wait for it forever."""
+        """Copy the builder's output to its log, and line by line to the log sink (``-v``),
+        until it ends. Whatever fails to write, the pipe is drained to its end: a builder
+        blocked on a full pipe would never finish, and the build would wait for it forever.
+        Memory stays bounded however long a line is (a builder may print binary data)."""
         log = open(log_path, "ab")
-        for line in iter(pipe.readline, b""):
+        pending = b""
+        while chunk := pipe.read1(_PUMP_CHUNK):
             if log is not None:
                 try:
-                    log.write(line)
+                    log.write(chunk)
                 except OSError:  # a full disk: the log ends here
                     log = _close_quietly(log)
-            try:
-                self.log_sink(drv, line)
-            except OSError:  # the terminal went away
-                pass
+            if self.log_sink is not None:
+                *lines, pending = (pending + chunk).split(b"\n")
+                if len(pending) >= _PUMP_CHUNK:  # no newline for that long: show it anyway
+                    lines, pending = [*lines, pending], b""
+                self._to_sink(drv, [line + b"\n" for line in lines])
+        if pending:
+            self._to_sink(drv, [pending + b"\n"])
         pipe.close()
         if log is not None:
             _close_quietly(log)
+
+    def _to_sink(self, drv: Derivation, lines: list[bytes]) -> None:
+        try:
+            for line in lines:
+                self.log_sink(drv, line)
+        except OSError:  # the terminal went away; the log is still written
+            pass
 
     def _fail(self, drv: Derivation, scratch: str, log: bytes, status: int, timed_out: bool):
         if timed_out:
@@ -353,6 +367,9 @@ def _hash_and_scan(path: bytes, candidates, found: set) -> tuple[bytes, int]:
             scan_refs(tail + chunk, candidates, found)
             tail = chunk[-31:]
     return hasher.digest(), size
+
+
+_PUMP_CHUNK = 1 << 16
 
 
 def _close_quietly(f) -> None:

@@ -4,7 +4,8 @@ A build may read its ``[sandbox] host_paths`` (``/usr``, ``/bin``, ...). Walking
 on every realise costs seconds, so (``spec/sandbox.md``, "Host fingerprints"):
 
 * a host path that the package manager owns (``/usr``, ``/bin``, ``/lib*``, ``/sbin``,
-  ``/etc``, ``/opt`` on a dpkg system) is fingerprinted by the digest of dpkg's database
+  ``/opt`` on a dpkg system; not ``/etc``, whose ``hostname``, ``machine-id``, ``passwd``
+  or ``resolv.conf`` no package owns, and which is small enough to walk) is fingerprinted by the digest of dpkg's database
   (``/var/lib/dpkg/status``: every installed package and version) plus the path's own
   stat; this detects any package install, upgrade or removal, but not a file edited by
   hand without the package manager;
@@ -21,11 +22,12 @@ from __future__ import annotations
 import json
 import os
 import stat
+import threading
 
 import blake3
 
 DPKG_STATUS = "/var/lib/dpkg/status"
-PACKAGE_MANAGED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+PACKAGE_MANAGED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 _WALK_LIMIT = 20000  # entries; past this a non-package path is summarised by stats only
 
 
@@ -35,9 +37,13 @@ class HostFingerprinter:
     def __init__(self, db=None):
         self.db = db
         self._memo: dict[str, str] = {}
+        self._new: dict[bytes, str] = {}  # digests computed since the last save (one transaction)
+        self._lock = threading.Lock()  # builds fingerprint in parallel threads
 
     def _cached_file_digest(self, path: str, st: os.stat_result) -> str:
         key = f"{path}\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}".encode()
+        if key in self._new:
+            return self._new[key]
         if self.db is not None:
             with self.db.read() as txn:
                 hit = txn.get(key, db=self.db.dbs["statcache"])
@@ -48,10 +54,18 @@ class HostFingerprinter:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
         digest = h.hexdigest()
-        if self.db is not None:
-            with self.db.write() as txn:
-                txn.put(key, digest.encode(), db=self.db.dbs["statcache"])
+        self._new[key] = digest
         return digest
+
+    def _save(self) -> None:
+        """Record the digests computed since the last save, in one transaction (a first walk
+        of a tree would otherwise commit, and sync, once per file)."""
+        with self._lock:
+            new, self._new = self._new, {}
+        if self.db is not None and new:
+            with self.db.write() as txn:
+                for key, digest in new.items():
+                    txn.put(key, digest.encode(), db=self.db.dbs["statcache"])
 
     def file(self, path: str) -> str:
         """Content digest of a host file (following symlinks), or 'absent'."""
@@ -61,7 +75,10 @@ class HostFingerprinter:
             return "absent"
         if not stat.S_ISREG(st.st_mode):
             return "not-a-file"
-        return "blake3:" + self._cached_file_digest(os.path.realpath(path), st)
+        try:
+            return "blake3:" + self._cached_file_digest(os.path.realpath(path), st)
+        except OSError:
+            return "unreadable"
 
     def package_db(self) -> str:
         if "dpkg" not in self._memo:
@@ -97,7 +114,12 @@ class HostFingerprinter:
                     continue
                 rel = os.path.relpath(p, root)
                 if stat.S_ISREG(st.st_mode):
-                    digest = self._cached_file_digest(p, st) if count <= _WALK_LIMIT else f"{st.st_size}:{st.st_mtime_ns}"
+                    digest = f"{st.st_size}:{st.st_mtime_ns}"  # past the limit, or unreadable (/etc/shadow)
+                    if count <= _WALK_LIMIT:
+                        try:
+                            digest = self._cached_file_digest(p, st)
+                        except OSError:
+                            pass
                     h.update(f"f {rel} {st.st_mode & 0o111:o} {digest}\n".encode())
                 elif stat.S_ISLNK(st.st_mode):
                     h.update(f"l {rel} {os.readlink(p)}\n".encode())
@@ -108,6 +130,7 @@ class HostFingerprinter:
         record = {"hostPaths": {p: self.path(p) for p in host_paths}}
         if builder.startswith("/"):
             record["builder"] = {"path": builder, "digest": self.file(builder)}
+        self._save()
         return record
 
 

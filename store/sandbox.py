@@ -46,7 +46,9 @@ class SandboxSpec:
     build_tmpfs: bool = False  # a fresh tmpfs at build_mount instead of binding build_dir
     extra: list[str] = field(default_factory=list)
 
-    def command(self) -> list[str]:
+    def command(self, data_fds: dict[str, int] | None = None) -> list[str]:
+        """bwrap's argv. ``data_fds``: for each path of :data:`MASKED_PROC`, a readable fd
+        holding its contents (``--ro-bind-data``; see :func:`masked_proc_fds`)."""
         argv = [
             bwrap_path(),
             "--unshare-all", "--unshare-user",
@@ -76,11 +78,34 @@ class SandboxSpec:
             "--proc", "/proc", "--dev", "/dev",
             "--chdir", self.build_mount,
         ]
+        for path, fd in (data_fds or {}).items():
+            argv += ["--ro-bind-data", str(fd), path]
         for key, value in self.env:
             argv += ["--setenv", key, value]
         argv += self.extra
         argv += ["--remount-ro", "/", "--", self.builder, *self.args]  # the sandbox root tmpfs: read-only
         return argv
+
+
+# What procfs shows of the host that is the same for every build on one machine, and so a
+# silent difference between machines: their fixed contents inside every sandbox.
+MASKED_PROC = {
+    "/proc/sys/kernel/random/boot_id": b"00000000-0000-0000-0000-000000000000\n",
+    "/proc/cmdline": b"\n",
+    "/proc/keys": b"",
+}
+
+
+def masked_proc_fds() -> dict[str, int]:
+    """A pipe per :data:`MASKED_PROC` path, holding its contents, for ``--ro-bind-data``;
+    the caller passes them to bwrap and closes them after it starts."""
+    fds = {}
+    for path, data in MASKED_PROC.items():
+        r, w = os.pipe()
+        os.write(w, data)  # a few bytes: within any pipe buffer
+        os.close(w)
+        fds[path] = r
+    return fds
 
 
 def builder_visible(builder: str, host_paths: list[str], closure_logical: list[str]) -> bool:

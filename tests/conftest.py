@@ -49,18 +49,19 @@ def fimio_env(root, env: dict | None = None) -> dict:
 
 
 def run_fimio(args, root, input=None, check=None, env=None, text: bool = True,
-              timeout: float = 300, cwd=None, prefix=()) -> subprocess.CompletedProcess:
+              timeout: float = 300, cwd=None, prefix=(), preexec_fn=None) -> subprocess.CompletedProcess:
     """Run ``fimio ARGS...`` with ``FIMIO_ROOT=root``; return the CompletedProcess.
 
     ``input``: str or bytes for stdin (bytes imply ``text=False``). ``text=False`` gives
     bytes stdout/stderr (for ``dump``). ``prefix``: a command to wrap fimio in (e.g.
-    ``["setpriv", ...]``).
+    ``["setpriv", ...]``). ``preexec_fn``: run in the child before fimio starts (a umask,
+    a CPU affinity: what fimio inherits from its caller).
     """
     if isinstance(input, bytes):
         text = False
     cmd = [*prefix, fimio_executable(), *[os.fspath(a) for a in args]]
     proc = subprocess.run(cmd, input=input, capture_output=True, text=text, env=fimio_env(root, env),
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, preexec_fn=preexec_fn)
     if check is not None:
         want = 0 if check is True else int(check)
         if proc.returncode != want:

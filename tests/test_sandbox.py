@@ -575,3 +575,54 @@ def test_references_in_file_names_are_found(cli, tmp_path):
     r = realise_json(cli, f)
     a_out = outputs_of(cli, tmp_path / "a.toml")["out"]
     assert json.loads(cli.out("path-info", "--json", out_of(r)[1]))[0]["references"] == [a_out]
+
+
+# ---- what a build must not see of the machine it runs on -------------------------------------
+
+
+def _built_text(cli, tmp_path, name, script, **kw) -> str:
+    drv = write_drv(tmp_path / f"{name}.toml", name, script)
+    _, physical = out_of(realise_json(cli, drv, **kw))
+    return pathlib.Path(physical).read_text()
+
+
+def test_the_callers_umask_does_not_reach_the_build(cli, tmp_path):
+    script = "stat -c %a . /fimio/store > $out"
+    as_usual = _built_text(cli, tmp_path, "modes", script)
+    cli2 = type(cli)(tmp_path / "strict-root")
+    strict = _built_text(cli2, tmp_path, "modes", script, preexec_fn=lambda: os.umask(0o077))
+    assert as_usual == strict == "755\n755\n"
+
+
+def test_the_builders_output_is_the_same_kind_of_file_with_and_without_v(cli, tmp_path):
+    script = 'kind=$(stat -L -c %F /proc/self/fd/2); where=$(readlink /proc/self/fd/2); echo "$kind $where" > $out'
+    quiet = _built_text(cli, tmp_path, "fds", script)
+    cli2 = type(cli)(tmp_path / "verbose-root")
+    drv = write_drv(tmp_path / "fds.toml", "fds", script)
+    out = cli2("realise", "-v", "--no-out-link", drv, check=0).stdout.strip()
+    verbose = pathlib.Path(out).read_text()
+    assert quiet.split()[0] == verbose.split()[0] == "fifo", (quiet, verbose)
+    assert quiet.split()[1].startswith("pipe:[")  # the log's physical path is not named
+
+
+def test_machine_identities_in_proc_are_masked(cli, tmp_path):
+    text = _built_text(cli, tmp_path, "ids", "cat /proc/sys/kernel/random/boot_id /proc/cmdline /proc/keys > $out")
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        host_boot_id = f.read()
+    assert text == "00000000-0000-0000-0000-000000000000\n\n" and host_boot_id not in text
+
+
+def test_the_build_cores_are_the_cpus_fimio_may_use(cli, tmp_path):
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing to narrow")
+    cpu = min(os.sched_getaffinity(0))
+    text = _built_text(cli, tmp_path, "cpus", "echo $FIMIO_BUILD_CORES > $out; nproc >> $out",
+                       preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    assert text == "1\n1\n"
+
+
+def test_etc_is_fingerprinted_by_its_contents():
+    from fimio.store.hostfp import HostFingerprinter
+
+    record = HostFingerprinter().path("/etc")
+    assert record["kind"] == "tree" and record["digest"].startswith("blake3:")
