@@ -288,3 +288,17 @@ def test_prefetch_bad_cache_url_is_usage_error(tmp_path, online):
     cli = Fimio(tmp_path / "root")
     proc = cli("prefetch", "--to", "ftp://x/y", *online.targets, env=online.env)
     assert_one_error_line(proc, 2, "bad cache URL")
+
+
+@needs_unshare
+def test_offline_takes_cache_urls_as_online_does(online, prefetched, tmp_path):
+    """A path where a URL belongs is exit 2 (not silently dropped, then exit 5); FILE:// is
+    the file scheme, usable offline."""
+    _, cache, _ = prefetched
+    cli = Fimio(tmp_path / "airgapped")
+    for bad in (str(cache), "ftp://x/y"):
+        proc = cli("realise", "--offline", "--no-out-link", "--substituter", bad, *online.targets,
+                   env=online.offline_env, prefix=UNSHARE)
+        assert_one_error_line(proc, 2, "bad cache URL")
+    out = _realise_offline(cli, online, "--substituter", f"FILE://{cache}", *online.targets)
+    _assert_full_rebuild(cli, online, out)

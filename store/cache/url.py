@@ -119,12 +119,14 @@ def open_backend(url: str | CacheURL, token: str | None = None):
 
 
 def offline_usable(urls, note) -> list[str]:
-    """The caches an offline command may read (``file://``); the others, which it must not
-    even connect to (spec/offline.md), are named to ``note(message)``."""
-    dropped = [u for u in urls if not u.startswith("file://")]
+    """The caches an offline command may read (``file://``, in any letter case); the others,
+    which it must not even connect to (spec/offline.md), are named to ``note(message)``.
+    UsageError for a URL that is no cache URL at all."""
+    local = {u: parse_cache_url(u).scheme == "file" for u in urls}  # a malformed URL: exit 2, as online
+    dropped = [u for u, ok in local.items() if not ok]
     if dropped:
         note(f"offline: not using {', '.join(dropped)}")
-    return [u for u in urls if u.startswith("file://")]
+    return [u for u, ok in local.items() if ok]
 
 
 def open_with_config(url: str, config=None):
