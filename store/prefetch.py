@@ -79,6 +79,7 @@ def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
     or already valid are left alone. Returns the ``.drv`` paths fetched. Raises NotFound
     naming every ``.drv`` that no substituter holds (complete)."""
     wanted: list[StorePath] = []
+    unknown: list[str] = []  # hash parts no store nor substituter knows
     for target in targets:
         if is_derivation_file(store, target):
             continue
@@ -90,7 +91,8 @@ def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
                 continue
             path = substituters.lookup_hash(base)
             if path is None:
-                continue  # Graph.target reports it
+                unknown.append(base)
+                continue
         else:
             try:
                 path = StorePath.parse(base)
@@ -98,16 +100,21 @@ def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
                 continue
         if path.name.endswith(".drv") and not store.is_valid(path):
             wanted.append(path)
-    if not wanted:
-        return []
     if store.temp_roots is not None:
         store.temp_roots.add(wanted)
-    got = substituters.substitute(wanted)
+    got = substituters.substitute(wanted) if wanted else set()
     missing = [p for p in wanted if p not in got]
-    if missing:
-        raise NotFound(f"{len(missing)} derivation(s) are neither in this store nor in any substituter",
-                       "instantiate the derivation files, or prefetch/import them",
-                       details=[f"{store.logical(p)}: derivation not obtainable" for p in missing])
+    if missing or unknown:
+        details = [f"{h}: no store path with this hash here or in any substituter" for h in unknown]
+        for p in missing:
+            lacking = substituters.incomplete.get(p)
+            details.append(f"{store.logical(p)}: held by a substituter, but not what it refers to: "
+                           + ", ".join(store.logical(r) for r in lacking) if lacking
+                           else f"{store.logical(p)}: derivation not obtainable")
+        raise NotFound(f"{len(details)} derivation(s) cannot be had from this store or any substituter",
+                       "instantiate the derivation files, or prefetch/import them", details=details)
+    if not wanted:
+        return []
     if store.temp_roots is not None:
         store.temp_roots.add(store.closure(wanted))
     return wanted

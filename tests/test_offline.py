@@ -302,3 +302,28 @@ def test_offline_takes_cache_urls_as_online_does(online, prefetched, tmp_path):
         assert_one_error_line(proc, 2, "bad cache URL")
     out = _realise_offline(cli, online, "--substituter", f"FILE://{cache}", *online.targets)
     _assert_full_rebuild(cli, online, out)
+
+
+def test_missing_derivations_are_named_at_once_with_what_each_lacks(online, prefetched, tmp_path):
+    """Bare hash parts nobody knows are named together with the .drv paths; a .drv the cache
+    holds without a source it refers to is named with that source, not called absent."""
+    import shutil
+
+    _, cache, _ = prefetched
+    partial = tmp_path / "partial"
+    shutil.copytree(cache, partial)
+    sources = [f for f in (partial / "info").iterdir()
+               if not json.loads(f.read_text())["path"].endswith(".drv")
+               and json.loads(f.read_text())["path"] != online.fod_output]
+    victim = json.loads(sources[0].read_text())["path"]
+    sources[0].unlink()
+    cli = Fimio(tmp_path / "airgapped")
+    nobody = ["0" * 32, "1" * 32]
+    proc, took = _timed(cli, "realise", "--offline", "--no-out-link", "--substituter", f"file://{partial}",
+                        *nobody, *online.drvs, env=online.offline_env, check=5)
+    assert took < 1.0
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("fimio: error: ") and "cannot be had" in lines[-1]
+    for h in nobody:
+        assert any(line.strip().startswith(f"{h}: no store path") for line in lines), proc.stderr
+    assert victim in proc.stderr and "held by a substituter, but not what it refers to" in proc.stderr

@@ -77,6 +77,9 @@ class SubstituterSet:
         self.subs = [Substituter(u, open_with_config(u, config), i) for i, u in enumerate(dict.fromkeys(urls))]
         self.pool = ThreadPool(max_workers=max(2, jobs))
         self.stats = FetchStats()
+        # wanted paths of the last substitution that a substituter holds but could not give
+        # whole: what of their closure no substituter (nor this store) has
+        self.incomplete: dict[StorePath, list[StorePath]] = {}
 
     @classmethod
     def from_config(cls, store, config, urls=None, **kw) -> "SubstituterSet":
@@ -226,6 +229,7 @@ class SubstituterSet:
                             nxt.append(r)
             frontier = nxt
         complete = _complete(store, chosen)
+        self.incomplete = {p: _lacking(store, chosen, p) for p in wanted if p in chosen and p not in complete}
         # a needed path that only exists wrongly signed or corrupt is an alarm, not a miss
         for p, e in refused_all.items():
             if p not in chosen and _needed(p, wanted, chosen):
@@ -312,6 +316,21 @@ def _complete(store, chosen: dict) -> set[StorePath]:
     for p in chosen:
         check(p)
     return {p for p, good in ok.items() if good and p in chosen}
+
+
+def _lacking(store, chosen: dict, top: StorePath) -> list[StorePath]:
+    """The paths of ``top``'s closure that are neither valid here nor chosen (held by a substituter)."""
+    lacking, seen, todo = [], {top}, [top]
+    while todo:
+        for r in chosen[todo.pop()][1].references:
+            if r in seen:
+                continue
+            seen.add(r)
+            if r in chosen:
+                todo.append(r)
+            elif not store.is_valid(r):
+                lacking.append(r)
+    return sorted(lacking)
 
 
 def _needed(p: StorePath, wanted, chosen) -> bool:
