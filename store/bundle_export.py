@@ -318,13 +318,17 @@ def plan_export(store, targets, closure: bool = False, with_sources: bool = Fals
             path, sub = store.resolve(target)
             if sub:
                 raise UsageError(f"'{target}' is a file inside a store path", "give the store path itself")
-            roots.append(path)
             deriver = store.info(path).deriver
-            if with_sources and deriver and store.is_valid(StorePath.parse(deriver)):
-                drvs.append(graph.load(store.logical_base(deriver)))
+            if not (sources_only and deriver):  # a path nothing derived is a source itself
+                roots.append(path)
+            if with_sources and deriver:
+                if store.is_valid(StorePath.parse(deriver)):
+                    drvs.append(graph.load(store.logical_base(deriver)))
+                else:
+                    missing.append(f"{store.logical(path)}: its derivation {deriver} (for its sources)")
     if missing:
-        raise NotFound(f"{len(missing)} output(s) to export are not valid here", "run 'fimio realise' first",
-                       details=missing)
+        raise NotFound(f"{len(missing)} item(s) to export are not valid here",
+                       "run 'fimio realise' (or instantiate the derivation files) first", details=missing)
     if with_sources and drvs:
         rs = rebuild_set(store, graph, drvs)
         closed.extend(rs.paths)

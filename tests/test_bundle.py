@@ -321,6 +321,25 @@ def test_airgapped_transfer_of_example_graph(online, tmp_path, mode):
     assert again["built"] == [] and [t["drvPath"] for t in again["targets"]] == online.drvs
 
 
+def test_sources_of_a_store_path_target_mean_its_derivation_s(online, tmp_path):
+    """An output given as a store path stands for its derivation: --sources-only leaves the
+    output out, as for a derivation target; a deriver that is not valid here is named."""
+    out_path = online.outputs[0]
+    as_path = json.loads(online.ref.out("export", out_path, "--sources-only", "-o", tmp_path / "p.bundle", "--json",
+                                        env=online.env))
+    assert out_path not in {p["path"] for p in as_path["paths"]}
+    assert any(p["path"].endswith(".drv") for p in as_path["paths"])
+    # a store that holds the output but not its derivation
+    elsewhere = Fimio(tmp_path / "elsewhere")
+    bundle = tmp_path / "only-output.bundle"
+    online.ref.out("export", out_path, "-o", bundle, env=online.env)
+    elsewhere.out("import", bundle, env=online.env)
+    for mode in ("--sources-only", "--with-sources"):
+        proc = elsewhere("export", out_path, mode, "-o", tmp_path / "x.bundle", env=online.env)
+        assert proc.returncode == 5 and "its derivation" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.bundle").exists()
+
+
 # ---- memory --------------------------------------------------------------------------------
 
 
