@@ -445,12 +445,15 @@ def fetch(store, drv: Derivation, offline: bool = False, interrupted=lambda: Fal
             reason = f"a broken answer ({type(e).__name__})"
         else:
             reason = getattr(e, "reason", None) or e
-        raise NotFound(f"cannot fetch {url} for '{drv.name}': {reason}") from None
+        raise NotFound(f"cannot fetch {url} for '{drv.name}': {reason}",
+                       "check the URL and the network, or import the file from a bundle or cache") from None
     got = hasher.hexdigest()
     if got != want:
         fsutil.remove_tree(scratch)
         raise IntegrityError(f"hash mismatch in fixed-output derivation '{drv.name}' from {url}: "
-                             f"declared {declared}, got {algo}:{got}", expected=declared, got=f"{algo}:{got}")
+                             f"declared {declared}, got {algo}:{got}",
+                             "the file at the URL changed, or the declared hash is wrong; nothing was registered",
+                             expected=declared, got=f"{algo}:{got}")
     os.chmod(tmp, 0o444)
     digest, size = _hash_and_scan(os.fsencode(tmp), {}, set())
     store.blobs.adopt(os.fsencode(tmp), digest, False)

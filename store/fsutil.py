@@ -157,7 +157,7 @@ def open_input(path: str, kind: str):
     try:
         return open(path, "rb")
     except FileNotFoundError:
-        raise NotFound(f"{kind} '{path}' does not exist") from None
+        raise NotFound(f"{kind} '{path}' does not exist", "check the name") from None
     except IsADirectoryError:
         raise UsageError(f"'{path}' is a directory, not a {kind}") from None
     except OSError as e:
