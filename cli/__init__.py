@@ -57,7 +57,10 @@ def run(argv: list[str] | None = None) -> int:
             print(e.ctx.get_help(), file=sys.stderr)
             return 2
         if isinstance(e, click.UsageError) and e.ctx is not None:
-            _fail(e.format_message(), f"see '{e.ctx.command_path} --help'")
+            # click's "No such option '--chek'. (Did you mean '--check'?)": one what, one hint
+            what, _, guess = e.format_message().partition(" (Did you mean")
+            guess = f"did you mean{guess[:-1]} " if guess.endswith(")") else ""
+            _fail(what.rstrip("."), f"{guess}see '{e.ctx.command_path} --help'")
         else:
             _fail(e.format_message())
         return 2

@@ -71,7 +71,7 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 @click.argument("targets", nargs=-1, required=True)
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel builds [default: config 'jobs' or cores].")
 @click.option("--check", is_flag=True, help="Build again and compare bit for bit (exit 3 on a difference).")
-@click.option("--rounds", type=click.IntRange(min=2), help="With --check: build N times in all (N >= 2, default 2), compare every pair.")
+@click.option("--rounds", type=click.IntRange(min=2), help="Build N times in all (N >= 2; implies --check, whose default is 2) and compare every pair.")
 @click.option("--vary", is_flag=True, help="With --check: vary TZ, locale, umask, hostname, uid/gid, cores, env order, build dir, directory order between rounds.")
 @click.option("-K", "--keep-failed", is_flag=True, help="Keep the build directory of a failed build.")
 @click.option("--offline", is_flag=True, default=None, help="Never touch the network: local store and file:// substituters only.")
@@ -109,7 +109,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
     if options.substituters is not None and progress.enabled:
         options.substituters.stats.progress = progress.substituting
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
-    realiser.warn = lambda message: info(opts, f"warning: {message}")
+    realiser.warn = lambda message: info(opts, f"fimio: warning: {message}")
     try:
         outcome = realiser.realise(list(targets))
         checks = None
@@ -129,7 +129,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
         realiser.close()
         if options.substituters is not None:
             for err in options.substituters.errors:
-                info(opts, f"warning: {err.message}")
+                info(opts, f"fimio: warning: {err.message}")
             options.substituters.close()
     links = {} if no_out_link else _out_links(store, outcome, out_link)
     if as_json:

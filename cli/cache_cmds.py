@@ -158,7 +158,8 @@ def _remote_path(store, subs, text: str):
 @click.command()
 @click.option("--from", "src", metavar="URL", help="Cache to copy from (into this store, or on to --to).")
 @click.option("--to", "dst", metavar="URL", help="Cache to copy to (from this store, or from --from).")
-@click.option("--key", "key_files", multiple=True, metavar="FILE", help="Secret key file to sign with (with --to).")
+@click.option("--key", "key_files", multiple=True, metavar="FILE", help="With --to: secret key file to sign with "
+              "(repeatable) [default: config secret-key-files].")
 @click.option("--no-check-sigs", is_flag=True, help="With --from: accept unsigned paths (contents are still verified).")
 @click.argument("paths", nargs=-1, required=True)
 @json_option
@@ -172,7 +173,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
     from fimio.store.cache.url import parse_cache_url
 
     if not src and not dst:
-        raise UsageError("give --from URL, --to URL or both")
+        raise UsageError("give --from URL, --to URL or both", "see 'fimio copy --help'")
     for u in (src, dst):
         if u:
             parse_cache_url(u)
@@ -184,6 +185,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
         with SubstituterSet(store, [src], config.trusted_public_keys,
                             require_sigs=config.require_sigs and not no_check_sigs, config=config) as subs:
             wanted = [_remote_path(store, subs, p) for p in paths]
+            before = store.path_count()
             progress = ByteProgress(opts, f"copying from {src}")
             subs.stats.progress = progress.callback
             try:
@@ -193,7 +195,8 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
             missing = [p for p in wanted if p not in got]
             if missing:
                 raise NotFound(f"'{store.logical(missing[0])}' is not in cache '{src}' (or its closure is incomplete)")
-            info(opts, f"copied {len(wanted)} path(s) from {src} ({subs.stats.objects} objects, "
+            fetched = store.path_count() - before  # closures included; 0 when all were here
+            info(opts, f"copied {fetched} path(s) from {src} ({subs.stats.objects} objects, "
                        f"{human_size(subs.stats.bytes)} downloaded)")
     else:
         wanted = [store.resolve(p)[0] for p in paths]

@@ -46,7 +46,7 @@ def _offline(opts, flag) -> tuple[bool, str]:
 @click.option("--substituter", "substituters", multiple=True, metavar="URL",
               help="A cache to take .drv files and fixed outputs from (repeatable; replaces the config's list).")
 @click.option("--no-substitute", is_flag=True, help="Fetch every fixed output from its URL.")
-@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel fetches.")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel fetches [default: config 'jobs' or cores].")
 @json_option
 @global_options
 @pass_options
@@ -87,12 +87,12 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
             backend = open_with_config(to_url, opts.config())
         result = do_prefetch(store, list(targets), substituters=subs, offline=offline,
                              jobs=jobs or opts.config().jobs or 0, to_backend=backend, keys=keys,
-                             warn=lambda m: info(opts, f"warning: {m}"))
+                             warn=lambda m: info(opts, f"fimio: warning: {m}"))
     finally:
         progress.done()
         if subs is not None:
             for err in subs.errors:
-                info(opts, f"warning: {err.message}")
+                info(opts, f"fimio: warning: {err.message}")
             subs.close()
         if backend is not None:
             backend.close()
@@ -261,7 +261,7 @@ def import_(opts, file, no_check_sigs, as_json):
     with _bundle_source(file) as f:
         try:
             result = import_bundle(store, _Counted(f, progress) if progress.enabled else f, trusted, require,
-                                   warn=lambda m: info(opts, f"warning: {m}"))
+                                   warn=lambda m: info(opts, f"fimio: warning: {m}"))
         finally:
             progress.done()
     imported = set(result.imported)

@@ -137,4 +137,4 @@ def verify(opts, check_contents, repair, substituters, as_json):
             info(opts, f"verified {len(store.all_paths())} paths: no problems")
     if problems:
         raise IntegrityError(f"{len(problems)} problem(s) found in the store",
-                             "run 'fimio verify --repair' with a substituter" if not repair else None)
+                             "run 'fimio verify --check-contents --repair' with a substituter" if not repair else None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import blake3
 
-from .errors import IntegrityError, UsageError
+from .errors import IntegrityError, NotFound, UsageError
 from .forkpool import hash_threads
 
 DIGEST_SIZE = 32
@@ -239,7 +239,7 @@ def scan(path: str | os.PathLike, on_file=None) -> Node:
     try:
         st = os.lstat(root)
     except FileNotFoundError:
-        raise UsageError(f"path '{os.fsdecode(root)}' does not exist") from None
+        raise NotFound(f"path '{os.fsdecode(root)}' does not exist", "check the name") from None
     except OSError as e:
         raise UsageError(f"cannot read '{os.fsdecode(root)}': {e.strerror}") from None
     return _scan_entry(root, st, on_file, 0)

@@ -107,6 +107,17 @@ def test_push_of_unbuilt_derivation_is_not_found(world, tmp_path):
     assert_one_error_line(fim(world, "A", "push", f"file://{tmp_path / 'c'}", app), 5, "realise")
 
 
+def test_copy_counts_the_paths_it_fetched(world, tmp_path):
+    app = graph(tmp_path / "g")
+    out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    cache = f"file://{tmp_path / 'c'}"
+    fim(world, "A", "push", cache, out, "--key", world["sk"], check=0)
+    closure = fim(world, "A", "query", "--requisites", out, check=0).stdout.split()
+    first = fim(world, "B", "copy", "--from", cache, out, check=0).stderr
+    assert f"copied {len(closure)} path(s)" in first, first
+    assert "copied 0 path(s)" in fim(world, "B", "copy", "--from", cache, out, check=0).stderr
+
+
 def test_copy_to_from_and_between_caches(world, tmp_path):
     (tmp_path / "f.txt").write_text("payload\n")
     path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()

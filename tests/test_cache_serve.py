@@ -64,7 +64,7 @@ def test_tokens_and_scopes(world, tmp_path):
     srv = Serve(f"file://{tmp_path / 'cache'}", tmp_path, tokens={WRITE_TOKEN: "write", READ_TOKEN: "read"})
     try:
         assert_one_error_line(push(world, srv.url), 6, "HTTP 401", "token")
-        assert_one_error_line(push(world, srv.url, READ_TOKEN), 6, "HTTP 403")
+        assert_one_error_line(push(world, srv.url, READ_TOKEN), 6, "HTTP 403", "lacks write rights")
         assert_one_error_line(push(world, srv.url, "wrong-token-123456"), 6, "HTTP 401")
         assert push(world, srv.url, WRITE_TOKEN).returncode == 0
         assert_one_error_line(copy(world, srv.url, "B0"), 6, "HTTP 401")
@@ -183,6 +183,8 @@ def test_bad_tokens_file_and_listen(tmp_path):
     assert_one_error_line(proc, 2, "--listen")
     proc = run_fimio(["serve", "--cache", "ftp://x"], tmp_path / "R")
     assert_one_error_line(proc, 2, "bad cache URL")
+    proc = run_fimio(["serve", "--cache", "http://127.0.0.1:9"], tmp_path / "R")  # not a cache it can serve
+    assert_one_error_line(proc, 2, "serves file:// and s3://")
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path, monkeypatch):

@@ -348,10 +348,12 @@ def test_a_damaged_path_record_is_reported_never_a_traceback(cli, tmp_path, dama
 # ---- bad input (contract acceptance 6) ---------------------------------------------------
 
 def test_add_nonexistent_path(cli, tmp_path):
+    """A file a command should read that does not exist is "not found" (5), for add and hash
+    as for realise of a derivation file or import of a bundle."""
     proc = cli("add", tmp_path / "does-not-exist")
-    assert_one_error_line(proc, 2, "does-not-exist")
+    assert_one_error_line(proc, 5, "does-not-exist")
     assert proc.stdout == ""
-    assert_one_error_line(cli("hash", tmp_path / "does-not-exist"), 2, "does-not-exist")
+    assert_one_error_line(cli("hash", tmp_path / "does-not-exist"), 5, "does-not-exist")
 
 
 def _drop_root_read_bypass() -> list[str]:
@@ -418,6 +420,11 @@ def test_add_invalid_default_name_needs_name(cli, tmp_path):
 
 def test_bad_flag_and_bad_store_path(cli, tmp_path):
     assert_one_error_line(cli("add", "--no-such-flag", tmp_path), 2)
+    # click's suggestion becomes part of the one hint, with no stray period before it
+    proc = cli("realise", "--chek", tmp_path)
+    assert_one_error_line(proc, 2)
+    assert proc.stderr.strip() == ("fimio: error: No such option '--chek' (did you mean one of: '--check', "
+                                   "'--help'? see 'fimio realise --help')")
     assert_one_error_line(cli("ls", "not-a-store-path"), 2)
     assert_one_error_line(cli("cat", str(tmp_path)), 5, str(tmp_path))
 

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fimio.store.errors import UsageError
+from fimio.store.errors import NotFound, UsageError
 from fimio.store.paths import (NIX_BASE32, StorePath, check_name, nix_base32, output_path,
                                source_path, text_path)
 from fimio.store.tree import (DirNode, FileNode, SymlinkNode, TreeError, decode_dir,
@@ -355,7 +355,7 @@ def test_scan_rejects_special_files_and_missing_paths(tmp_path):
             scan(t)
     finally:
         sock.close()
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(NotFound, match="does not exist"):
         scan(tmp_path / "missing")
 
 

@@ -75,7 +75,12 @@ def map_error(url: str, key: str, e: Exception, writing: bool = False) -> Except
     status = int(m.group(1)) if m else None
     verb = "upload" if writing else "read"
     if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
-        hint = _TOKEN_HINT if url.startswith("http") else "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        if not url.startswith("http"):
+            hint = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        elif status == 403 and writing:
+            hint = "the token lacks write rights: use one marked 'write' in the server's tokens file"
+        else:
+            hint = _TOKEN_HINT
         return RemoteError(f"cache '{url}' refused to let us {verb} '{key}' (HTTP {status or 403})", hint)
     if "NoSuchBucket" in text:
         return RemoteError(f"the bucket of cache '{url}' does not exist", "create it first")

@@ -74,6 +74,9 @@ class CacheServer:
         from .url import open_backend, parse_cache_url
 
         self.url = parse_cache_url(cache_url)
+        if self.url.scheme not in ("file", "s3"):
+            raise UsageError(f"fimio serve serves file:// and s3:// caches, not '{self.url.text}'",
+                             "point clients at that server directly")
         self.root = self.url.location if self.url.scheme == "file" else None
         self.backend = None if self.root else open_backend(self.url)
         self.tokens = tokens
