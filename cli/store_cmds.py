@@ -53,7 +53,7 @@ def _open_sub(store, target, follow: bool = False):
         if real != base and not real.startswith(base + "/"):
             raise UsageError(f"'{target}' leaves its store path")
     if not os.path.lexists(full):
-        raise NotFound(f"'{target}' does not exist")
+        raise NotFound(f"'{target}' does not exist", f"'fimio ls {path.hash_part}' lists what is there")
     return full
 
 

@@ -158,21 +158,28 @@ class LocalStore:
                 rest = text[len(prefix):]
                 break
         else:
-            if os.path.isabs(text) or os.path.lexists(text):
-                real = os.path.realpath(text)
+            if os.path.isabs(text) or os.path.lexists(text.split("/", 1)[0]):
+                # a file path (./result/bin/x): its longest existing prefix locates it
+                head, missing = text.rstrip("/") or "/", ""
+                while not os.path.lexists(head) and "/" in head.strip("/"):
+                    head, _, last = head.rpartition("/")
+                    missing = f"{last}/{missing}" if missing else last
+                real = os.path.realpath(head) + (f"/{missing}" if missing else "")
                 if real.startswith(self.store + "/"):
                     rest = real[len(self.store) + 1:]
+                elif missing or not os.path.lexists(head):
+                    raise NotFound(f"'{text}' does not exist", "give a store path, an out-link or a hash part")
                 else:
                     raise NotFound(f"'{text}' is not in the store", "give a store path or its hash part")
         base, _, sub = rest.partition("/")
         if is_hash_part(base):
             info = self.query_hash(base)
             if info is None:
-                raise NotFound(f"no valid store path with hash '{base}'")
+                raise NotFound(f"no valid store path with hash '{base}'", "check the hash, or 'fimio copy' the path")
             return info.path, sub
         path = StorePath.parse(base)
         if must_be_valid and not self.is_valid(path):
-            raise NotFound(f"'{self.logical(path)}' is not valid in this store")
+            raise NotFound(f"'{self.logical(path)}' is not valid in this store", "realise, add or copy it first")
         return path, sub
 
     # ---- queries -----------------------------------------------------------------------

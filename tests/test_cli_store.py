@@ -418,6 +418,18 @@ def test_add_invalid_default_name_needs_name(cli, tmp_path):
     assert cli.out("add", "--name", "my-package", src).endswith("-my-package")
 
 
+def test_a_file_path_that_does_not_exist_is_not_found(cli, tmp_path):
+    """./nope is a missing file, not a bad store-path name; ./result/nope is a missing file
+    inside the store path the out-link points to."""
+    src = make_pkg(tmp_path / "pkg")
+    p = cli.out("add", src)
+    os.symlink(p, tmp_path / "result")
+    for args in (["path-info", "./nope"], ["log", "./nope"], ["cat", "./result/nope"], ["cat", "./nope/x"]):
+        proc = cli(*args, cwd=tmp_path)
+        assert_one_error_line(proc, 5, "does not exist")
+    assert cli("cat", "./result/share/doc/README", cwd=tmp_path, check=0).stdout == "read me\n"
+
+
 def test_bad_flag_and_bad_store_path(cli, tmp_path):
     assert_one_error_line(cli("add", "--no-such-flag", tmp_path), 2)
     # click's suggestion becomes part of the one hint, with no stray period before it
