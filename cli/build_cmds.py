@@ -215,7 +215,7 @@ def log(opts, target):
     """Print the build log of TARGET (a derivation file, .drv path or output path)."""
     from fimio.store.realise import read_log
 
-    store = opts.store()
+    store = opts.store(create=False)
     drv = _drv_of(store, target)
     sys.stdout.buffer.write(read_log(store, drv.drv_hash))
 
@@ -229,7 +229,7 @@ def provenance(opts, target, as_json):
     """Show the build records of TARGET: host, kernel, CPU, versions, host fingerprints, times, result."""
     from fimio.store.provenance import provenance_report
 
-    store = opts.store()
+    store = opts.store(create=False)
     drv = _drv_of(store, target)
     report = provenance_report(store, drv)
     if as_json:
@@ -246,7 +246,7 @@ def provenance(opts, target, as_json):
 @pass_options
 def why_depends(opts, a, b, as_json):
     """Show the reference chain from store path A to store path B."""
-    store = opts.store()
+    store = opts.store(create=False)
     pa, _ = store.resolve(a)
     pb, _ = store.resolve(b)
     parents = {pa: None}
@@ -284,7 +284,7 @@ def run(opts, target, command):
 
     from fimio.store.sandbox import bwrap_path
 
-    store = opts.store()
+    store = opts.store(create=False)
     path, _ = store.resolve(target)
     logical = store.logical(path)
     env = dict(os.environ)

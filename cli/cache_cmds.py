@@ -110,7 +110,7 @@ def push(opts, cache, targets, key_files, jobs, as_json):
     from fimio.store.cache.url import parse_cache_url
 
     parse_cache_url(cache)  # a bad URL is exit 2 before any work
-    store = opts.store(protect=True)
+    store = opts.store(protect=True, create=False)
     paths, realisations, hashes = _push_targets(store, targets)
     backend, stats = _do_push(opts, store, cache, paths, realisations, hashes, key_files, jobs)
     for path in stats.conflicts:  # always on stderr: a finding about reproducibility

@@ -53,7 +53,7 @@ def roots(opts, as_json):
     """List the GC roots: out-links, registered roots and temp roots of running processes."""
     from fimio.store.gc import roots_report
 
-    store = opts.store()
+    store = opts.store(create=False)
     report = roots_report(store)
     if as_json:
         emit_json({k: names_json(store, v) for k, v in report.items()})

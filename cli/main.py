@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 
 import click
@@ -75,12 +76,19 @@ class Options:
             self._config = load_config()
         return self._config
 
-    def store(self, protect: bool = False):
+    def store(self, protect: bool = False, create: bool = True):
         """Open the store once per command. ``protect``: give it temp roots for the rest of
-        the command, so the paths it reads or adds survive a concurrent ``gc``."""
+        the command, so the paths it reads or adds survive a concurrent ``gc``. ``create``:
+        false for commands that only read: a store root that does not exist (a mistyped
+        --root) is then "no store there", not a new empty store."""
         if self._store is None:
+            from fimio.store.config import resolve_root
+            from fimio.store.errors import NotFound
             from fimio.store.local import LocalStore
 
+            if not create and not os.path.isdir(os.path.join(resolve_root(self.root), "db")):
+                raise NotFound(f"no store at '{resolve_root(self.root)}'",
+                               "check --root or FIMIO_ROOT; 'fimio add' or 'fimio realise' creates a store")
             self._store = LocalStore.open(self.root, self.store_dir)
         if protect and self._store.temp_roots is None:
             from fimio.store.roots import TempRoots

@@ -144,7 +144,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
 
     if output == "-" and sys.stdout.isatty():
         raise UsageError("refusing to write a binary bundle to a terminal", "redirect stdout, or give -o FILE")
-    store = opts.store(protect=True)
+    store = opts.store(protect=True, create=False)
     keys = _signing_keys(opts, key_files)
     plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
                        sources_only=sources_only, with_logs=with_logs)

@@ -20,7 +20,7 @@ from .render import human_size, names_json, path_json
 @pass_options
 def path_info(opts, paths, recursive, closure_size, human_readable, as_json):
     """Show digest, size, closure size, references, deriver and signatures of store paths."""
-    store = opts.store()
+    store = opts.store(create=False)
     targets = [store.resolve(p)[0] for p in paths]
     if recursive:
         targets = store.closure(targets)
@@ -68,7 +68,7 @@ def query(opts, paths, references, referrers, requisites, tree, as_json):
     if len(modes) != 1:
         raise click.UsageError("give exactly one of --references, --referrers, --requisites, --tree")
     (mode,) = modes
-    store = opts.store()
+    store = opts.store(create=False)
     targets = [store.resolve(p)[0] for p in paths]
     if mode == "tree":
         if as_json:

@@ -63,7 +63,7 @@ def _open_sub(store, target, follow: bool = False):
 @pass_options
 def cat(opts, target):
     """Print a file of the store (STOREPATH or STOREPATH/SUB) to stdout."""
-    full = _open_sub(opts.store(), target, follow=True)
+    full = _open_sub(opts.store(create=False), target, follow=True)
     if os.path.isdir(full):
         raise UsageError(f"'{target}' is a directory", "use 'fimio ls'")
     out = sys.stdout.buffer
@@ -83,7 +83,7 @@ def cat(opts, target):
 @pass_options
 def ls(opts, target, recursive, long_, as_json):
     """List a directory of the store."""
-    full = _open_sub(opts.store(), target)
+    full = _open_sub(opts.store(create=False), target)
     entries = list(_walk(full, "", recursive))
     if as_json:
         emit_json([{"name": n, "type": t, "size": s, "target": tg} for n, t, s, tg in entries])
@@ -126,7 +126,7 @@ def dump(opts, target):
     """Write the Nix archive (NAR) of a store path to stdout, byte-identical to `nix-store --dump`."""
     from fimio.store import nar
 
-    full = _open_sub(opts.store(), target)
+    full = _open_sub(opts.store(create=False), target)
     if sys.stdout.isatty():
         raise UsageError("refusing to write a binary archive to a terminal", "redirect stdout")
     sys.stdout.flush()

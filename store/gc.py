@@ -1,7 +1,7 @@
 """Garbage collection: delete every valid path not reachable from a root.
 
 Roots are the registered roots (out-links, ``gcroots/``) and the temp roots of running
-processes (``roots.py``). Writers hold the GC lock shared while they publish blobs and
+processes (``roots.py``); a live path keeps what it refers to and the ``.drv`` that built it. Writers hold the GC lock shared while they publish blobs and
 register paths, and GC holds it exclusively for its whole run, so a collection never
 races a registration. Paths are invalidated referrers-first (so no valid path ever refers
 to an invalid one, even if GC is killed) and their files deleted after; unreferenced
@@ -26,7 +26,10 @@ class GcResult:
 
 
 def reachable(store, roots) -> set[str]:
-    """Hash parts of every valid path reachable from ``roots`` (base names or StorePaths)."""
+    """Hash parts of every valid path reachable from ``roots`` (base names or StorePaths):
+    through references, and from a live output to the ``.drv`` that built it (as Nix's
+    ``keep-derivations``: ``fimio realise --check``, ``diff`` and ``provenance`` of a live
+    output need its derivation, whose own references then keep its sources)."""
     seen: set[str] = set()
     stack = [r if isinstance(r, str) else r.base for r in roots]
     while stack:
@@ -39,6 +42,8 @@ def reachable(store, roots) -> set[str]:
             continue
         seen.add(hash_part)
         stack.extend(r.base for r in info.references)
+        if info.deriver:
+            stack.append(info.deriver)
     return seen
 
 

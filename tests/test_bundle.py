@@ -225,6 +225,7 @@ def test_missing_references_exit_5_and_closure_fixes_it(tmp_path, store, vector_
 
 def test_export_errors(tmp_path, online, vector_key):
     cli = Fimio(tmp_path / "root")
+    cli("verify", check=0)  # an empty store
     # outputs that were never built: exit 5 naming each
     proc = cli("export", *online.targets, "-o", tmp_path / "x.bundle", "--key", vector_key, env=online.env)
     assert proc.returncode == 5

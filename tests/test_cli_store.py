@@ -16,7 +16,7 @@ import subprocess
 
 import pytest
 
-from conftest import STORE_DIR, assert_one_error_line, nix_available, run_on_terminal
+from conftest import STORE_DIR, assert_one_error_line, nix_available, run_fimio, run_on_terminal
 from fimio.store.local import LocalStore
 from fimio.store.tree import format_digest, scan
 
@@ -431,6 +431,7 @@ def test_a_file_path_that_does_not_exist_is_not_found(cli, tmp_path):
 
 
 def test_bad_flag_and_bad_store_path(cli, tmp_path):
+    cli("verify", check=0)  # an empty store
     assert_one_error_line(cli("add", "--no-such-flag", tmp_path), 2)
     # click's suggestion becomes part of the one hint, with no stray period before it
     proc = cli("realise", "--chek", tmp_path)
@@ -473,3 +474,12 @@ def test_a_store_directory_of_its_own_is_accepted(cli, tmp_path):
     path = cli.out("add", "--store-dir", "/opt/fimio-store/", tmp_path / "f")
     [info] = json.loads(cli.out("path-info", "--json", "--store-dir", "/opt/fimio-store", path))
     assert path.startswith(str(cli.physical_store)) and info["path"].startswith("/opt/fimio-store/")
+
+
+def test_a_mistyped_root_is_no_store_for_commands_that_only_read(tmp_path):
+    """`fimio path-info --root /typo/x P` says there is no store there; it does not create one."""
+    missing = tmp_path / "typo" / "root"
+    for args in (["path-info", "abc"], ["ls", "abc"], ["roots"], ["log", "x.toml"]):
+        proc = run_fimio(args, missing)
+        assert_one_error_line(proc, 5, "no store at")
+    assert not (tmp_path / "typo").exists()

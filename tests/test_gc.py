@@ -107,17 +107,18 @@ def test_gc_during_a_realise_deletes_nothing_it_uses(cli, tmp_path):
     result = pathlib.Path(out_of(json.loads(out))[1])
     assert (result / "result").read_text() == "input data\ndep-output\n"
 
-    # once the realise is over: what ./result reaches stays, everything else goes
+    # once the realise is over: what ./result reaches stays (its outputs through references,
+    # their .drv files and so their sources as derivers of live outputs), the rest goes
     after = gc(cli)
     assert valid(cli, slow_out) and valid(cli, dep_out)  # dep_out through the reference
-    assert set(after["deleted"]) == {slow_drv, dep_drv, data_src}
-    assert not any(valid(cli, p) for p in (slow_drv, dep_drv, data_src, junk))
+    assert after["deleted"] == []
+    assert all(valid(cli, p) for p in (slow_drv, dep_drv, data_src)) and not valid(cli, junk)
     assert_verify_clean(cli)
 
     # removing the out-link makes its closure collectable
     os.unlink(work / "result")
     last = gc(cli)
-    assert set(last["deleted"]) == {slow_out, dep_out}
+    assert set(last["deleted"]) == {slow_out, dep_out, slow_drv, dep_drv, data_src}
     assert not valid(cli, slow_out) and not valid(cli, dep_out)
     assert [e for e in os.listdir(cli.physical_store) if e != ".links"] == []
     assert os.listdir(cli.physical_store / ".links") == []
@@ -199,6 +200,12 @@ def test_roots_keep_closures_and_built_outputs_without_roots_go(cli, tmp_path):
     assert other_out in deleted
     assert app_out not in deleted and lib_out not in deleted
     assert valid(cli, app_out) and valid(cli, lib_out) and not valid(cli, other_out)
+    # a live output keeps the .drv that built it (as Nix's keep-derivations), and so its
+    # input derivations; the unrooted one's goes
+    app_drv, other_drv = r["targets"][0]["drvPath"], json.loads(cli.out("instantiate", "--json", other))[0]["drvPath"]
+    lib_drv = json.loads(cli.out("instantiate", "--json", tmp_path / "lib.toml"))[0]["drvPath"]
+    assert app_drv not in deleted and lib_drv not in deleted and other_drv in deleted
+    cli("realise", "--no-out-link", "--check", app_drv.rsplit("/", 1)[1][:32], check=0)
     # realising again rebuilds the deleted output
     again = realise_json(cli, other)
     assert again["built"] == [again["targets"][0]["drvPath"]]

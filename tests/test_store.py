@@ -202,7 +202,7 @@ def test_bad_input_registers_nothing(store, tmp_path):
             store.add_path(str(t))
     finally:
         sock.close()
-    with pytest.raises(UsageError):
+    with pytest.raises(NotFound):
         store.add_path(str(tmp_path / "missing"))
     with pytest.raises(UsageError):
         store.add_path(str(make_tree(tmp_path / "ok")), name=".hidden")
