@@ -77,8 +77,8 @@ def query(opts, paths, references, referrers, requisites, tree, as_json):
             for t in targets:
                 _print_tree(store, t, "", True, set(), top=True)
         return
-    if mode == "requisites":
-        result = store.closure(targets)
+    if mode == "requisites":  # as nix-store -qR: what a path refers to comes before it
+        result = store.references_first(store.closure(targets))
     else:
         seen = {}
         for t in targets:

@@ -336,7 +336,7 @@ def plan_export(store, targets, closure: bool = False, with_sources: bool = Fals
             realisations.setdefault(r.key, r)
     if closure:
         roots = store.closure(roots)
-    paths = order_paths(store, list(dict.fromkeys(roots + store.closure(closed))))
+    paths = store.references_first(list(dict.fromkeys(roots + store.closure(closed))))
     store.refuse_local_only(paths)
     store.hold(paths)
     in_bundle = set(paths)
@@ -351,26 +351,3 @@ def plan_export(store, targets, closure: bool = False, with_sources: bool = Fals
     logs = [d.drv_hash for d in producers] if with_logs else []
     return ExportPlan(paths, [r for r in realisations.values() if r.path in in_bundle], logs)
 
-
-def order_paths(store, paths: list[StorePath]) -> list[StorePath]:
-    """``paths`` with references before referrers (ties by base name): deterministic."""
-    wanted = set(paths)
-    refs = {p: [r for r in store.info(p).references if r in wanted and r != p] for p in paths}
-    out: list[StorePath] = []
-    state: dict[StorePath, int] = {}
-    for start in sorted(paths):
-        if start in state:
-            continue
-        stack = [(start, iter(sorted(refs[start])))]
-        state[start] = 1
-        while stack:
-            p, it = stack[-1]
-            child = next(it, None)
-            if child is None:
-                stack.pop()
-                state[p] = 2
-                out.append(p)
-            elif child not in state:
-                state[child] = 1
-                stack.append((child, iter(sorted(refs[child]))))
-    return out

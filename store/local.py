@@ -240,6 +240,30 @@ class LocalStore:
                 stack.extend(StorePath.parse(r) for r in loads(data)["references"])
         return sorted(seen.values())
 
+    def references_first(self, paths: list[StorePath]) -> list[StorePath]:
+        """``paths`` ordered references before referrers (ties by base name): deterministic.
+        The order bundles are written in and ``query --requisites`` prints."""
+        wanted = set(paths)
+        refs = {p: [r for r in self.info(p).references if r in wanted and r != p] for p in paths}
+        out: list[StorePath] = []
+        state: dict[StorePath, int] = {}
+        for start in sorted(paths):
+            if start in state:
+                continue
+            stack = [(start, iter(sorted(refs[start])))]
+            state[start] = 1
+            while stack:
+                p, it = stack[-1]
+                child = next(it, None)
+                if child is None:
+                    stack.pop()
+                    state[p] = 2
+                    out.append(p)
+                elif child not in state:
+                    state[child] = 1
+                    stack.append((child, iter(sorted(refs[child]))))
+        return out
+
     def refuse_local_only(self, paths) -> None:
         """UsageError if a path must not leave this store: a kept ``--check`` build (ca
         "check"), whose address names the original output and no other store can check."""
