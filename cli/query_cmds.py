@@ -128,7 +128,8 @@ def verify(opts, check_contents, repair, substituters, as_json):
         opts.substituters = list(substituters)
         problems = repair_paths(store, problems, opts, log=lambda m: info(opts, m))
     if as_json:
-        emit_json({"ok": not problems, "problems": [p.__dict__ for p in problems]})
+        emit_json({"ok": not problems, "problems": [
+            {**p.__dict__, "physical": store.store + p.path[len(store.store_dir):]} for p in problems]})
     else:
         for p in problems:
             where = f"{p.path}/{p.file}" if p.file and p.file != "." else p.path

@@ -302,6 +302,7 @@ def test_verify_finds_a_flipped_byte(cli, tmp_path):
     assert len(proc.stdout.splitlines()) == 1
     problems = json.loads(cli("verify", "--check-contents", "--json", check=4).stdout)["problems"]
     assert [x["file"] for x in problems] == ["data.bin"]
+    assert [(x["path"], x["physical"]) for x in problems] == [(logical, str(p))]
 
 
 def test_verify_finds_a_deleted_file(cli, tmp_path):
