@@ -4,11 +4,11 @@ A build may read its ``[sandbox] host_paths`` (``/usr``, ``/bin``, ...). Walking
 on every realise costs seconds, so (``spec/sandbox.md``, "Host fingerprints"):
 
 * a host path that the package manager owns (``/usr``, ``/bin``, ``/lib*``, ``/sbin``,
-  ``/opt`` on a dpkg system; not ``/etc``, whose ``hostname``, ``machine-id``, ``passwd``
-  or ``resolv.conf`` no package owns, and which is small enough to walk) is fingerprinted by the digest of dpkg's database
-  (``/var/lib/dpkg/status``: every installed package and version) plus the path's own
-  stat; this detects any package install, upgrade or removal, but not a file edited by
-  hand without the package manager;
+  ``/opt`` on a dpkg system) is fingerprinted by the digest of dpkg's database
+  (``/var/lib/dpkg/status``); this detects any package install, upgrade or removal, but
+  not a file edited by hand without the package manager. ``/etc`` is not taken so: its
+  ``hostname``, ``machine-id``, ``passwd`` or ``resolv.conf`` no package owns, and it is
+  small enough to walk;
 * any other host path is walked, and each file's content digest is cached by
   (device, inode, size, mtime, ctime), so an unchanged tree costs one stat per entry;
 * the builder, when it is a host file, is hashed by content (stat-cached).
