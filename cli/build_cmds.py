@@ -71,7 +71,8 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 @click.argument("targets", nargs=-1, required=True)
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel builds [default: config 'jobs' or cores].")
 @click.option("--check", is_flag=True, help="Build again and compare bit for bit (exit 3 on a difference).")
-@click.option("--rounds", type=click.IntRange(min=2), help="Build N times in all (N >= 2; implies --check, whose default is 2) and compare every pair.")
+@click.option("--rounds", type=click.IntRange(min=2),
+              help="Build N times in all (N >= 2; implies --check, whose default is 2) and compare every pair.")
 @click.option("--vary", is_flag=True, help="With --check: vary TZ, locale, umask, hostname, uid/gid, cores, env order, build dir, directory order between rounds.")
 @click.option("-K", "--keep-failed", is_flag=True, help="Keep the build directory of a failed build.")
 @click.option("--offline", is_flag=True, default=None, help="Never touch the network: local store and file:// substituters only.")

@@ -123,7 +123,8 @@ def _verbosity(sign):
 def global_options(f):
     """Add --root, --store-dir, -v and -q to a command."""
     f = click.option("--root", metavar="DIR", expose_value=False, callback=_set("root"),
-                     help="Physical store root [env FIMIO_ROOT; default $XDG_DATA_HOME/fimio, or ~/.local/share/fimio].")(f)
+                     help="Physical store root [env FIMIO_ROOT; default $XDG_DATA_HOME/fimio, "
+                          "or ~/.local/share/fimio].")(f)
     f = click.option("--store-dir", metavar="DIR", expose_value=False, callback=_set("store_dir"),
                      help="Logical store directory [env FIMIO_STORE_DIR; default /fimio/store].")(f)
     f = click.option("-v", "--verbose", count=True, expose_value=False, callback=_verbosity(1),

@@ -1,11 +1,11 @@
 """Garbage collection: delete every valid path not reachable from a root.
 
 Roots are the registered roots (out-links, ``gcroots/``) and the temp roots of running
-processes (``roots.py``); a live path keeps what it refers to and the ``.drv`` that built it. Writers hold the GC lock shared while they publish blobs and
-register paths, and GC holds it exclusively for its whole run, so a collection never
-races a registration. Paths are invalidated referrers-first (so no valid path ever refers
-to an invalid one, even if GC is killed) and their files deleted after; unreferenced
-blobs in ``.links`` go last.
+processes (``roots.py``); a live path keeps what it refers to and the ``.drv`` that built
+it. Writers hold the GC lock shared while they publish blobs and register paths, and GC
+holds it exclusively for its whole run, so a collection never races a registration. Paths
+are invalidated referrers-first (so no valid path ever refers to an invalid one, even if
+GC is killed) and their files deleted after; unreferenced blobs in ``.links`` go last.
 """
 
 from __future__ import annotations

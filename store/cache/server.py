@@ -217,7 +217,8 @@ class CacheServer:
                 async with asyncio.timeout(self.idle_timeout):
                     chunk = await request.content.read(1 << 20)
             except TimeoutError:
-                raise web.HTTPRequestTimeout(text="the request body stalled\n", headers={"Connection": "close"}) from None
+                raise web.HTTPRequestTimeout(text="the request body stalled\n",
+                                             headers={"Connection": "close"}) from None
             if not chunk:
                 break
             body += chunk
