@@ -58,8 +58,9 @@ def run(argv: list[str] | None = None) -> int:
             return 2
         if isinstance(e, click.UsageError) and e.ctx is not None:
             # click's "No such option '--chek'. (Did you mean '--check'?)": one what, one hint
-            what, _, guess = e.format_message().partition(" (Did you mean")
-            guess = f"did you mean{guess[:-1]} " if guess.endswith(")") else ""
+            text = e.format_message().replace(". Did you mean ", " (Did you mean ", 1)
+            what, _, guess = text.partition(" (Did you mean")
+            guess = f"did you mean{guess.removesuffix(')')} " if guess else ""
             _fail(what.rstrip("."), f"{guess}see '{e.ctx.command_path} --help'")
         else:
             _fail(e.format_message())

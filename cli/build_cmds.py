@@ -131,7 +131,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
         if options.substituters is not None:
             for err in options.substituters.errors:
                 info(opts, f"fimio: warning: {err.message}")
-            options.substituters.close()
+            options.substituters.close(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
     links = {} if no_out_link else _out_links(store, outcome, out_link)
     if as_json:
         emit_json({

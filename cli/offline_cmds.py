@@ -93,7 +93,7 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
         if subs is not None:
             for err in subs.errors:
                 info(opts, f"fimio: warning: {err.message}")
-            subs.close()
+            subs.close(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
         if backend is not None:
             backend.close()
     rs = result.rebuild

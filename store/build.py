@@ -189,21 +189,23 @@ class Builder:
             "variation": {k: getattr(variation, k) for k in variation.__dataclass_fields__},
         }
         # the cores the build was given, configured or varied: a change of either is a cause
-        record["variation"]["cores"] = variation.cores if variation.cores is not None else self.cores
+        # (kept apart from "variation", which holds only what --vary changed)
+        record["cores"] = variation.cores if variation.cores is not None else self.cores
         if self.fingerprinter is not None:
             record["fingerprints"] = self.fingerprinter.fingerprint(drv.host_paths, drv.builder)
         return record
 
     def _run(self, spec: SandboxSpec, drv: Derivation, log_path: str, variation: Variation) -> tuple[int, bool]:
-        data_fds = masked_proc_fds()
-        argv = spec.command(data_fds)
         # The umask is set in the child only (Popen(umask=)): os.umask() would be
         # process-wide and race with parallel builds and store writes in other threads.
         # A CPU-count variation narrows this thread's affinity, which fork() copies to the
         # child (so nproc and sched_getaffinity inside agree with FIMIO_BUILD_CORES); the
         # affinity is per thread, so other builds are unaffected, and restored at once.
-        saved_affinity = _narrow_affinity(variation.cores)
+        data_fds = masked_proc_fds()
+        saved_affinity = None
         try:
+            argv = spec.command(data_fds)
+            saved_affinity = _narrow_affinity(variation.cores)
             # Always a pipe, read by fimio into the log: what the builder's stdout and stderr
             # are must not depend on -v (nor name the log's physical path).
             proc = subprocess.Popen(

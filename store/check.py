@@ -301,7 +301,7 @@ class _Checker:
             out.append(f"builder {new['builder'].get('path')}")
         if registered.get("fimio") != record.get("fimio"):
             out.append(f"fimio {registered.get('fimio')} -> {record.get('fimio')}")
-        was, now = ((r.get("variation") or {}).get("cores") for r in (registered, record))
+        was, now = (r.get("cores") for r in (registered, record))
         if was is not None and now is not None and was != now:
             out.append(f"build cores {was} -> {now} (FIMIO_BUILD_CORES, the 'cores' setting)")
         return out, tuple(ids)

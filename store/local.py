@@ -155,7 +155,10 @@ class LocalStore:
         rest = text
         for prefix in (self.store + "/", self.store_dir + "/"):
             if text.startswith(prefix):
-                rest = text[len(prefix):]
+                # names inside the store: ".." is taken by name (A/x/../../B is B; A/.. is no path)
+                rest = os.path.normpath(text[len(prefix):])
+                if rest == "." or rest.startswith(".."):
+                    raise NotFound(f"'{text}' is not in the store", "give a store path or its hash part")
                 break
         else:
             if os.path.isabs(text) or os.path.lexists(text.split("/", 1)[0]):
@@ -164,7 +167,7 @@ class LocalStore:
                 while not os.path.lexists(head) and "/" in head.strip("/"):
                     head, _, last = head.rpartition("/")
                     missing = f"{last}/{missing}" if missing else last
-                real = os.path.realpath(head) + (f"/{missing}" if missing else "")
+                real = os.path.normpath(os.path.realpath(head) + (f"/{missing}" if missing else ""))
                 if real.startswith(self.store + "/"):
                     rest = real[len(self.store) + 1:]
                 elif missing or not os.path.lexists(head):

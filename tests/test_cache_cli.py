@@ -361,3 +361,32 @@ def test_a_realisation_that_contradicts_the_cache_is_not_pushed(world, tmp_path)
     assert json.loads(proc.stdout)["built"] == [] and "disagrees" not in proc.stderr, proc.stderr
     out_c = fim(world, "C", "realise", drv, "--no-out-link", check=0).stdout.strip()
     assert pathlib.Path(out_c).read_bytes() == pathlib.Path(out_a).read_bytes()
+
+
+def test_ctrl_c_while_realise_downloads_from_a_stalled_cache(world, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from conftest import fimio_env, fimio_executable
+    from test_cache_tamper import _StallingServer
+
+    app = tmp_path / "big.toml"  # an output of incompressible megabytes: its object is large enough to stall
+    app.write_text('name = "big"\nargs = ["-c", "head -c 3000000 /dev/urandom > $out"]\n' + SH)
+    fim(world, "A", "realise", app, "--no-out-link", check=0)
+    fim(world, "A", "push", f"file://{tmp_path / 'c'}", app, "--key", world["sk"], check=0)
+    server = _StallingServer(tmp_path / "c")
+    try:
+        proc = subprocess.Popen([fimio_executable(), "realise", "--no-out-link", "--substituter", server.url, str(app)],
+                                env=fimio_env(tmp_path / "B", {"FIMIO_CONFIG": world["cfg"]}),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert server.stalled.wait(30), proc.communicate()
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 5, "realise went on after Ctrl-C"
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
+    finally:
+        server.stop()

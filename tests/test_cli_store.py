@@ -430,6 +430,12 @@ def test_a_file_path_that_does_not_exist_is_not_found(cli, tmp_path):
         proc = cli(*args, cwd=tmp_path)
         assert_one_error_line(proc, 5, "does not exist")
     assert cli("cat", "./result/share/doc/README", cwd=tmp_path, check=0).stdout == "read me\n"
+    # ".." after a missing part is taken as the file system takes it
+    (tmp_path / "other.txt").write_text("other\n")
+    other = cli.out("add", tmp_path / "other.txt")
+    detour = f"{p}/no-such-dir/../../{os.path.basename(other)}"
+    assert cli.out("path-info", detour).split("\t")[0] == other
+    assert_one_error_line(cli("path-info", f"{p}/.."), 5, "not in the store")
 
 
 def test_bad_flag_and_bad_store_path(cli, tmp_path):

@@ -626,3 +626,21 @@ def test_etc_is_fingerprinted_by_its_contents():
 
     record = HostFingerprinter().path("/etc")
     assert record["kind"] == "tree" and record["digest"].startswith("blake3:")
+
+
+def test_a_build_that_cannot_start_leaks_no_descriptor(store, tmp_path, monkeypatch):
+    """bwrap missing: every build fails before it starts, and the pipes that mask /proc
+    files are closed each time (a long-running realise would otherwise run out of fds)."""
+    from fimio.store.errors import BuildError
+    from fimio.store.instantiate import Graph
+    from fimio.store.realise import RealiseOptions, Realiser
+
+    drv = Graph(store).from_file(str(write_drv(tmp_path / "x.toml", "x", "echo x > $out")))
+    realiser = Realiser(store, RealiseOptions())
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(BuildError, match="bwrap"):
+            realiser.build(drv)
+    realiser.close()
+    assert len(os.listdir("/proc/self/fd")) <= before
