@@ -364,11 +364,7 @@ def test_a_realisation_that_contradicts_the_cache_is_not_pushed(world, tmp_path)
 
 
 def test_ctrl_c_while_realise_downloads_from_a_stalled_cache(world, tmp_path):
-    import signal
-    import subprocess
-    import time
-
-    from conftest import fimio_env, fimio_executable
+    from conftest import fimio_env
     from test_cache_tamper import _StallingServer
 
     app = tmp_path / "big.toml"  # an output of incompressible megabytes: its object is large enough to stall
@@ -377,16 +373,7 @@ def test_ctrl_c_while_realise_downloads_from_a_stalled_cache(world, tmp_path):
     fim(world, "A", "push", f"file://{tmp_path / 'c'}", app, "--key", world["sk"], check=0)
     server = _StallingServer(tmp_path / "c")
     try:
-        proc = subprocess.Popen([fimio_executable(), "realise", "--no-out-link", "--substituter", server.url, str(app)],
-                                env=fimio_env(tmp_path / "B", {"FIMIO_CONFIG": world["cfg"]}),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        assert server.stalled.wait(30), proc.communicate()
-        time.sleep(0.3)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert time.monotonic() - start < 5, "realise went on after Ctrl-C"
-        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
+        server.assert_ctrl_c_ends(["realise", "--no-out-link", "--substituter", server.url, app],
+                                  fimio_env(tmp_path / "B", {"FIMIO_CONFIG": world["cfg"]}))
     finally:
         server.stop()

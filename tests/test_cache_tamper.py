@@ -392,22 +392,27 @@ class _StallingServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def assert_ctrl_c_ends(self, args: list, env: dict) -> None:
+        """Run ``fimio ARGS`` until a download from this server stalls, then Ctrl-C it: it must
+        end within 5 s, exit 130, ``interrupted`` its last line."""
+        # as at a terminal: SIGINT handled, whatever this test run inherited
+        proc = subprocess.Popen([fimio_executable(), *map(str, args)], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert self.stalled.wait(30), proc.communicate()
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert time.monotonic() - start < 5, f"fimio {args[0]} went on after Ctrl-C"
+        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
+
 
 def test_ctrl_c_during_a_download_stops_at_once_and_registers_nothing(setup):
     server = _StallingServer(setup.cache)
     try:
-        env = fimio_env(setup.tmp / "B-int", {"FIMIO_CONFIG": setup.config})
-        # as at a terminal: SIGINT handled, whatever this test run inherited
-        proc = subprocess.Popen([fimio_executable(), "copy", "--from", server.url, f"{STORE_DIR}/{setup.tree.path.base}"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        assert server.stalled.wait(30), proc.communicate()
-        time.sleep(0.3)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-        assert time.monotonic() - start < 5, "the download went on after Ctrl-C"
-        assert proc.returncode == 130 and err.strip().splitlines()[-1] == "fimio: error: interrupted", err
+        server.assert_ctrl_c_ends(["copy", "--from", server.url, f"{STORE_DIR}/{setup.tree.path.base}"],
+                                  fimio_env(setup.tmp / "B-int", {"FIMIO_CONFIG": setup.config}))
         setup.b = setup.tmp / "B-int"
         setup.assert_nothing_registered()
     finally:
