@@ -161,11 +161,13 @@ def _remote_path(store, subs, text: str):
 @click.option("--key", "key_files", multiple=True, metavar="FILE", help="With --to: secret key file to sign with "
               "(repeatable) [default: config secret-key-files].")
 @click.option("--no-check-sigs", is_flag=True, help="With --from: accept unsigned paths (contents are still verified).")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="Parallel downloads and uploads.")
 @click.argument("paths", nargs=-1, required=True)
 @json_option
 @global_options
 @pass_options
-def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
+def copy(opts, src, dst, key_files, no_check_sigs, jobs, paths, as_json):
     """Copy the closures of PATHs between caches and this store.
 
     --from URL fetches them into this store (verified); --to URL uploads them from this
@@ -182,7 +184,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
         from fimio.store.cache.substitute import SubstituterSet
 
         config = opts.config()
-        with SubstituterSet(store, [src], config.trusted_public_keys,
+        with SubstituterSet(store, [src], config.trusted_public_keys, jobs=jobs,
                             require_sigs=config.require_sigs and not no_check_sigs, config=config) as subs:
             wanted = [_remote_path(store, subs, p) for p in paths]
             before = store.path_count()
@@ -194,20 +196,30 @@ def copy(opts, src, dst, key_files, no_check_sigs, paths, as_json):
                 progress.done()
             missing = [p for p in wanted if p not in got]
             if missing:
-                raise NotFound(f"'{store.logical(missing[0])}' is not in cache '{src}' (or its closure is incomplete)")
+                raise NotFound("; ".join(_not_in_cache(store, subs, p, src) for p in missing),
+                               "push the paths with their closures first")
             fetched = store.path_count() - before  # closures included; 0 when all were here
             info(opts, f"copied {fetched} path(s) from {src} ({subs.stats.objects} objects, "
                        f"{human_size(subs.stats.bytes)} downloaded)")
     else:
         wanted = [store.resolve(p)[0] for p in paths]
     if dst:
-        _, stats = _do_push(opts, store, dst, wanted, key_files=key_files)
+        _, stats = _do_push(opts, store, dst, wanted, key_files=key_files, jobs=jobs)
         info(opts, f"copied {stats.paths_sent} of {stats.paths} paths to {dst}")
     if as_json:
         emit_json([names_json(store, p) for p in wanted])
     else:
         for p in wanted:
             click.echo(store.physical(p))
+
+
+def _not_in_cache(store, subs, path, src: str) -> str:
+    """Why ``path`` could not be copied from ``src``: absent, or held without part of its closure."""
+    lacking = subs.incomplete.get(path)
+    if lacking:
+        return (f"'{store.logical(path)}' is in cache '{src}' without what it refers to: "
+                + ", ".join(store.logical(r) for r in lacking))
+    return f"'{store.logical(path)}' is not in cache '{src}'"
 
 
 # ---- serve ----------------------------------------------------------------------------------

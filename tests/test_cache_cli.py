@@ -113,7 +113,7 @@ def test_copy_counts_the_paths_it_fetched(world, tmp_path):
     cache = f"file://{tmp_path / 'c'}"
     fim(world, "A", "push", cache, out, "--key", world["sk"], check=0)
     closure = fim(world, "A", "query", "--requisites", out, check=0).stdout.split()
-    first = fim(world, "B", "copy", "--from", cache, out, check=0).stderr
+    first = fim(world, "B", "copy", "-j", "2", "--from", cache, out, check=0).stderr
     assert f"copied {len(closure)} path(s)" in first, first
     assert "copied 0 path(s)" in fim(world, "B", "copy", "--from", cache, out, check=0).stderr
 

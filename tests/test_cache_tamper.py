@@ -222,7 +222,7 @@ def test_missing_reference_means_not_obtainable(tmp_path):
     Pusher(a, open_backend(s.url), [s.sk]).push([top.path])
     a.close()
     os.unlink(s.info_file())  # the reference's commit point is gone: top is not obtainable
-    assert_one_error_line(s.copy(top.path), 5)
+    assert_one_error_line(s.copy(top.path), 5, "without what it refers to", s.tree.path.logical(STORE_DIR))
     s.assert_nothing_registered()
 
 
