@@ -269,11 +269,10 @@ def challenge(opts, target, caches, as_json):
     """Compare the output digests that caches and this store hold for TARGET (a derivation,
     or a store path). Exit 3 when two trusted claims disagree."""
     from fimio.store.cache.challenge import compare
-    from fimio.store.cache.url import open_with_config, parse_cache_url
-    from fimio.store.prefetch import is_derivation_target
-
     from fimio.store.cache.push import cache_params
     from fimio.store.cache.substitute import SubstituterSet
+    from fimio.store.cache.url import open_with_config, parse_cache_url
+    from fimio.store.prefetch import is_derivation_target
 
     for u in caches:
         parse_cache_url(u)

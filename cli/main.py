@@ -86,8 +86,9 @@ class Options:
             from fimio.store.errors import NotFound
             from fimio.store.local import LocalStore
 
-            if not create and not os.path.isdir(os.path.join(resolve_root(self.root), "db")):
-                raise NotFound(f"no store at '{resolve_root(self.root)}'",
+            root = resolve_root(self.root)
+            if not create and not os.path.isdir(os.path.join(root, "db")):
+                raise NotFound(f"no store at '{root}'",
                                "check --root or FIMIO_ROOT; 'fimio add' or 'fimio realise' creates a store")
             self._store = LocalStore.open(self.root, self.store_dir)
         if protect and self._store.temp_roots is None:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 class ThreadPool(ThreadPoolExecutor):
     def __exit__(self, exc_type, exc, tb):
-        self.close(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+        self.close(interrupted=isinstance(exc, KeyboardInterrupt))
         return False
 
     def close(self, interrupted: bool = False) -> None:

@@ -96,7 +96,7 @@ class SubstituterSet:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self.close(interrupted=exc_type is not None and issubclass(exc_type, KeyboardInterrupt))
+        self.close(interrupted=isinstance(exc, KeyboardInterrupt))
 
     # ---- querying ----------------------------------------------------------------------
 
