@@ -51,8 +51,13 @@ class Graph:
         self._pending: list[tuple[str, bytes, list]] = []  # .drv files to write, dependencies first
         # ``store`` inputs not valid here: taken from the substituters if ``substitute``
         # (callable([StorePath]) -> set of those made valid) is set, else listed when the
-        # graph is complete (every one named, not only the first)
+        # graph is complete (every one named, not only the first). With ``defer_missing``
+        # they are kept in ``unavailable`` instead, for the caller to name with whatever
+        # else it finds lacking; the graph's ``.drv`` files are then not written (they would
+        # refer to invalid paths) and the caller must refuse to go on.
         self.substitute = None
+        self.defer_missing = False
+        self.unavailable: dict[StorePath, str] = {}
         self._missing: list[tuple[StorePath, str]] = []
 
     # ---- loading ---------------------------------------------------------------------
@@ -153,9 +158,10 @@ class Graph:
         self._by_file[file] = logical
         if not stack:  # the whole graph is known: write every new .drv in one commit
             self._refuse_missing_store_inputs()
-            self.store.add_texts(self._pending)
-            self._pending.clear()
-            self._remember(file, drv)
+            if not self.unavailable:
+                self.store.add_texts(self._pending)
+                self._pending.clear()
+                self._remember(file, drv)
         return drv
 
     def _resolve_input(self, rd, var, spec, base, stack) -> Input:
@@ -222,7 +228,9 @@ class Graph:
 
     def _refuse_missing_store_inputs(self) -> None:
         missing, self._missing = self._missing, []
-        if missing:
+        if missing and self.defer_missing:
+            self.unavailable.update((p, f"{self.store.logical(p)}: {where}") for p, where in missing)
+        elif missing:
             raise NotFound(f"{len(missing)} store input(s) of the derivation graph are not valid here",
                            "realise or copy them first, or give a --substituter that has them",
                            details=[f"{self.store.logical(p)}: {where}" for p, where in missing])

@@ -73,13 +73,13 @@ def _store_base(store, text: str) -> str | None:
     return text
 
 
-def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
+def substitute_drv_targets(store, substituters, targets) -> dict[str, str]:
     """Make each ``.drv`` TARGET that is not valid here valid from ``substituters`` (with its
     closure: input derivations, sources, ``store`` inputs). Targets that are derivation files
-    or already valid are left alone. Returns the ``.drv`` paths fetched. Raises NotFound
-    naming every ``.drv`` that no substituter holds (complete)."""
-    wanted: list[StorePath] = []
-    unknown: list[str] = []  # hash parts no store nor substituter knows
+    or already valid are left alone. Returns what cannot be had, complete: ``{target: line}``
+    for every target no substituter holds (whole), the line naming it and why."""
+    wanted: dict[StorePath, str] = {}
+    lacking: dict[str, str] = {}
     for target in targets:
         if is_derivation_file(store, target):
             continue
@@ -91,7 +91,7 @@ def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
                 continue
             path = substituters.lookup_hash(base)
             if path is None:
-                unknown.append(base)
+                lacking[target] = f"{base}: no store path with this hash here or in any substituter"
                 continue
         else:
             try:
@@ -99,25 +99,21 @@ def substitute_drv_targets(store, substituters, targets) -> list[StorePath]:
             except UsageError:
                 continue
         if path.name.endswith(".drv") and not store.is_valid(path):
-            wanted.append(path)
+            wanted.setdefault(path, target)
     if store.temp_roots is not None:
-        store.temp_roots.add(wanted)
-    got = substituters.substitute(wanted) if wanted else set()
-    missing = [p for p in wanted if p not in got]
-    if missing or unknown:
-        details = [f"{h}: no store path with this hash here or in any substituter" for h in unknown]
-        for p in missing:
-            lacking = substituters.incomplete.get(p)
-            details.append(f"{store.logical(p)}: held by a substituter, but not what it refers to: "
-                           + ", ".join(store.logical(r) for r in lacking) if lacking
+        store.temp_roots.add(list(wanted))
+    got = substituters.substitute(list(wanted)) if wanted else set()
+    for p, target in wanted.items():
+        if p in got:
+            continue
+        lack = substituters.incomplete.get(p)
+        lacking[target] = (f"{store.logical(p)}: held by a substituter, but not what it refers to: "
+                           + ", ".join(store.logical(r) for r in lack) if lack
                            else f"{store.logical(p)}: derivation not obtainable")
-        raise NotFound(f"{len(details)} derivation(s) cannot be had from this store or any substituter",
-                       "instantiate the derivation files, or prefetch/import them", details=details)
-    if not wanted:
-        return []
-    if store.temp_roots is not None:
-        store.temp_roots.add(store.closure(wanted))
-    return wanted
+    fetched = [p for p in wanted if p in got]
+    if fetched and store.temp_roots is not None:
+        store.temp_roots.add(store.closure(fetched))
+    return lacking
 
 
 # ---- the rebuild set -----------------------------------------------------------------------
@@ -208,6 +204,8 @@ def prefetch(store, targets, *, substituters=None, offline: bool = False, jobs: 
     try:
         roots = realiser.load_targets(list(targets))
         fixed = [d for d in realiser.graph.closure(roots) if d.is_fixed_output and realiser.missing_outputs(d)]
+        if not fixed:
+            realiser.check_obtainable([])  # names what load_targets found lacking, if anything
         built = realiser.realise_drvs(fixed) if fixed else []
         result = PrefetchResult(roots, rebuild_set(store, realiser.graph, roots), built, list(realiser.substituted))
         if to_backend is not None:

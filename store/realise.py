@@ -20,7 +20,7 @@ from . import fsutil
 from .db import dumps, loads
 from .derivation import Derivation, host_system
 from .errors import BuildError, IntegrityError, NotFound, RemoteError
-from .instantiate import Graph
+from .instantiate import Graph, is_derivation_file
 from .paths import StorePath
 from .roots import TempRoots
 
@@ -77,6 +77,7 @@ class Realiser:
         self._owns_temp_roots = False
         self._lock = threading.Lock()
         self.substituted: list[str] = []
+        self.lacking: list[str] = []  # what load_targets found unobtainable (see check_obtainable)
         self.warn = lambda message: None  # the CLI shows these on stderr
 
     @property
@@ -96,14 +97,30 @@ class Realiser:
     # ---- planning ----------------------------------------------------------------------
 
     def load_targets(self, targets: list[str]) -> list[Derivation]:
+        """The targets' derivations. What cannot be had of them (a ``.drv`` target nobody
+        has, ``store`` inputs not valid here) is not an error yet: :meth:`plan` names it
+        together with everything else the plan lacks, in one error."""
         self.temp_roots  # protect sources and .drv files from a concurrent GC as they are added
+        lacking: dict[str, str] = {}
         if self.options.substituters:
             # a .drv target that is not valid here comes from the substituters with its closure
             # (input derivations, sources): what an offline rebuild from a prefetched cache needs
             from .prefetch import substitute_drv_targets
 
-            substitute_drv_targets(self.store, self.options.substituters, targets)
-        return [self.graph.target(t) for t in targets]
+            lacking = substitute_drv_targets(self.store, self.options.substituters, targets)
+        self.graph.defer_missing = True
+        roots = []
+        for t in targets:
+            if t in lacking:
+                continue
+            try:
+                roots.append(self.graph.target(t))
+            except NotFound as e:
+                if is_derivation_file(self.store, t):
+                    raise
+                lacking[t] = f"{t}: {e.message}"
+        self.lacking = list(lacking.values())
+        return roots
 
     def missing_outputs(self, drv: Derivation) -> list[StorePath]:
         return [p for p in drv.output_paths().values() if not self.store.is_valid(p)]
@@ -126,16 +143,18 @@ class Realiser:
                     if any(not self.store.is_valid(dep.output_paths()[o]) for o in outs):
                         nxt.append(dep)
             frontier = nxt
-        self._check_obtainable(list(needed.values()))
+        self.check_obtainable(list(needed.values()))
         order = self.graph.closure(list(needed.values()))
         return [d for d in order if d.drv_path.base in needed]
 
-    def _check_obtainable(self, needed: list[Derivation]) -> None:
-        """Fail early, naming every item, when something needed cannot be had here."""
-        missing = []
+    def check_obtainable(self, needed: list[Derivation]) -> None:
+        """Fail early, naming every item, when something needed cannot be had here: what
+        :meth:`load_targets` found lacking, and what building ``needed`` lacks."""
+        missing = self.lacking + list(self.graph.unavailable.values())
         for drv in needed:
             for i in drv.inputs.values():
-                if i.kind != "drv" and not self.store.is_valid(_base(i.path)):
+                if (i.kind != "drv" and not self.store.is_valid(_base(i.path))
+                        and _base(i.path) not in self.graph.unavailable):
                     missing.append(f"{i.path}: source of {drv.drv_path.base}, not in the store")
             if not drv.is_fixed_output and drv.system != host_system():
                 missing.append(f"{drv.drv_path.base}: a '{drv.system}' derivation cannot be built on this "
@@ -147,7 +166,8 @@ class Realiser:
             where = "offline" if self.options.offline else "here"
             raise NotFound(f"{len(missing)} item(s) needed for this realise cannot be obtained {where}",
                            "run 'fimio prefetch' while online, or import a bundle" if self.options.offline
-                           else "see the list above", details=sorted(set(missing)))
+                           else "realise or copy them first, or give a --substituter that has them",
+                           details=sorted(set(missing)))
 
     def _protect(self, roots: list[Derivation]) -> None:
         """Temp-root the whole graph (derivations, sources, outputs) before judging validity."""

@@ -323,7 +323,40 @@ def test_missing_derivations_are_named_at_once_with_what_each_lacks(online, pref
                         *nobody, *online.drvs, env=online.offline_env, check=5)
     assert took < 1.0
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("fimio: error: ") and "cannot be had" in lines[-1]
+    assert lines[-1].startswith("fimio: error: ") and "cannot be obtained offline" in lines[-1]
     for h in nobody:
         assert any(line.strip().startswith(f"{h}: no store path") for line in lines), proc.stderr
     assert victim in proc.stderr and "held by a substituter, but not what it refers to" in proc.stderr
+
+
+@pytest.mark.parametrize("with_cache", [False, True], ids=["no-substituter", "empty-file-cache"])
+def test_every_kind_of_missing_item_is_named_in_one_run(tmp_path, listener, two_fetches, with_cache):
+    """A ``store`` input nobody has, fixed outputs never fetched and a ``.drv`` target nobody
+    has are named together: one run tells everything an offline rebuild lacks, and writes
+    none of the graph's ``.drv`` files."""
+    gone = "/fimio/store/" + "0" * 32 + "-gone"
+    nobody = "/fimio/store/" + "1" * 32 + "-nobody.drv"
+    (two_fetches / "needs.toml").write_text(
+        'name = "needs"\nbuilder = "/bin/sh"\nargs = ["-c", "cat $gone $use > $out"]\n'
+        f'[inputs]\ngone = {{ store = "{gone}" }}\nuse = {{ drv = "use.toml" }}\n')
+    cli = Fimio(tmp_path / "root")
+    caches = ["--substituter", f"file://{tmp_path / 'empty-cache'}"] if with_cache else []
+    proc, took = _timed(cli, "realise", "--offline", *caches, "--no-out-link", two_fetches / "needs.toml", nobody,
+                        env={"FIMIO_CONFIG": write_config(tmp_path / "c.toml")}, check=5)
+    assert took < 1.0, f"took {took:.2f} s"
+    details = [line.strip() for line in proc.stderr.strip().splitlines()[:-1]]
+    assert any(line.startswith(f"{gone}: input 'gone' of ") for line in details), proc.stderr
+    assert any(line.startswith(f"{nobody}: ") for line in details), proc.stderr
+    for fod in ("a.tar", "b.tar"):
+        assert any(f"-{fod}: fixed-output derivation" in line for line in details), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("fimio: error: 4 item(s)"), proc.stderr
+    assert not list((tmp_path / "root" / "store").glob("*.drv")), "a .drv referring to a missing input was written"
+    # prefetch names the same items; a graph with no fixed output to fetch is no exception
+    (two_fetches / "plain.toml").write_text(
+        f'name = "plain"\nbuilder = "/bin/sh"\nargs = ["-c", "cat $gone > $out"]\n[inputs]\ngone = {{ store = "{gone}" }}\n')
+    for graph, count in (("needs.toml", 4), ("plain.toml", 2)):
+        proc = cli("prefetch", "--offline", *caches, two_fetches / graph, nobody,
+                   env={"FIMIO_CONFIG": write_config(tmp_path / "c.toml")}, check=5)
+        assert gone in proc.stderr and nobody in proc.stderr, proc.stderr
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"fimio: error: {count} item(s)"), proc.stderr
+    assert listener.close() == 0
