@@ -20,6 +20,10 @@ Target stores are created under the scratch parent (common.scratch_parent) and d
 after the rounds, and the first round waits out the last large deletion (see README). The
 big tree is added once to each tool's store (untimed) before the runs; the rounds
 alternate between the tools so that a change in machine load affects both.
+
+Floor (a note under the table, see common.floor_time): each round also times the same
+move with C tools, ``tar | zstd -1 -T0 | zstd -d | tar -x`` into a new directory, then
+``sync -f``: no signatures, no digests, no store.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import subprocess
 import time
 
 import trees
-from common import (Row, Sample, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd,
-                    scratch_parent, settle, wait_after_deletion)
+from common import (Row, Sample, fimio_argv, fimio_env, floor_note, floor_time, log, median, note_deletion,
+                    remove_tree, run_cmd, scratch_parent, settle, wait_after_deletion)
 
 NAME = "bundle"
 HELP = "export + import of the big closure through one file, fimio vs nix-store --export/--import"
@@ -136,7 +140,7 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     path = run_cmd([*f.argv, "add", big.path], env=f.env(src)).stdout.decode().strip()
     bundle = os.path.join(f.base, "big.bundle")
     peer = _Nix(big, f.base, f.fresh_dir) if nix else None
-    exp, imp, rss, pipe, nexp, nimp, nrss, npipe = [], [], [], [], [], [], [], []
+    exp, imp, rss, pipe, nexp, nimp, nrss, npipe, floor = [], [], [], [], [], [], [], [], []
     try:
         for i in range(n):
             settle()
@@ -148,8 +152,10 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
             imp.append(s.seconds)
             rss.append(s.maxrss_bytes)
             pipe.append(_fimio_piped(f, path, src))
+            floor.append(floor_time('tar -C "$P" -cf - "$N" | zstd -q -1 -T0 | zstd -qd | tar -x -C "$D" && sync -f "$D"',
+                                    f.fresh_dir("floor"), P=os.path.dirname(big.path), N=os.path.basename(big.path)))
             line = (f"  round {i + 1}: fimio export {exp[-1]:.2f} s, import {imp[-1]:.2f} s ({rss[-1] / 1e6:.0f} MB), "
-                    f"export | import {pipe[-1]:.2f} s")
+                    f"export | import {pipe[-1]:.2f} s, floor {floor[-1]:.2f} s")
             if peer is not None:
                 e, m, r, piped = peer.round()
                 nexp.append(e)
@@ -185,6 +191,8 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
     r.met = max(rss) <= RSS_TARGET
     rows.append(r)
     rows.append(Row("file size (bundle vs NAR export)", "bytes", bundle_size, nar_size))
+    notes.append(floor_note("the round trip: tar | zstd -1 -T0 | zstd -d | tar -x, then sync -f", floor,
+                            median(npipe) if npipe else None, ROUNDTRIP_TARGET))
     notes.append("fimio: signed with one key, zstd level 2, import verifies signatures and digests and syncs; "
                  "nix: unsigned, uncompressed, imported into a fresh chroot store (--store DIR, initialised untimed)")
     return rows, [big]

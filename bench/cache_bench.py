@@ -20,6 +20,11 @@ each. Target stores are created under the scratch parent (common.scratch_parent)
 deleted only after the group, and the first timed run waits out the last large deletion
 (see README): no run creates its files where another just freed inodes. Targets: each push/substitute ≤ 0.5× Nix; the query ≤ 0.2 s; the re-push ≤ 2% of the
 first push.
+
+Floors (notes under the table, see common.floor_time): each std/big run also times packing
+the tree into one zstd archive (``tar | zstd -1 -T0``) and unpacking it into a new directory
+(``zstd -d | tar -x``), each followed by ``sync -f``: the least a push and a substitution do
+(no hashing, no signatures, no network, no per-object layout).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ import sys
 import time
 
 import trees
-from common import (Row, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd, scratch_parent,
-                    settle, wait_after_deletion)
+from common import (Row, fimio_argv, fimio_env, floor_note, floor_time, log, median, note_deletion, remove_tree,
+                    run_cmd, scratch_parent, settle, wait_after_deletion)
 
 NAME = "cache"
 HELP = "push/substitute std and big via fimio serve vs nix copy / nix-store -r; 10k-path query; dedup"
@@ -165,7 +170,7 @@ def _push_and_substitute(ctx: _Ctx, tree, runs: int, push_only: bool = False):
     fpath = run_cmd([*ctx.fimio, "add", tree.path], env=ctx.env(root_a)).stdout.decode().strip()
     logical = f"/fimio/store/{os.path.basename(fpath)}"
     npath = run_cmd(["nix-store", "--add", tree.path]).stdout.decode().strip() if ctx.nix else None
-    push, sub, npush, nsub = [], [], [], []
+    push, sub, npush, nsub, fpack, funpack = [], [], [], [], [], []
     first = {"root": root_a, "path": fpath}
     try:
         for i in range(runs):
@@ -197,8 +202,11 @@ def _push_and_substitute(ctx: _Ctx, tree, runs: int, push_only: bool = False):
                     nsub.append(run_cmd(["nix-store", "--store", nstore, "-r", npath, "--option", "substituters",
                                          f"file://{ncache}", "--option", "require-sigs", "false"]).seconds)
                 first["nix_cache"] = ncache
+            if not push_only:
+                _floors(ctx, tree, fpack, funpack)
             log(f"  run {i + 1}: push fimio {push[-1]:.2f} s" + (f" nix {npush[-1]:.2f} s" if npush else "")
-                + (f"; substitute fimio {sub[-1]:.2f} s" if sub else "") + (f" nix {nsub[-1]:.2f} s" if nsub else ""))
+                + (f"; substitute fimio {sub[-1]:.2f} s" if sub else "") + (f" nix {nsub[-1]:.2f} s" if nsub else "")
+                + (f"; floors {fpack[-1]:.2f} s, {funpack[-1]:.2f} s" if fpack else ""))
     finally:
         if npath:
             ctx.nix_paths.append(npath)
@@ -213,10 +221,26 @@ def _push_and_substitute(ctx: _Ctx, tree, runs: int, push_only: bool = False):
                 fimio_samples=mine, peer_samples=peer)
         r.met = None if r.ratio is None else r.ratio <= TARGET
         rows.append(r)
+    for what_floor, samples, peer in ((f"push {what}: tar | zstd -1 -T0 into one file, then sync -f", fpack, npush),
+                                      (f"substitute {what}: zstd -d | tar -x of that file, then sync -f", funpack,
+                                       nsub)):
+        if samples:
+            ctx.notes.append(floor_note(what_floor, samples, median(peer) if peer else None, TARGET))
     if "bytesSent" in first:
         ctx.notes.append(f"{tree.kind}: fimio sent {first['bytesSent'] / 1e6:,.1f} MB in {first['objectsSent']} "
                          "objects" + (f"; nix's cache holds {first['nix_bytes'] / 1e6:,.1f} MB" if ctx.nix else ""))
     return rows, first
+
+
+def _floors(ctx: _Ctx, tree, pack: list, unpack: list) -> None:
+    """Time the floors (common.floor_time) of a push (pack the tree into one compressed
+    archive) and of a substitution (unpack that archive into a new directory)."""
+    parent, name = os.path.split(tree.path)
+    archive_dir = ctx.scratch("floor-pack")
+    pack.append(floor_time('tar -C "$P" -cf - "$N" | zstd -q -1 -T0 > "$D/t.tar.zst" && sync -f "$D"', archive_dir,
+                           P=parent, N=name))
+    unpack.append(floor_time('zstd -qdc "$A" | tar -x -C "$D" && sync -f "$D"', ctx.scratch("floor-unpack"),
+                             A=os.path.join(archive_dir, "t.tar.zst")))
 
 
 def _du(d: str) -> int:

@@ -281,6 +281,34 @@ def scratch_parent(workdir: str) -> str:
     return path
 
 
+# ---- floors -----------------------------------------------------------------------------
+
+# A floor is the cheapest way this machine does a benchmark's unavoidable file work, with C
+# tools and nothing else: no hashing, no verification, no interpreter. It is printed (as a
+# note) next to the target's time budget, so a table shows when a target is below what
+# even they reach here.
+
+
+def floor_time(script: str, dest: str, **env: str) -> float:
+    """Seconds of ``sh -c script`` (after an untimed ``sync``); ``dest`` is created first
+    and ``$D`` names it in the script, as ``env`` names the rest. The script must end by
+    flushing what it wrote (``sync -f``), as fimio does before it registers a path."""
+    os.makedirs(dest)
+    settle()
+    return run_cmd(["sh", "-c", script], env={**os.environ, **env, "D": dest}).seconds
+
+
+def floor_note(what: str, samples: list[float], peer: float | None, target: float) -> str:
+    """One note line: the floor's median, as a ratio to the peer and against the budget."""
+    m = median(samples)
+    if not peer:
+        return f"floor of {what}: {m:.3f} s (median of {len(samples)}; no peer to set a budget)"
+    budget = target * peer
+    verdict = "above" if m > budget else "within"
+    return (f"floor of {what}: {m:.3f} s (median of {len(samples)}) = {m / peer:.2f}× nix, {verdict} the "
+            f"target's budget of {budget:.3f} s ({target}× nix)")
+
+
 # ---- deletions --------------------------------------------------------------------------
 
 # On ext4 without a journal, a free inode whose deletion time is less than 60 s old (360 s

@@ -12,6 +12,9 @@ Peer: Nix (``nix-store --add`` / ``--dump``), run on the same trees in the same 
    Also checks, untimed, that both dumps are byte-identical.
 4. peak RSS of adding a 2 GiB file (``ru_maxrss`` of that child via ``wait4``).
 
+Floors (notes under the table, see common.floor_time): each add run also times ``cp -a`` of
+the tree followed by ``sync -f``, the least any tool that stores a durable copy does.
+
 Every timed command is a whole process, start-up included, as a user runs it. Before each
 run the tree is read once (untimed), so that the tool that goes first does not pay alone
 for a cold page cache. Before each timed command the harness calls ``sync()`` (untimed) so
@@ -28,8 +31,8 @@ import subprocess
 import time
 
 import trees
-from common import (Row, fimio_argv, fimio_env, log, median, note_deletion, remove_tree, run_cmd, scratch_parent,
-                    settle, wait_after_deletion, warm_tree)
+from common import (Row, fimio_argv, fimio_env, floor_note, floor_time, log, median, note_deletion, remove_tree,
+                    run_cmd, scratch_parent, settle, wait_after_deletion, warm_tree)
 
 NAME = "store"
 HELP = "add (std, big), dump (big), peak memory of a 2 GiB add; against nix-store"
@@ -56,16 +59,21 @@ class _Ctx:
         self.nix_paths: list[str] = []  # paths this group added to the Nix store
 
     def fresh_root(self, label: str) -> str:
-        self.counter += 1
-        root = os.path.join(scratch_parent(self.workdir), f"{label}-{os.getpid()}-{self.counter}")
+        root = self.scratch(label)
         remove_tree(root)
         os.makedirs(root)
-        self.roots.append(root)
         # create the store layout and database untimed: the timed add is not a first-ever start
         from_python = ("import sys; from fimio.store.local import LocalStore; "
                        "LocalStore.open(sys.argv[1]).close()")
         subprocess.run([_python(), "-c", from_python, root], check=True)
         return root
+
+    def scratch(self, label: str) -> str:
+        """A name for a new directory next to the scratch stores (deleted with them)."""
+        self.counter += 1
+        path = os.path.join(scratch_parent(self.workdir), f"{label}-{os.getpid()}-{self.counter}")
+        self.roots.append(path)
+        return path
 
     def fimio_add(self, root: str, path: str):
         settle()
@@ -151,7 +159,7 @@ def _add_std(ctx: _Ctx, std) -> list[Row]:
     n = ctx.args.runs
     log(f"add std: {n} runs ({std.describe()})")
     series_root = ctx.fresh_root("std-series")
-    fresh, series, peer = [], [], []
+    fresh, series, peer, floor = [], [], [], []
     for i in range(n):
         _write_marker(std.path, i)
         warm_tree(std.path)
@@ -163,9 +171,11 @@ def _add_std(ctx: _Ctx, std) -> list[Row]:
         if ctx.nix:
             s, _ = ctx.nix_add(std.path)
             peer.append(s.seconds)
+        floor.append(floor_time('cp -a "$SRC" "$D/" && sync -f "$D"', ctx.scratch("std-floor"), SRC=std.path))
         log(f"  run {i + 1}: fimio fresh {fresh[-1]:.3f} s, fimio series {series[-1]:.3f} s"
-            + (f", nix {peer[-1]:.3f} s" if peer else ""))
+            + (f", nix {peer[-1]:.3f} s" if peer else "") + f", floor {floor[-1]:.3f} s")
     pm = median(peer) if peer else None
+    ctx.notes.append(floor_note("add *std*: a durable copy (cp -a, then sync -f)", floor, pm, ADD_STD_TARGET))
     rows = []
     for label, xs in ((f"add *std* ({std.files:,} files, {std.bytes / 1e6:.0f} MB), empty store, median of {n}", fresh),
                       (f"add *std*, store holding earlier versions, median of {n}", series)):
@@ -178,7 +188,7 @@ def _add_std(ctx: _Ctx, std) -> list[Row]:
 def _add_big(ctx: _Ctx, big):
     n = ctx.args.big_runs
     log(f"add big: {n} run(s) ({big.describe()})")
-    mine, peer = [], []
+    mine, peer, floor = [], [], []
     kept_root = kept_fimio = kept_nix = None
     for i in range(n):
         _write_marker(big.path, 1000 + i)
@@ -189,7 +199,11 @@ def _add_big(ctx: _Ctx, big):
         if ctx.nix:
             s, kept_nix = ctx.nix_add(big.path)
             peer.append(s.seconds)
-        log(f"  run {i + 1}: fimio {mine[-1]:.2f} s" + (f", nix {peer[-1]:.2f} s" if peer else ""))
+        floor.append(floor_time('cp -a "$SRC" "$D/" && sync -f "$D"', ctx.scratch("big-floor"), SRC=big.path))
+        log(f"  run {i + 1}: fimio {mine[-1]:.2f} s" + (f", nix {peer[-1]:.2f} s" if peer else "")
+            + f", floor {floor[-1]:.2f} s")
+    ctx.notes.append(floor_note("add *big*: a durable copy (cp -a, then sync -f)", floor,
+                                median(peer) if peer else None, ADD_BIG_TARGET))
     label = f"add *big* ({big.files:,} files, {big.bytes / 1e6:,.0f} MB), empty store, " + (
         "one run" if n == 1 else f"median of {n}")
     r = Row(label, "time", median(mine), median(peer) if peer else None, f"≤ {ADD_BIG_TARGET}× nix",
