@@ -11,7 +11,7 @@ from fimio.store.errors import BuildError, NotFound, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
 from .progress import BuildProgress
-from .render import names_json
+from .render import human_size, names_json
 
 
 @click.command()
@@ -80,11 +80,13 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 @click.option("--no-substitute", is_flag=True, help="Build everything that is not valid locally.")
 @click.option("-o", "--out-link", metavar="PATH", help="Out-link name [default: ./result].")
 @click.option("--no-out-link", is_flag=True, help="Do not create out-links (nor GC roots).")
+@click.option("-n", "--dry-run", is_flag=True,
+              help="Print what would be built and what fetched from the substituters; build and fetch nothing.")
 @json_option
 @global_options
 @pass_options
 def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, substituters, no_substitute,
-            out_link, no_out_link, as_json):
+            out_link, no_out_link, dry_run, as_json):
     """Make every output of each TARGET valid, substituting or building; print the output paths.
 
     TARGET is a derivation file (.toml), a .drv store path or its hash part.
@@ -94,6 +96,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
 
     if (rounds or vary) and not check:
         check = True
+    if dry_run and check:
+        raise click.UsageError("--dry-run and --check exclude each other (a check builds)")
     config = opts.config()
     offline = config.offline if offline is None else offline
     store = opts.store()
@@ -106,12 +110,16 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
         substituters=open_substituters(opts, store, substituters, no_substitute, offline),
         log_sink=_log_sink if opts.verbosity >= 1 else None,
         progress=progress,
+        dry_run=dry_run,
     )
     if options.substituters is not None and progress.enabled:
         options.substituters.stats.progress = progress.substituting
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
     realiser.warn = lambda message: info(opts, f"fimio: warning: {message}")
     try:
+        if dry_run:
+            _print_dry_run(store, *realiser.dry_run(list(targets)), as_json)
+            return
         outcome = realiser.realise(list(targets))
         checks = None
         if check:
@@ -154,6 +162,28 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
 
         where = "the \"checks\" report on stdout" if as_json else "the report above"
         raise NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs")
+
+
+def _print_dry_run(store, roots, build, fetch, as_json) -> None:
+    if as_json:
+        emit_json({
+            "targets": [_drv_json(store, d) for d in roots],
+            "build": [store.logical(d.drv_path) for d in build],
+            "fetch": [{"path": store.logical(p), "cache": url, "size": remote.size}
+                      for p, (url, remote) in sorted(fetch.items())],
+        })
+        return
+    if build:
+        click.echo(f"{len(build)} derivation(s) would be built:")
+        for d in build:
+            click.echo(f"  {store.logical(d.drv_path)}")
+    if fetch:
+        total = human_size(sum(remote.size for _, remote in fetch.values()))
+        click.echo(f"{len(fetch)} path(s) would be fetched ({total} unpacked):")
+        for p, (url, _) in sorted(fetch.items()):
+            click.echo(f"  {store.logical(p)}  from {url}")
+    if not build and not fetch:
+        click.echo("nothing to do: every output is valid")
 
 
 def _out_links(store, outcome, out_link) -> dict:

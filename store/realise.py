@@ -34,6 +34,7 @@ class RealiseOptions:
     substituters: list = field(default_factory=list)  # a SubstituterSet-like object, or empty
     log_sink: object = None  # callable(drv, line) for live logs
     progress: object = None  # callable(event, drv, counts)
+    dry_run: bool = False  # plan only: ask the substituters, fetch and build nothing (see dry_run)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Realiser:
         self._lock = threading.Lock()
         self.substituted: list[str] = []
         self.lacking: list[str] = []  # what load_targets found unobtainable (see check_obtainable)
+        self.would_fetch: dict[StorePath, tuple] = {}  # dry run: {path: (cache URL, RemoteInfo)}
         self.warn = lambda message: None  # the CLI shows these on stderr
 
     @property
@@ -123,7 +125,11 @@ class Realiser:
         return roots
 
     def missing_outputs(self, drv: Derivation) -> list[StorePath]:
-        return [p for p in drv.output_paths().values() if not self.store.is_valid(p)]
+        return [p for p in drv.output_paths().values() if self._lacks(p)]
+
+    def _lacks(self, path: StorePath) -> bool:
+        """Not valid here (nor, in a dry run, to be fetched)."""
+        return not self.store.is_valid(path) and path not in self.would_fetch
 
     def plan(self, roots: list[Derivation]) -> list[Derivation]:
         """The derivations that must be built, dependencies first (after substitution)."""
@@ -140,7 +146,7 @@ class Realiser:
                 needed[key] = drv
                 for path, outs in drv.input_drvs().items():
                     dep = self.graph.load(path)
-                    if any(not self.store.is_valid(dep.output_paths()[o]) for o in outs):
+                    if any(self._lacks(dep.output_paths()[o]) for o in outs):
                         nxt.append(dep)
             frontier = nxt
         self.check_obtainable(list(needed.values()))
@@ -186,10 +192,13 @@ class Realiser:
         if not self.options.substituters:
             return
         wanted = [(d.drv_hash, name, path) for d in drvs for name, path in d.output_paths().items()
-                  if not self.store.is_valid(path)]
+                  if self._lacks(path)]
         if not wanted:
             return
         try:
+            if self.options.dry_run:
+                self.would_fetch.update(self.options.substituters.plan_outputs(wanted))
+                return
             got = self.options.substituters.substitute_outputs(wanted)
         except (IntegrityError, RemoteError) as e:  # a cache that fails mid-way: as if it had nothing
             self.warn(f"{e.message}; building instead")
@@ -214,6 +223,16 @@ class Realiser:
                 if not self.store.is_valid(p):
                     raise NotFound(f"output '{self.store.logical(p)}' of '{d.drv_path.base}' could not be realised")
         return outcome
+
+    def dry_run(self, targets: list[str]) -> tuple[list[Derivation], list[Derivation], dict]:
+        """What :meth:`realise` would do: ``(target derivations, derivations it would build,
+        dependencies first, {path: (cache URL, RemoteInfo)} it would fetch)``. Nothing is
+        built or fetched but what is needed to know the graph: derivation files are
+        instantiated, and ``.drv`` targets and ``store`` inputs not valid here are taken
+        from the substituters. Raises NotFound as :meth:`realise` would."""
+        assert self.options.dry_run
+        roots = self.load_targets(targets)
+        return roots, self.plan(roots), dict(self.would_fetch)
 
     def realise_inputs(self, drv: Derivation) -> None:
         """Make the outputs of ``drv``'s input derivations valid (substituted or built): a

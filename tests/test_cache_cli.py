@@ -377,3 +377,28 @@ def test_ctrl_c_while_realise_downloads_from_a_stalled_cache(world, tmp_path):
                                   fimio_env(tmp_path / "B", {"FIMIO_CONFIG": world["cfg"]}))
     finally:
         server.stop()
+
+
+def test_dry_run_names_what_would_be_built_and_fetched_and_does_neither(world, tmp_path):
+    app = graph(tmp_path / "g")
+    lib = tmp_path / "g" / "lib.toml"
+    cache = f"file://{tmp_path / 'cache'}"
+    lib_out = f"{STORE_DIR}/{os.path.basename(fim(world, 'A', 'realise', lib, '--no-out-link', check=0).stdout.strip())}"
+    fim(world, "A", "push", cache, lib, "--key", world["sk"], check=0)
+
+    plan = json.loads(fim(world, "B", "realise", "--dry-run", "--json", app, "--substituter", cache, check=0).stdout)
+    (target,) = plan["targets"]
+    assert plan["build"] == [target["drvPath"]]
+    assert [(f["path"], f["cache"]) for f in plan["fetch"]] == [(lib_out, cache)] and plan["fetch"][0]["size"] > 300000
+    assert fim(world, "B", "path-info", lib_out).returncode == 5, "a dry run fetched"
+    assert fim(world, "B", "path-info", target["outputs"]["out"]["path"]).returncode == 5, "a dry run built"
+    assert not (tmp_path / "result").exists()
+    text = fim(world, "B", "realise", "-n", app, "--substituter", cache, check=0).stdout
+    assert f"1 derivation(s) would be built:\n  {target['drvPath']}\n" in text
+    assert f"1 path(s) would be fetched (" in text and f"  {lib_out}  from {cache}\n" in text
+    # the real realise does what the dry run said
+    done = json.loads(fim(world, "B", "realise", "--json", "--no-out-link", app, "--substituter", cache,
+                          check=0).stdout)
+    assert done["built"] == plan["build"] and done["substituted"] == [lib_out]
+    assert fim(world, "B", "realise", "-n", app, check=0).stdout == "nothing to do: every output is valid\n"
+    assert_one_error_line(fim(world, "B", "realise", "-n", "--check", app), 2, "--dry-run and --check")

@@ -195,6 +195,17 @@ class SubstituterSet:
         """Like :meth:`substitute` for derivation outputs ``[(drv hash, output, StorePath)]``:
         the realisations are fetched (signed, and they must name these paths and agree
         with the fetched root digests) and recorded in the local database with the paths."""
+        return self._substitute([p for _, _, p in outputs], self._realisations_of(outputs), locks_held)
+
+    def plan_outputs(self, outputs) -> dict[StorePath, tuple[str, RemoteInfo]]:
+        """What :meth:`substitute_outputs` would fetch, without fetching it: ``{path: (cache
+        URL, info)}`` for each output it would make valid and each path of their closures
+        not valid here. Records are verified as for a substitution."""
+        self._realisations_of(outputs)  # a realisation naming another path is refused alike
+        chosen, complete = self._choose(list(dict.fromkeys(p for _, _, p in outputs)))
+        return {p: (chosen[p][0].url, chosen[p][1]) for p in complete}
+
+    def _realisations_of(self, outputs) -> list[Realisation]:
         store_dir = self.store.store_dir
         want = {realisation_key(h, o): (h, o, p) for h, o, p in outputs}
         found, refused = self._query(list(want), MAX_REALISATION, self._parse_realisation,
@@ -206,11 +217,23 @@ class SubstituterSet:
                                      f"'{r.path.logical(store_dir)}', not '{want[key][2].logical(store_dir)}'",
                                      "the cache is corrupt or hostile")
             realisations.append(r)
-        return self._substitute([p for _, _, p in outputs], realisations, locks_held)
+        return realisations
 
     def _substitute(self, paths: list[StorePath], realisations: list[Realisation], locks_held) -> set[StorePath]:
         store = self.store
         wanted = list(dict.fromkeys(paths))
+        chosen, complete = self._choose(wanted)
+        if complete or realisations:
+            pairs = [(chosen[p][0].backend, chosen[p][1]) for p in sorted(complete)]
+            with _writing(store):
+                self._fetch_and_register(pairs, realisations, locks_held)
+        return {p for p in wanted if store.is_valid(p)}
+
+    def _choose(self, wanted: list[StorePath]) -> tuple[dict, set[StorePath]]:
+        """Find ``wanted`` and their closures in the substituters: ``({path: (substituter,
+        info)}, the chosen paths whose whole closure is valid here or chosen)``. Sets
+        :attr:`incomplete`; raises the refusal of a needed path only wrongly signed or corrupt."""
+        store = self.store
         chosen: dict[StorePath, tuple] = {}
         visited: set[StorePath] = set()
         frontier = [p for p in wanted if not store.is_valid(p)]
@@ -234,11 +257,7 @@ class SubstituterSet:
         for p, e in refused_all.items():
             if p not in chosen and _needed(p, wanted, chosen):
                 raise e
-        if complete or realisations:
-            pairs = [(chosen[p][0].backend, chosen[p][1]) for p in sorted(complete)]
-            with _writing(store):
-                self._fetch_and_register(pairs, realisations, locks_held)
-        return {p for p in wanted if store.is_valid(p)}
+        return chosen, complete
 
     def _fetch_and_register(self, pairs, realisations, locks_held) -> None:
         store = self.store
