@@ -75,6 +75,10 @@ def open_substituters(opts, store, urls, no_substitute, offline):
               help="Build N times in all (N >= 2; implies --check, whose default is 2) and compare every pair.")
 @click.option("--vary", is_flag=True, help="With --check: vary TZ, locale, umask, hostname, uid/gid, cores, env order, build dir, directory order between rounds.")
 @click.option("-K", "--keep-failed", is_flag=True, help="Keep the build directory of a failed build.")
+@click.option("-k", "--keep-going", is_flag=True,
+              help="After a failed build, go on with every build that does not need it.")
+@click.option("--cores", type=click.IntRange(min=1), metavar="N",
+              help="CPUs each build is told it may use (FIMIO_BUILD_CORES) [default: config 'cores' or all].")
 @click.option("--offline", is_flag=True, default=None, help="Never touch the network: local store and file:// substituters only.")
 @click.option("--substituter", "substituters", multiple=True, metavar="URL", help="A cache to substitute from (repeatable; replaces the config's list).")
 @click.option("--no-substitute", is_flag=True, help="Build everything that is not valid locally.")
@@ -85,8 +89,8 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 @json_option
 @global_options
 @pass_options
-def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, substituters, no_substitute,
-            out_link, no_out_link, dry_run, as_json):
+def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, cores, offline, substituters,
+            no_substitute, out_link, no_out_link, dry_run, as_json):
     """Make every output of each TARGET valid, substituting or building; print the output paths.
 
     TARGET is a derivation file (.toml), a .drv store path or its hash part.
@@ -104,8 +108,9 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, offline, subs
     progress = BuildProgress(opts)
     options = RealiseOptions(
         jobs=jobs or config.jobs or 0,
-        cores=config.cores,
+        cores=cores or config.cores,
         keep_failed=keep_failed,
+        keep_going=keep_going,
         offline=offline,
         substituters=open_substituters(opts, store, substituters, no_substitute, offline),
         log_sink=_log_sink if opts.verbosity >= 1 else None,

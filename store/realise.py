@@ -19,7 +19,7 @@ from . import build as buildmod
 from . import fsutil
 from .db import dumps, loads
 from .derivation import Derivation, host_system
-from .errors import BuildError, IntegrityError, NotFound, RemoteError
+from .errors import BuildError, FimioError, IntegrityError, NotFound, RemoteError
 from .instantiate import Graph, is_derivation_file
 from .paths import StorePath
 from .roots import TempRoots
@@ -35,6 +35,7 @@ class RealiseOptions:
     log_sink: object = None  # callable(drv, line) for live logs
     progress: object = None  # callable(event, drv, counts)
     dry_run: bool = False  # plan only: ask the substituters, fetch and build nothing (see dry_run)
+    keep_going: bool = False  # after a failed build, go on with every build that does not need it
 
 
 @dataclass
@@ -44,6 +45,33 @@ class Outcome:
     targets: list[tuple[Derivation, dict[str, StorePath]]]
     built: list[str] = field(default_factory=list)
     substituted: list[str] = field(default_factory=list)
+
+
+def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
+    """Remove from ``pending`` every derivation that needs ``key``, directly or not; return them."""
+    dropped, frontier = [], [key]
+    while frontier:
+        k = frontier.pop()
+        for other in [o for o in pending if k in deps[o]]:
+            del pending[other]
+            dropped.append(other)
+            frontier.append(other)
+    return dropped
+
+
+def _failures(failed: list, skipped: list[str]) -> FimioError:
+    """The error of a ``keep_going`` schedule: a lone failure as it was, else one error
+    naming each failure (with the exit code of the first) and what was not built."""
+    if len(failed) == 1 and not skipped:
+        return failed[0][1]
+    err = BuildError(f"{len(failed)} derivation(s) failed" + (f", {len(skipped)} not built" if skipped else ""),
+                     "'fimio log DRV' shows a build's log",
+                     details=[f"{d.drv_path.base}: {e.message}" for d, e in failed]
+                     + [f"{k}: not built, it needs a failed build" for k in skipped])
+    err.exit_code = failed[0][1].exit_code
+    if len(failed) == 1:
+        err.log_tail = getattr(failed[0][1], "log_tail", "")
+    return err
 
 
 def resolve_outputs(store, target: str) -> list[tuple[str, str, StorePath]]:
@@ -252,7 +280,8 @@ class Realiser:
 
     def _schedule(self, pool, todo: list[Derivation], jobs: int) -> list[str]:
         """Run ``todo`` on ``pool``, each once its dependencies are done; the derivations
-        built. After a failure nothing new starts; the builds running finish first."""
+        built. After a failure nothing new starts (with ``keep_going``, nothing that needs
+        the failed build); the builds running finish first."""
         pending = {d.drv_path.base: d for d in todo}
         deps = {
             key: {self.graph.load(p).drv_path.base for p in d.input_drvs()} & pending.keys()
@@ -262,6 +291,8 @@ class Realiser:
         built: list[str] = []
         running = {}
         failure: BaseException | None = None
+        failed: list[tuple[Derivation, FimioError]] = []  # with keep_going
+        skipped: list[str] = []  # with keep_going: not built because a dependency failed
         counts = {"total": len(todo), "done": 0}
         while pending or running:
             if failure is None:
@@ -280,12 +311,20 @@ class Realiser:
                     done.add(drv.drv_path.base)
                     counts["done"] += 1
                     self._progress("done", drv, counts)
-                except BaseException as e:  # stop scheduling; let running builds finish
-                    if failure is None:
-                        failure = e
+                except FimioError as e:
+                    if not self.options.keep_going:
+                        failure = failure or e
+                        pending.clear()  # stop scheduling; let running builds finish
+                        continue
+                    failed.append((drv, e))
+                    skipped += _drop_dependents(drv.drv_path.base, pending, deps)
+                except BaseException as e:  # Ctrl-C, a bug: stop whatever keep_going says
+                    failure = failure or e
                     pending.clear()
         if failure is not None:
             raise failure
+        if failed:
+            raise _failures(failed, skipped)
         return built
 
     def _progress(self, event: str, drv: Derivation, counts: dict) -> None:

@@ -284,6 +284,42 @@ def test_keep_failed(cli, tmp_path):
     assert os.listdir(cli.root / "failed") == [kept.parent.name] and kept.is_dir()
 
 
+def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path):
+    """-k: a failed build stops only what needs it; the error names each failure and what
+    was not built, and the builds that could run are valid. Without -k the first failure
+    stops the schedule."""
+    bad = write_drv(tmp_path / "bad.toml", "bad", "echo broken >&2; exit 3")
+    worse = write_drv(tmp_path / "worse.toml", "worse", "exit 4")
+    needs = write_drv(tmp_path / "needs.toml", "needs", "cat $bad > $out", inputs={"bad": {"drv": "bad.toml"}})
+    top = write_drv(tmp_path / "top.toml", "top", "cat $needs > $out", inputs={"needs": {"drv": "needs.toml"}})
+    ok = write_drv(tmp_path / "ok.toml", "ok", "sleep 0.5; echo fine > $out")
+    proc = cli("realise", "--no-out-link", "-j", "1", "-k", bad, worse, top, ok)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fimio: error: 2 derivation(s) failed, 2 not built"), proc.stderr
+    details = proc.stderr.strip().splitlines()[:-1]
+    for name in ("bad", "worse"):
+        assert any(f"-{name}.drv: " in line and "not built" not in line for line in details), proc.stderr
+    for name in ("needs", "top"):
+        assert any(f"-{name}.drv: not built, it needs a failed build" in line for line in details), proc.stderr
+    assert open(cli.out("realise", "--no-out-link", ok).strip()).read() == "fine\n"
+    # one failure whose dependents are skipped keeps its log tail on stderr
+    proc = cli("realise", "--no-out-link", "-k", top)
+    assert proc.returncode == 1 and "> broken" in proc.stderr and "1 derivation(s) failed, 2 not built" in proc.stderr
+    # without -k: the first failure stops every build not yet started (one at a time here)
+    other = write_drv(tmp_path / "other.toml", "other", "echo other > $out")
+    proc = cli("realise", "--no-out-link", "-j", "1", bad, other)
+    assert proc.returncode == 1 and "derivation(s) failed" not in proc.stderr
+    valid = cli("realise", "--no-out-link", "-n", other, check=0).stdout
+    assert valid.startswith("1 derivation(s) would be built"), "a build started after a failure without -k"
+
+
+def test_cores_flag_sets_the_build_cores(cli, tmp_path):
+    f = write_drv(tmp_path / "c.toml", "cores", "echo $FIMIO_BUILD_CORES > $out")
+    assert open(cli.out("realise", "--no-out-link", "--cores", "3", f).strip()).read() == "3\n"
+    assert_one_error_line(cli("realise", "--cores", "0", f), 2, "--cores")
+
+
 # ---- log, why-depends, run ---------------------------------------------------------------
 
 def test_log(cli, tmp_path):
