@@ -16,16 +16,27 @@ from .render import human_size, names_json
 
 @click.command()
 @click.argument("files", nargs=-1, required=True)
+@click.option("--add-root", metavar="PATH",
+              help="Make PATH a symlink to the .drv, registered as a GC root (PATH-2, PATH-3... for further files).")
 @json_option
 @global_options
 @pass_options
-def instantiate(opts, files, as_json):
-    """Write the derivation graph of FILES into the store; print the .drv store paths."""
+def instantiate(opts, files, add_root, as_json):
+    """Write the derivation graph of FILES into the store; print the .drv store paths.
+
+    The .drv files are garbage to 'fimio gc' unless something keeps them: an out-link of
+    their outputs, or --add-root.
+    """
     from fimio.store.instantiate import Graph
 
     store = opts.store(protect=True)  # what we add stays alive until the .drv refers to it
     graph = Graph(store)
     drvs = [graph.from_file(f) for f in files]
+    if add_root:
+        from fimio.store.roots import add_root as register_root
+
+        for n, d in enumerate(drvs):
+            register_root(store, add_root if n == 0 else f"{add_root}-{n + 1}", d.drv_path, flag="--add-root")
     if as_json:
         emit_json([_drv_json(store, d) for d in drvs])
     else:

@@ -119,20 +119,21 @@ def clean_temp_roots(store) -> int:
     return removed
 
 
-def add_root(store, link: str, target: StorePath) -> str:
-    """Point the symlink ``link`` (e.g. ``./result``) at ``target`` and register it as a root."""
+def add_root(store, link: str, target: StorePath, flag: str = "-o") -> str:
+    """Point the symlink ``link`` (e.g. ``./result``) at ``target`` and register it as a root.
+    ``flag`` is the option that named the link (for the hint of an error)."""
     link = os.path.abspath(link)
     physical = store.physical(target)
     if os.path.isdir(link) and not os.path.islink(link):
-        raise UsageError(f"cannot make the out-link '{link}': a directory is in the way",
-                         "remove it, or choose another name with -o")
+        raise UsageError(f"cannot make the link '{link}': a directory is in the way",
+                         f"remove it, or choose another name with {flag}")
     tmp = fsutil.sibling_tmp(link)
     try:
         os.symlink(physical, tmp)
         os.replace(tmp, link)
     except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
         fsutil.unlink_if_exists(tmp)
-        raise UsageError(f"cannot make the out-link '{link}': {e.strerror}", "choose another name with -o") from None
+        raise UsageError(f"cannot make the link '{link}': {e.strerror}", f"choose another name with {flag}") from None
     # Durable before we return: a root lost to a power cut would let gc delete an output
     # the user was told is there.
     fsutil.fsync_dir(os.path.dirname(link))

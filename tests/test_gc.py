@@ -356,3 +356,24 @@ def test_roots_hold_however_the_store_root_is_spelled(tmp_path):
     deleted = [d["physical"] for d in json.loads(direct.out("gc", "--json"))["deleted"]]
     assert b in deleted and built not in deleted and a not in deleted
     assert (work / "result").read_text() == "s\n" and (work / "old-link").read_text() == "a\n"
+
+
+def test_instantiate_add_root_keeps_the_derivations(cli, tmp_path):
+    """--add-root makes a symlink to each .drv (PATH, PATH-2, ...) that gc respects; without
+    it an instantiated .drv is garbage."""
+    src = tmp_path / "src.txt"
+    src.write_text("source\n")
+    a = write_drv(tmp_path / "a.toml", "a", "cat $src > $out", inputs={"src": {"path": "src.txt"}})
+    b = write_drv(tmp_path / "b.toml", "b", "echo b > $out")
+    link = tmp_path / "drv"
+    drvs = [json.loads(cli.out("instantiate", "--json", "--add-root", link, f))[0]["drvPath"] for f in (a, b)]
+    assert os.readlink(link) == str(cli.physical_store / os.path.basename(drvs[1]))  # the last call's
+    both = json.loads(cli.out("instantiate", "--json", "--add-root", link, a, b))
+    assert [d["drvPath"] for d in both] == drvs
+    assert os.readlink(link) == both[0]["physical"] and os.readlink(f"{link}-2") == both[1]["physical"]
+    gc(cli)
+    assert all(valid(cli, d) for d in drvs)  # rooted, with the source a's .drv refers to
+    os.unlink(f"{link}-2")
+    deleted = gc(cli)["deleted"]
+    assert drvs[1] in deleted and valid(cli, drvs[0])
+    assert cli("instantiate", "--add-root", tmp_path / "no" / "such" / "dir" / "x", a).returncode == 2
