@@ -462,7 +462,8 @@ def _file_finding(c: treediff.FileChange) -> Finding:
         lines = c.unified.rstrip("\n").splitlines()
     elif c.note and c.change == "changed":
         lines = [f"({c.note})"]
-    return Finding("file", c.path or "(the file itself)", c.headline(), c.blob[0], c.blob[1], lines)
+    return Finding("file", treediff.shown(c.path) if c.path else "(the file itself)", c.headline(), c.blob[0], c.blob[1],
+                   lines)
 
 
 def _input_kind(i) -> str:

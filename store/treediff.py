@@ -20,6 +20,27 @@ TEXT_DIFF_LIMIT = 64 * 1024  # bytes per side for a unified diff
 DIFF_LINES_LIMIT = 200  # lines of one unified diff kept in a report
 DETAIL_LIMIT = 50  # changed files whose contents are read for offsets and text diffs
 _READ = 1 << 20
+_C_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\"": "\\\"", "\\": "\\\\"}
+
+
+def shown(name: str) -> str:
+    """``name`` (decoded with surrogateescape) fit for one line of a report: verbatim when
+    printable, else double-quoted with C escapes (``\\n``, ``\\t``, ``\\xNN`` for a byte
+    that is not UTF-8 or a control character), as ``ls --quoting-style=c`` shows it."""
+    if name.isprintable():
+        return name
+    out = []
+    for ch in name:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # a byte that was not UTF-8
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif ch in _C_ESCAPES:
+            out.append(_C_ESCAPES[ch])
+        elif not ch.isprintable():
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 @dataclass
@@ -68,7 +89,7 @@ class FileChange:
 
     def headline(self) -> str:
         """One line: what changed at this path."""
-        where = self.path or "(the output itself)"
+        where = shown(self.path) if self.path else "(the output itself)"
         a, b = self.size
         if self.change == "changed":
             off = "" if self.first_difference is None else f", first difference at byte {self.first_difference}"
@@ -275,7 +296,7 @@ def text_diff(da: bytes, db: bytes, name: str) -> tuple[str | None, str | None]:
     except UnicodeDecodeError:
         return None, "not UTF-8: no text diff"
     lines = list(difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True),
-                                      f"a/{name}", f"b/{name}", n=3))
+                                      f"a/{shown(name)}", f"b/{shown(name)}", n=3))
     out = [line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines]
     text = "".join(out)
     kept = text.splitlines(keepends=True)

@@ -183,3 +183,22 @@ def test_diff_of_two_50k_file_outputs_takes_under_2s(cli, tmp_path):
     elapsed = time.perf_counter() - t0
     assert "the contents differ: 10 paths" in text
     assert elapsed < 2.0, elapsed
+
+
+def test_names_with_control_characters_or_invalid_utf8_stay_on_one_line(cli, tmp_path):
+    """A file name holding a newline or bytes that are not UTF-8 is shown quoted, C-style,
+    so each change stays one line of the report (as `ls --quoting-style=c` shows it)."""
+    trees = []
+    for side, content in (("a", "1\n"), ("b", "2\n")):
+        d = tmp_path / side
+        d.mkdir()
+        for name in (b"line\nbreak", b"caf\xe9", b'plain "quoted" \\ name', b"tab\there"):
+            with open(os.path.join(os.fsencode(d), name), "w") as f:
+                f.write(content)
+        trees.append(cli.out("add", d).strip())
+    text = cli.out("diff", *trees)
+    heads = [line for line in text.splitlines() if ": contents differ (" in line]
+    assert len(heads) == 4, text
+    shown = sorted(line.strip().lstrip("• ").split(": contents differ")[0] for line in heads)
+    assert shown == sorted(['"line\\nbreak"', '"caf\\xe9"', 'plain "quoted" \\ name', '"tab\\there"']), shown
+    assert '--- a/"line\\nbreak"' in text, text
