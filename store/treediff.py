@@ -25,9 +25,11 @@ _C_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\"": "\\\"", "\\": "\\\\"}
 
 def shown(name: str) -> str:
     """``name`` (decoded with surrogateescape) fit for one line of a report: verbatim when
-    printable, else double-quoted with C escapes (``\\n``, ``\\t``, ``\\xNN`` for a byte
-    that is not UTF-8 or a control character), as ``ls --quoting-style=c`` shows it."""
-    if name.isprintable():
+    printable, else double-quoted with C escapes (``\\n``, ``\\t``, ``\\xNN`` for an ASCII
+    control character or a byte that is not UTF-8, ``\\uNNNN`` for another unprintable
+    character), as ``ls --quoting-style=c`` shows it. A name that starts with ``"`` is
+    quoted too, so distinct names are always shown distinctly."""
+    if name.isprintable() and not name.startswith('"'):
         return name
     out = []
     for ch in name:
@@ -36,8 +38,8 @@ def shown(name: str) -> str:
             out.append(f"\\x{o - 0xDC00:02x}")
         elif ch in _C_ESCAPES:
             out.append(_C_ESCAPES[ch])
-        elif not ch.isprintable():
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}")
+        elif not ch.isprintable():  # \xNN above 7f always means a byte that was not UTF-8
+            out.append(f"\\x{o:02x}" if o < 0x80 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
         else:
             out.append(ch)
     return '"' + "".join(out) + '"'

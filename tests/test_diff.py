@@ -9,6 +9,10 @@ import shutil
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fimio.store import treediff
 
 SH = 'builder = "/bin/sh"\n[env]\nPATH = "/usr/bin:/bin"\n'
 
@@ -202,3 +206,36 @@ def test_names_with_control_characters_or_invalid_utf8_stay_on_one_line(cli, tmp
     shown = sorted(line.strip().lstrip("• ").split(": contents differ")[0] for line in heads)
     assert shown == sorted(['"line\\nbreak"', '"caf\\xe9"', 'plain "quoted" \\ name', '"tab\\there"']), shown
     assert '--- a/"line\\nbreak"' in text, text
+
+
+def _unquote(text: str) -> bytes:
+    """The bytes a quoted name of ``treediff.shown`` stands for (the inverse of its escapes)."""
+    singles = {"n": b"\n", "t": b"\t", "r": b"\r", '"': b'"', "\\": b"\\"}
+    out, i = bytearray(), 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out += ch.encode()
+            i += 1
+            continue
+        kind = text[i + 1]
+        if kind in singles:
+            out += singles[kind]
+            i += 2
+        else:
+            width = {"x": 2, "u": 4, "U": 8}[kind]
+            code = int(text[i + 2:i + 2 + width], 16)
+            out += bytes([code]) if kind == "x" else chr(code).encode()
+            i += 2 + width
+    return bytes(out)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(min_size=1, max_size=24), st.text(min_size=1, max_size=24).map(str.encode)))
+def test_shown_names_are_one_printable_line_and_name_their_bytes(raw):
+    text = treediff.shown(os.fsdecode(raw))
+    assert text.isprintable()
+    if text == os.fsdecode(raw):
+        assert not text.startswith('"')
+    else:
+        assert text[0] == text[-1] == '"' and _unquote(text[1:-1]) == raw
