@@ -25,7 +25,9 @@ STORE_DIR = "/fimio/store"
 
 
 class Setup:
-    def __init__(self, tmp_path, key=True, small=60, large=(2 << 20,)):
+    def __init__(self, tmp_path, key=True, small=60, large=(2 << 20,), more=0):
+        """A cache holding a tree, a one-file path and ``more`` other one-file paths (all
+        copied by :meth:`copy`)."""
         self.tmp = tmp_path
         self.cache = tmp_path / "cache"
         self.url = f"file://{self.cache}"
@@ -33,8 +35,13 @@ class Setup:
         self.tree = a.add_path(str(make_tree(tmp_path / "src", small=small, large=large)), "tree")
         (tmp_path / "one.txt").write_bytes(b"one\n")
         self.one = a.add_path(str(tmp_path / "one.txt"))
+        self.more = []
+        for i in range(more):
+            (tmp_path / f"more{i}.txt").write_text(f"more {i}\n")
+            self.more.append(a.add_path(str(tmp_path / f"more{i}.txt")))
         self.sk, self.pk = make_keys()
-        Pusher(a, open_backend(self.url), [self.sk] if key else []).push([self.tree.path, self.one.path])
+        Pusher(a, open_backend(self.url), [self.sk] if key else []).push(
+            [self.tree.path, self.one.path, *(p.path for p in self.more)])
         a.close()
         self.config = write_config(tmp_path / "config.toml", trusted=[self.pk])
         self.b = tmp_path / "B"
@@ -43,7 +50,7 @@ class Setup:
     def copy(self, path=None, url=None, *extra):
         """Copy into a fresh store (a store that already holds some blobs would not need
         to download, and so would never see, a damaged object that holds only those)."""
-        paths = [path] if path else [self.tree.path, self.one.path]
+        paths = [path] if path else [self.tree.path, self.one.path, *(p.path for p in self.more)]
         self.n += 1
         self.b = self.tmp / f"B{self.n}"
         return run_fimio(["copy", "--from", url or self.url, *extra, *(f"{STORE_DIR}/{p.base}" for p in paths)],
@@ -344,7 +351,8 @@ class _LyingQueryServer:
     # entries that are no keys are ignored: nothing is missing, so everything is fetched
     (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 28\r\n\r\n{"missing":[[1],{"a":1},2]}', 0),
 ], ids=["status-line", "cut-chunked", "not-strings"])
-def test_a_bad_answer_to_the_existence_query_is_one_line(setup, answer, code):
+def test_a_bad_answer_to_the_existence_query_is_one_line(tmp_path, answer, code):
+    setup = Setup(tmp_path, more=8)  # ten paths: asked about in one batched query, not fetched at once
     server = _LyingQueryServer(setup.cache, answer)
     try:
         proc = setup.copy(None, server.url)
@@ -355,6 +363,17 @@ def test_a_bad_answer_to_the_existence_query_is_one_line(setup, answer, code):
         setup.assert_nothing_registered()
     else:
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_few_records_are_fetched_without_asking_first(setup):
+    """Two paths: their records are fetched at once (a 404 means absent), with no batched
+    existence query -- one round trip less; a server that garbles that query is not asked."""
+    server = _LyingQueryServer(setup.cache, b"GARBAGE LINE\r\n\r\n")
+    try:
+        proc = setup.copy(None, server.url)
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stderr
 
 
 class _StallingServer:

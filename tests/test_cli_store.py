@@ -445,7 +445,7 @@ def test_bad_flag_and_bad_store_path(cli, tmp_path):
     proc = cli("realise", "--chek", tmp_path)
     assert_one_error_line(proc, 2)
     assert proc.stderr.strip() == ("fimio: error: No such option '--chek' (did you mean one of: '--check', "
-                                   "'--help'? see 'fimio realise --help')")
+                                   "'--cores', '--help'? see 'fimio realise --help')")
     assert_one_error_line(cli("ls", "not-a-store-path"), 2)
     assert_one_error_line(cli("cat", str(tmp_path)), 5, str(tmp_path))
 

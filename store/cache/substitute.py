@@ -38,6 +38,8 @@ from .layout import MAX_INFO, MAX_REALISATION, Realisation, RemoteInfo, info_key
 from .push import cache_params
 from .url import open_with_config
 
+_DIRECT_GETS = 8  # queries of up to this many records skip the batched existence check
+
 
 class Substituter:
     """One cache as a source: its backend and, once read, its parameters."""
@@ -139,7 +141,8 @@ class SubstituterSet:
 
     def _query_sub(self, sub: Substituter, keys: list[str], cap: int, parse, fingerprint_of) -> dict:
         try:
-            if sub.backend.smart:
+            # a few keys are cheaper to GET at once (404: absent) than to ask about first
+            if len(keys) > _DIRECT_GETS and sub.backend.smart:
                 absent = sub.backend.missing(keys)
                 keys = [k for k in keys if k not in absent]
             results = self.pool.map(lambda k: self._get_verified(sub, k, cap, parse, fingerprint_of), keys)
