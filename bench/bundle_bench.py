@@ -155,7 +155,7 @@ def run(args, workdir: str, nix: bool, notes: list[str]):
             floor.append(floor_time('tar -C "$P" -cf - "$N" | zstd -q -1 -T0 | zstd -qd | tar -x -C "$D" && sync -f "$D"',
                                     f.fresh_dir("floor"), P=os.path.dirname(big.path), N=os.path.basename(big.path)))
             line = (f"  round {i + 1}: fimio export {exp[-1]:.2f} s, import {imp[-1]:.2f} s ({rss[-1] / 1e6:.0f} MB), "
-                    f"export | import {pipe[-1]:.2f} s, floor {floor[-1]:.2f} s")
+                    f"export | import {pipe[-1]:.2f} s, floor {floor[-1].seconds:.2f} s")
             if peer is not None:
                 e, m, r, piped = peer.round()
                 nexp.append(e)

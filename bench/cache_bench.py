@@ -206,7 +206,7 @@ def _push_and_substitute(ctx: _Ctx, tree, runs: int, push_only: bool = False):
                 _floors(ctx, tree, fpack, funpack)
             log(f"  run {i + 1}: push fimio {push[-1]:.2f} s" + (f" nix {npush[-1]:.2f} s" if npush else "")
                 + (f"; substitute fimio {sub[-1]:.2f} s" if sub else "") + (f" nix {nsub[-1]:.2f} s" if nsub else "")
-                + (f"; floors {fpack[-1]:.2f} s, {funpack[-1]:.2f} s" if fpack else ""))
+                + (f"; floors {fpack[-1].seconds:.2f} s, {funpack[-1].seconds:.2f} s" if fpack else ""))
     finally:
         if npath:
             ctx.nix_paths.append(npath)

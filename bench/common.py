@@ -283,30 +283,35 @@ def scratch_parent(workdir: str) -> str:
 
 # ---- floors -----------------------------------------------------------------------------
 
-# A floor is the cheapest way this machine does a benchmark's unavoidable file work, with C
-# tools and nothing else: no hashing, no verification, no interpreter. It is printed (as a
-# note) next to the target's time budget, so a table shows when a target is below what
-# even they reach here.
+# A floor is a benchmark's file work done by C tools and nothing else: no hashing, no
+# verification, no interpreter. It is printed (as a note) next to the target's time
+# budget. Its wall time is not a lower bound for a tool that spreads the work over several
+# CPUs, so the note also gives its CPU time divided by the CPUs: a target whose budget is
+# below even that cannot be met here by a tool doing the same work.
 
 
-def floor_time(script: str, dest: str, **env: str) -> float:
-    """Seconds of ``sh -c script`` (after an untimed ``sync``); ``dest`` is created first
-    and ``$D`` names it in the script, as ``env`` names the rest. The script must end by
-    flushing what it wrote (``sync -f``), as fimio does before it registers a path."""
+def floor_time(script: str, dest: str, **env: str) -> Sample:
+    """Run ``bash -o pipefail -c script`` (after an untimed ``sync``); ``dest`` is created
+    first and ``$D`` names it in the script, as ``env`` names the rest. The script must end
+    by flushing what it wrote (``sync -f``), as fimio does before it registers a path."""
     os.makedirs(dest)
     settle()
-    return run_cmd(["sh", "-c", script], env={**os.environ, **env, "D": dest}).seconds
+    return run_cmd(["bash", "-o", "pipefail", "-c", script], env={**os.environ, **env, "D": dest})
 
 
-def floor_note(what: str, samples: list[float], peer: float | None, target: float) -> str:
-    """One note line: the floor's median, as a ratio to the peer and against the budget."""
-    m = median(samples)
+def floor_note(what: str, samples: list[Sample], peer: float | None, target: float) -> str:
+    """One note line: the floor's median wall and CPU time, against the peer and the budget."""
+    cpus = len(os.sched_getaffinity(0))
+    wall = median([s.seconds for s in samples])
+    spread = median([s.cpu_seconds for s in samples]) / cpus
+    text = (f"floor of {what}: {wall:.3f} s (median of {len(samples)})"
+            + (f" = {wall / peer:.2f}× nix" if peer else "")
+            + f"; its CPU time spread over {cpus} CPUs: {spread:.3f} s")
     if not peer:
-        return f"floor of {what}: {m:.3f} s (median of {len(samples)}; no peer to set a budget)"
+        return text
     budget = target * peer
-    verdict = "above" if m > budget else "within"
-    return (f"floor of {what}: {m:.3f} s (median of {len(samples)}) = {m / peer:.2f}× nix, {verdict} the "
-            f"target's budget of {budget:.3f} s ({target}× nix)")
+    text += f"; the target's budget: {budget:.3f} s ({target}× nix)"
+    return text + (", below even the spread floor" if spread > budget else "")
 
 
 # ---- deletions --------------------------------------------------------------------------

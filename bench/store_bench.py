@@ -173,7 +173,7 @@ def _add_std(ctx: _Ctx, std) -> list[Row]:
             peer.append(s.seconds)
         floor.append(floor_time('cp -a "$SRC" "$D/" && sync -f "$D"', ctx.scratch("std-floor"), SRC=std.path))
         log(f"  run {i + 1}: fimio fresh {fresh[-1]:.3f} s, fimio series {series[-1]:.3f} s"
-            + (f", nix {peer[-1]:.3f} s" if peer else "") + f", floor {floor[-1]:.3f} s")
+            + (f", nix {peer[-1]:.3f} s" if peer else "") + f", floor {floor[-1].seconds:.3f} s")
     pm = median(peer) if peer else None
     ctx.notes.append(floor_note("add *std*: a durable copy (cp -a, then sync -f)", floor, pm, ADD_STD_TARGET))
     rows = []
@@ -201,7 +201,7 @@ def _add_big(ctx: _Ctx, big):
             peer.append(s.seconds)
         floor.append(floor_time('cp -a "$SRC" "$D/" && sync -f "$D"', ctx.scratch("big-floor"), SRC=big.path))
         log(f"  run {i + 1}: fimio {mine[-1]:.2f} s" + (f", nix {peer[-1]:.2f} s" if peer else "")
-            + f", floor {floor[-1]:.2f} s")
+            + f", floor {floor[-1].seconds:.2f} s")
     ctx.notes.append(floor_note("add *big*: a durable copy (cp -a, then sync -f)", floor,
                                 median(peer) if peer else None, ADD_BIG_TARGET))
     label = f"add *big* ({big.files:,} files, {big.bytes / 1e6:,.0f} MB), empty store, " + (

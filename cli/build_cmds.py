@@ -32,13 +32,14 @@ def instantiate(opts, files, add_root, as_json):
     store = opts.store(protect=True)  # what we add stays alive until the .drv refers to it
     graph = Graph(store)
     drvs = [graph.from_file(f) for f in files]
+    roots = [None] * len(drvs)
     if add_root:
         from fimio.store.roots import add_root as register_root
 
-        for n, d in enumerate(drvs):
-            register_root(store, add_root if n == 0 else f"{add_root}-{n + 1}", d.drv_path, flag="--add-root")
+        roots = [register_root(store, add_root if n == 0 else f"{add_root}-{n + 1}", d.drv_path, flag="--add-root")
+                 for n, d in enumerate(drvs)]
     if as_json:
-        emit_json([_drv_json(store, d) for d in drvs])
+        emit_json([{**_drv_json(store, d), "root": root} for d, root in zip(drvs, roots)])
     else:
         for d in drvs:
             click.echo(store.physical(d.drv_path))
@@ -96,7 +97,8 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 @click.option("-o", "--out-link", metavar="PATH", help="Out-link name [default: ./result].")
 @click.option("--no-out-link", is_flag=True, help="Do not create out-links (nor GC roots).")
 @click.option("-n", "--dry-run", is_flag=True,
-              help="Print what would be built and what fetched from the substituters; build and fetch nothing.")
+              help="Print what would be built and what fetched; build nothing and fetch no output (only the "
+                   ".drv targets and store inputs that knowing the graph needs).")
 @json_option
 @global_options
 @pass_options

@@ -387,14 +387,15 @@ def _hint(entry: DrvCheck, started: float) -> str | None:
             continue
         changed = [line[1:] for line in c.unified.splitlines()
                    if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+        where = treediff.shown(c.path) if c.path else "the output"
         for line in changed:
             for m in _NUMBER.finditer(line):
                 digits = m.group(1)
                 t = int(digits) / 10 ** (len(digits) - 10)
                 if lo <= t <= hi:
-                    return f"looks like the current time is embedded ('{digits}' in {c.path or 'the output'})"
+                    return f"looks like the current time is embedded ('{digits}' in {where})"
             if _CLOCK.search(line):
-                return f"looks like the current time is embedded (a clock time in {c.path or 'the output'})"
+                return f"looks like the current time is embedded (a clock time in {where})"
     if entry.outputs and any(o.diffs for o in entry.outputs):
         # said only when binary contents are all there is to look at (not for modes or links)
         binary = not any(c.unified for c in changes) and any((c.note or "").startswith("binary") for c in changes)

@@ -203,9 +203,15 @@ class Graph:
             raise rd.error(f"input '{var}': {e.message}", var, "inputs") from None
         except NotFound as e:
             where = rd.error(f"input '{var}': {e.message}", var, "inputs")
-            if is_hash_part(text):  # a bare hash part nothing here has: not found, nothing to fetch
+            if not is_hash_part(text):
+                raise where from None  # not a store path at all: bad input
+            # a bare hash part nothing here has: not found, nothing to fetch
+            if not self.defer_missing:
                 raise NotFound(where.message) from None
-            raise where from None  # not a store path at all: bad input
+            # a stand-in path, so that the rest of the graph can be planned (and its lacks named)
+            stand_in = StorePath(text, "unknown")
+            self.unavailable[stand_in] = f"{text}: input '{var}' of {rd.file}: no store path with this hash here"
+            return Input("store", self.store.logical(stand_in))
         if sub:
             raise rd.error(f"input '{var}': give a store path, not a file inside one", var, "inputs")
         if self.store.temp_roots is not None:

@@ -78,7 +78,7 @@ def substitute_drv_targets(store, substituters, targets) -> dict[str, str]:
     closure: input derivations, sources, ``store`` inputs). Targets that are derivation files
     or already valid are left alone. Returns what cannot be had, complete: ``{target: line}``
     for every target no substituter holds (whole), the line naming it and why."""
-    wanted: dict[StorePath, str] = {}
+    wanted: dict[StorePath, list[str]] = {}  # path -> the targets naming it
     lacking: dict[str, str] = {}
     for target in targets:
         if is_derivation_file(store, target):
@@ -99,17 +99,18 @@ def substitute_drv_targets(store, substituters, targets) -> dict[str, str]:
             except UsageError:
                 continue
         if path.name.endswith(".drv") and not store.is_valid(path):
-            wanted.setdefault(path, target)
+            wanted.setdefault(path, []).append(target)
     if store.temp_roots is not None:
         store.temp_roots.add(list(wanted))
     got = substituters.substitute(list(wanted)) if wanted else set()
-    for p, target in wanted.items():
+    for p, names in wanted.items():
         if p in got:
             continue
         lack = substituters.incomplete.get(p)
-        lacking[target] = (f"{store.logical(p)}: held by a substituter, but not what it refers to: "
-                           + ", ".join(store.logical(r) for r in lack) if lack
-                           else f"{store.logical(p)}: derivation not obtainable")
+        line = (f"{store.logical(p)}: held by a substituter, but not what it refers to: "
+                + ", ".join(store.logical(r) for r in lack) if lack
+                else f"{store.logical(p)}: derivation not obtainable")
+        lacking.update((target, line) for target in names)
     fetched = [p for p in wanted if p in got]
     if fetched and store.temp_roots is not None:
         store.temp_roots.add(store.closure(fetched))

@@ -61,14 +61,15 @@ def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
 
 def _failures(failed: list, skipped: list[str]) -> FimioError:
     """The error of a ``keep_going`` schedule: a lone failure as it was, else one error
-    naming each failure (with the exit code of the first) and what was not built."""
+    naming each failure and what was not built, with the highest exit code among the
+    failures (an integrity failure, 4, is not hidden behind a build failure, 1)."""
     if len(failed) == 1 and not skipped:
         return failed[0][1]
     err = BuildError(f"{len(failed)} derivation(s) failed" + (f", {len(skipped)} not built" if skipped else ""),
                      "'fimio log DRV' shows a build's log",
-                     details=[f"{d.drv_path.base}: {e.message}" for d, e in failed]
-                     + [f"{k}: not built, it needs a failed build" for k in skipped])
-    err.exit_code = failed[0][1].exit_code
+                     details=sorted(f"{d.drv_path.base}: {e.message}" for d, e in failed)
+                     + sorted(f"{k}: not built, it needs a failed build" for k in skipped))
+    err.exit_code = max(e.exit_code for _, e in failed)
     if len(failed) == 1:
         err.log_tail = getattr(failed[0][1], "log_tail", "")
     return err
@@ -148,7 +149,7 @@ class Realiser:
             except NotFound as e:
                 if is_derivation_file(self.store, t):
                     raise
-                lacking[t] = f"{t}: {e.message}"
+                lacking[t] = e.message  # names the path (logical): two spellings give one line
         self.lacking = list(lacking.values())
         return roots
 
@@ -197,11 +198,12 @@ class Realiser:
                 missing.append(f"{drv.outputs['out']}: fixed-output derivation {drv.drv_path.base} "
                                f"was never fetched ({drv.fetch['url']})")
         if missing:
+            missing = sorted(set(missing))
             where = "offline" if self.options.offline else "here"
-            raise NotFound(f"{len(missing)} item(s) needed for this realise cannot be obtained {where}",
+            raise NotFound(f"{len(missing)} item(s) needed cannot be obtained {where}",
                            "run 'fimio prefetch' while online, or import a bundle" if self.options.offline
                            else "realise or copy them first, or give a --substituter that has them",
-                           details=sorted(set(missing)))
+                           details=missing)
 
     def _protect(self, roots: list[Derivation]) -> None:
         """Temp-root the whole graph (derivations, sources, outputs) before judging validity."""
@@ -224,7 +226,9 @@ class Realiser:
         if not wanted:
             return
         try:
-            if self.options.dry_run:
+            # a dry run, or a plan already known to fail (to name all it lacks at once):
+            # ask the substituters, fetch nothing
+            if self.options.dry_run or self.lacking or self.graph.unavailable:
                 self.would_fetch.update(self.options.substituters.plan_outputs(wanted))
                 return
             got = self.options.substituters.substitute_outputs(wanted)
@@ -317,8 +321,12 @@ class Realiser:
                         pending.clear()  # stop scheduling; let running builds finish
                         continue
                     failed.append((drv, e))
-                    skipped += _drop_dependents(drv.drv_path.base, pending, deps)
-                except BaseException as e:  # Ctrl-C, a bug: stop whatever keep_going says
+                    dropped = _drop_dependents(drv.drv_path.base, pending, deps)
+                    skipped += dropped
+                    counts["total"] -= len(dropped)
+                except KeyboardInterrupt:
+                    raise  # now: _build_all stops the running builds
+                except BaseException as e:  # a bug: stop whatever keep_going says
                     failure = failure or e
                     pending.clear()
         if failure is not None:

@@ -27,7 +27,7 @@ def shown(name: str) -> str:
     """``name`` (decoded with surrogateescape) fit for one line of a report: verbatim when
     printable, else double-quoted with C escapes (``\\n``, ``\\t``, ``\\xNN`` for an ASCII
     control character or a byte that is not UTF-8, ``\\uNNNN`` for another unprintable
-    character), as ``ls --quoting-style=c`` shows it. A name that starts with ``"`` is
+    character), in the manner of ``ls --quoting-style=c``. A name that starts with ``"`` is
     quoted too, so distinct names are always shown distinctly."""
     if name.isprintable() and not name.startswith('"'):
         return name
@@ -101,13 +101,14 @@ class FileChange:
             size = b if self.change == "added" else a
             count = self.files[1] if self.change == "added" else self.files[0]
             extra = f"{count} files, {size} bytes" if kind == "directory" else (
-                f"-> {self.target[1] if self.change == 'added' else self.target[0]}" if kind == "symlink" else f"{size} bytes")
+                f"-> {shown(self.target[1] if self.change == 'added' else self.target[0])}" if kind == "symlink"
+                else f"{size} bytes")
             return f"{where}: {'only in B' if self.change == 'added' else 'only in A'} ({kind}, {extra})"
         if self.change == "executable":
             mode = ["executable" if e else "not executable" for e in self.executable]
             return f"{where}: same contents, but {mode[0]} in A and {mode[1]} in B"
         if self.change == "symlink":
-            return f"{where}: symlink target differs ({self.target[0]!r} vs {self.target[1]!r})"
+            return f"{where}: symlink target differs ({shown(self.target[0])} vs {shown(self.target[1])})"
         return f"{where}: a {self.kind[0]} in A, a {self.kind[1]} in B"
 
 
@@ -298,7 +299,7 @@ def text_diff(da: bytes, db: bytes, name: str) -> tuple[str | None, str | None]:
     except UnicodeDecodeError:
         return None, "not UTF-8: no text diff"
     lines = list(difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True),
-                                      f"a/{shown(name)}", f"b/{shown(name)}", n=3))
+                                      shown(f"a/{name}"), shown(f"b/{name}"), n=3))
     out = [line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines]
     text = "".join(out)
     kept = text.splitlines(keepends=True)

@@ -402,3 +402,42 @@ def test_dry_run_names_what_would_be_built_and_fetched_and_does_neither(world, t
     assert done["built"] == plan["build"] and done["substituted"] == [lib_out]
     assert fim(world, "B", "realise", "-n", app, check=0).stdout == "nothing to do: every output is valid\n"
     assert_one_error_line(fim(world, "B", "realise", "-n", "--check", app), 2, "--dry-run and --check")
+
+
+def test_dry_run_and_realise_agree_on_a_realisation_that_disagrees_with_its_path(world, tmp_path):
+    """A realisation naming the right path with other contents (a build that is not
+    reproducible, published by another machine) is refused by a substitution, which then
+    builds; a dry run says the same: build, fetch nothing."""
+    import shutil
+
+    drv = tmp_path / "rand.toml"
+    drv.write_text('name = "rand"\nargs = ["-c", "head -c 16 /dev/urandom > $out"]\n' + SH)
+    cache_a, cache_b = tmp_path / "ca", tmp_path / "cb"
+    fim(world, "A", "realise", drv, "--no-out-link", check=0)
+    fim(world, "B", "realise", drv, "--no-out-link", check=0)
+    fim(world, "A", "push", f"file://{cache_a}", drv, "--key", world["sk"], check=0)
+    fim(world, "B", "push", f"file://{cache_b}", drv, "--key", world["sk"], check=0)
+    (record,) = (cache_b / "realisations").iterdir()
+    shutil.copyfile(record, cache_a / "realisations" / record.name)  # B's realisation beside A's path
+    plan = fim(world, "C", "realise", "-n", "--json", drv, "--substituter", f"file://{cache_a}", check=0)
+    assert json.loads(plan.stdout)["fetch"] == [] and len(json.loads(plan.stdout)["build"]) == 1
+    assert "disagrees" in plan.stderr, plan.stderr
+    done = fim(world, "C", "realise", "--json", "--no-out-link", drv, "--substituter", f"file://{cache_a}", check=0)
+    assert json.loads(done.stdout)["substituted"] == [] and "disagrees" in done.stderr
+
+
+def test_a_realise_that_lacks_something_downloads_nothing_before_saying_so(world, tmp_path):
+    """A .drv target nobody holds beside a target the cache has: exit 5 naming it, and the
+    cached output is not downloaded for a realise that cannot go on."""
+    app = graph(tmp_path / "g")
+    lib = tmp_path / "g" / "lib.toml"
+    cache = f"file://{tmp_path / 'cache'}"
+    lib_out = f"{STORE_DIR}/{os.path.basename(fim(world, 'A', 'realise', lib, '--no-out-link', check=0).stdout.strip())}"
+    fim(world, "A", "push", cache, lib, "--key", world["sk"], check=0)
+    nobody = f"{STORE_DIR}/{'1' * 32}-nobody.drv"
+    proc = fim(world, "B", "realise", "--no-out-link", app, nobody, "--substituter", cache)
+    assert proc.returncode == 5 and proc.stderr.splitlines() == [
+        f"  {nobody}: derivation not obtainable",
+        "fimio: error: 1 item(s) needed cannot be obtained here (realise or copy them first, or give a "
+        "--substituter that has them)"], proc.stderr
+    assert fim(world, "B", "path-info", lib_out).returncode == 5, "downloaded for a realise that failed"

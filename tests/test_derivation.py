@@ -513,7 +513,7 @@ def test_store_inputs_not_valid_here_are_substituted_or_all_named(cli, tmp_path)
     f = write(tmp_path, "uses.toml", 'name = "uses"\nbuilder = "/bin/sh"\nargs = ["-c", "cat $a $b > $out"]\n'
               f'[env]\nPATH = "/usr/bin:/bin"\n[inputs]\na = {{ store = "{pa}" }}\nb = {{ store = "{pb}" }}\n')
     proc = cli("realise", "--no-out-link", f)
-    assert proc.returncode == 5 and proc.stderr.splitlines()[-1].startswith("fimio: error: 2 item(s) needed for this realise")
+    assert proc.returncode == 5 and proc.stderr.splitlines()[-1].startswith("fimio: error: 2 item(s) needed cannot be obtained here")
     assert f"  {pa}: input 'a' of {f}" in proc.stderr and f"  {pb}: input 'b' of {f}" in proc.stderr
     assert not [p for p in os.listdir(cli.physical_store) if p.endswith(".drv")]
 

@@ -199,13 +199,16 @@ def test_names_with_control_characters_or_invalid_utf8_stay_on_one_line(cli, tmp
         for name in (b"line\nbreak", b"caf\xe9", b'plain "quoted" \\ name', b"tab\there"):
             with open(os.path.join(os.fsencode(d), name), "w") as f:
                 f.write(content)
+        if side == "a":
+            os.symlink("x\ny", d / "link")
         trees.append(cli.out("add", d).strip())
     text = cli.out("diff", *trees)
+    assert '  • link: only in A (symlink, -> "x\\ny")\n' in text, text
     heads = [line for line in text.splitlines() if ": contents differ (" in line]
     assert len(heads) == 4, text
     shown = sorted(line.strip().lstrip("• ").split(": contents differ")[0] for line in heads)
     assert shown == sorted(['"line\\nbreak"', '"caf\\xe9"', 'plain "quoted" \\ name', '"tab\\there"']), shown
-    assert '--- a/"line\\nbreak"' in text, text
+    assert '--- "a/line\\nbreak"' in text, text
 
 
 def _unquote(text: str) -> bytes:

@@ -371,6 +371,7 @@ def test_instantiate_add_root_keeps_the_derivations(cli, tmp_path):
     both = json.loads(cli.out("instantiate", "--json", "--add-root", link, a, b))
     assert [d["drvPath"] for d in both] == drvs
     assert os.readlink(link) == both[0]["physical"] and os.readlink(f"{link}-2") == both[1]["physical"]
+    assert [d["root"] for d in both] == [str(link), f"{link}-2"]
     gc(cli)
     assert all(valid(cli, d) for d in drvs)  # rooted, with the source a's .drv refers to
     os.unlink(f"{link}-2")

@@ -335,26 +335,30 @@ def test_every_kind_of_missing_item_is_named_in_one_run(tmp_path, listener, two_
     has are named together: one run tells everything an offline rebuild lacks, and writes
     none of the graph's ``.drv`` files."""
     gone = "/fimio/store/" + "0" * 32 + "-gone"
+    lost = "2" * 32  # a bare hash part
     nobody = "/fimio/store/" + "1" * 32 + "-nobody.drv"
     (two_fetches / "needs.toml").write_text(
-        'name = "needs"\nbuilder = "/bin/sh"\nargs = ["-c", "cat $gone $use > $out"]\n'
-        f'[inputs]\ngone = {{ store = "{gone}" }}\nuse = {{ drv = "use.toml" }}\n')
+        'name = "needs"\nbuilder = "/bin/sh"\nargs = ["-c", "cat $gone $lost $use > $out"]\n'
+        f'[inputs]\ngone = {{ store = "{gone}" }}\nlost = {{ store = "{lost}" }}\nuse = {{ drv = "use.toml" }}\n')
     cli = Fimio(tmp_path / "root")
     caches = ["--substituter", f"file://{tmp_path / 'empty-cache'}"] if with_cache else []
+    physical = str(tmp_path / "root" / "store" / nobody.rsplit("/", 1)[1])  # the same .drv, spelled again
     proc, took = _timed(cli, "realise", "--offline", *caches, "--no-out-link", two_fetches / "needs.toml", nobody,
-                        env={"FIMIO_CONFIG": write_config(tmp_path / "c.toml")}, check=5)
+                        physical, env={"FIMIO_CONFIG": write_config(tmp_path / "c.toml")}, check=5)
     assert took < 1.0, f"took {took:.2f} s"
     details = [line.strip() for line in proc.stderr.strip().splitlines()[:-1]]
     assert any(line.startswith(f"{gone}: input 'gone' of ") for line in details), proc.stderr
-    assert any(line.startswith(f"{nobody}: ") for line in details), proc.stderr
+    assert any(line.startswith(f"{lost}: input 'lost' of ") for line in details), proc.stderr
+    assert sum(nobody in line for line in details) == 1, proc.stderr  # named once, by either spelling
     for fod in ("a.tar", "b.tar"):
         assert any(f"-{fod}: fixed-output derivation" in line for line in details), proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("fimio: error: 4 item(s)"), proc.stderr
+    assert len(details) == 5 and proc.stderr.strip().splitlines()[-1].startswith("fimio: error: 5 item(s)"), \
+        proc.stderr
     assert not list((tmp_path / "root" / "store").glob("*.drv")), "a .drv referring to a missing input was written"
     # prefetch names the same items; a graph with no fixed output to fetch is no exception
     (two_fetches / "plain.toml").write_text(
         f'name = "plain"\nbuilder = "/bin/sh"\nargs = ["-c", "cat $gone > $out"]\n[inputs]\ngone = {{ store = "{gone}" }}\n')
-    for graph, count in (("needs.toml", 4), ("plain.toml", 2)):
+    for graph, count in (("needs.toml", 5), ("plain.toml", 2)):
         proc = cli("prefetch", "--offline", *caches, two_fetches / graph, nobody,
                    env={"FIMIO_CONFIG": write_config(tmp_path / "c.toml")}, check=5)
         assert gone in proc.stderr and nobody in proc.stderr, proc.stderr

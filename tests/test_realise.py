@@ -292,7 +292,7 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
     worse = write_drv(tmp_path / "worse.toml", "worse", "exit 4")
     needs = write_drv(tmp_path / "needs.toml", "needs", "cat $bad > $out", inputs={"bad": {"drv": "bad.toml"}})
     top = write_drv(tmp_path / "top.toml", "top", "cat $needs > $out", inputs={"needs": {"drv": "needs.toml"}})
-    ok = write_drv(tmp_path / "ok.toml", "ok", "sleep 0.5; echo fine > $out")
+    ok = write_drv(tmp_path / "ok.toml", "ok", "echo fine > $out")
     proc = cli("realise", "--no-out-link", "-j", "1", "-k", bad, worse, top, ok)
     assert proc.returncode == 1, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -302,7 +302,7 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
         assert any(f"-{name}.drv: " in line and "not built" not in line for line in details), proc.stderr
     for name in ("needs", "top"):
         assert any(f"-{name}.drv: not built, it needs a failed build" in line for line in details), proc.stderr
-    assert open(cli.out("realise", "--no-out-link", ok).strip()).read() == "fine\n"
+    assert cli.out("realise", "-n", ok).strip() == "nothing to do: every output is valid", "-k did not build ok"
     # one failure whose dependents are skipped keeps its log tail on stderr
     proc = cli("realise", "--no-out-link", "-k", top)
     assert proc.returncode == 1 and "> broken" in proc.stderr and "1 derivation(s) failed, 2 not built" in proc.stderr
@@ -312,6 +312,19 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
     assert proc.returncode == 1 and "derivation(s) failed" not in proc.stderr
     valid = cli("realise", "--no-out-link", "-n", other, check=0).stdout
     assert valid.startswith("1 derivation(s) would be built"), "a build started after a failure without -k"
+
+
+def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
+    """-k with a build failure (1) and a fixed-output hash mismatch (4): exit 4 whichever
+    finished first, both named."""
+    (tmp_path / "data.txt").write_text("data\n")
+    fod = tmp_path / "fod.toml"
+    fod.write_text(f'name = "data.txt"\n[fetch]\nurl = "file://{tmp_path / "data.txt"}"\nhash = "sha256:{"0" * 64}"\n')
+    bad = write_drv(tmp_path / "bad.toml", "bad", "exit 3")
+    for order in ((bad, fod), (fod, bad)):
+        proc = cli("realise", "--no-out-link", "-k", "-j", "1", *order)
+        assert proc.returncode == 4, proc.stderr
+        assert "2 derivation(s) failed" in proc.stderr and "hash mismatch" in proc.stderr, proc.stderr
 
 
 def test_cores_flag_sets_the_build_cores(cli, tmp_path):

@@ -204,8 +204,9 @@ class SubstituterSet:
         """What :meth:`substitute_outputs` would fetch, without fetching it: ``{path: (cache
         URL, info)}`` for each output it would make valid and each path of their closures
         not valid here. Records are verified as for a substitution."""
-        self._realisations_of(outputs)  # a realisation naming another path is refused alike
+        realisations = self._realisations_of(outputs)
         chosen, complete = self._choose(list(dict.fromkeys(p for _, _, p in outputs)))
+        _agreeing(self.store, realisations, {p: chosen[p][1].root for p in complete})
         return {p: (chosen[p][0].url, chosen[p][1]) for p in complete}
 
     def _realisations_of(self, outputs) -> list[Realisation]:
@@ -266,19 +267,8 @@ class SubstituterSet:
         store = self.store
         items = fetch_paths(store, pairs, self.pool, self.stats) if pairs else []
         try:
-            roots = {info.path: info.root for _, info, _ in items}
-            good_realisations = []
-            for r in realisations:
-                root = roots.get(r.path)
-                if root is None:
-                    local = store.query(r.path)
-                    root = local.root if local is not None else None
-                if root is not None and root != r.root:
-                    raise IntegrityError(f"realisation of {r.drv_hash}!{r.output} disagrees with the fetched "
-                                         "path's digest", "the cache is inconsistent; try 'fimio challenge'")
-                if root is not None:
-                    good_realisations.append(r)
-            register(store, items, good_realisations, locks_held)
+            good = _agreeing(store, realisations, {info.path: info.root for _, info, _ in items})
+            register(store, items, good, locks_held)
         except BaseException:
             for tmp, _, _ in items:
                 fsutil.remove_tree(tmp)
@@ -311,6 +301,23 @@ class SubstituterSet:
                 continue
             out.append((sub.url, r))
         return out
+
+
+def _agreeing(store, realisations: list[Realisation], roots: dict) -> list[Realisation]:
+    """The realisations whose path is fetched (``roots``: path -> root digest) or valid here.
+    Raises IntegrityError for one whose root digest is not that path's."""
+    good = []
+    for r in realisations:
+        root = roots.get(r.path)
+        if root is None:
+            local = store.query(r.path)
+            root = local.root if local is not None else None
+        if root is not None and root != r.root:
+            raise IntegrityError(f"realisation of {r.drv_hash}!{r.output} disagrees with the fetched "
+                                 "path's digest", "the cache is inconsistent; try 'fimio challenge'")
+        if root is not None:
+            good.append(r)
+    return good
 
 
 def _writing(store):
