@@ -34,7 +34,7 @@ class RealiseOptions:
     substituters: list = field(default_factory=list)  # a SubstituterSet-like object, or empty
     log_sink: object = None  # callable(drv, line) for live logs
     progress: object = None  # callable(event, drv, counts)
-    dry_run: bool = False  # plan only: ask the substituters, fetch and build nothing (see dry_run)
+    dry_run: bool = False  # plan only: ask the substituters, fetch no output, build nothing (see dry_run)
     keep_going: bool = False  # after a failed build, go on with every build that does not need it
 
 
