@@ -187,8 +187,8 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
         emit_json({
             "targets": [_drv_json(store, d) for d in roots],
             "build": [store.logical(d.drv_path) for d in build],
-            "fetch": [{"path": store.logical(p), "cache": url, "size": remote.size}
-                      for p, (url, remote) in sorted(fetch.items())],
+            "fetch": [{"path": store.logical(p), "cache": sub.url, "size": remote.size}
+                      for p, (sub, remote) in sorted(fetch.items())],
         })
         return
     if build:
@@ -198,8 +198,8 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
     if fetch:
         total = human_size(sum(remote.size for _, remote in fetch.values()))
         click.echo(f"{len(fetch)} path(s) would be fetched ({total} unpacked):")
-        for p, (url, _) in sorted(fetch.items()):
-            click.echo(f"  {store.logical(p)}  from {url}")
+        for p, (sub, _) in sorted(fetch.items()):
+            click.echo(f"  {store.logical(p)}  from {sub.url}")
     if not build and not fetch:
         click.echo("nothing to do: every output is valid")
 

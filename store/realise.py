@@ -108,7 +108,9 @@ class Realiser:
         self._lock = threading.Lock()
         self.substituted: list[str] = []
         self.lacking: list[str] = []  # what load_targets found unobtainable (see check_obtainable)
-        self.would_fetch: dict[StorePath, tuple] = {}  # dry run: {path: (cache URL, RemoteInfo)}
+        self._planned = None  # FetchPlan: what the substituters hold of the plan (see plan)
+        self._wanted: list[tuple] = []  # the outputs asked for while planning
+        self._substitution_failed = False  # a cache failed mid-download: build instead
         self.warn = lambda message: None  # the CLI shows these on stderr
 
     @property
@@ -157,13 +159,47 @@ class Realiser:
         return [p for p in drv.output_paths().values() if self._lacks(p)]
 
     def _lacks(self, path: StorePath) -> bool:
-        """Not valid here (nor, in a dry run, to be fetched)."""
-        return not self.store.is_valid(path) and path not in self.would_fetch
+        """Not valid here, nor to be fetched by the plan."""
+        return not self.store.is_valid(path) and (self._planned is None or path not in self._planned.paths)
 
     def plan(self, roots: list[Derivation]) -> list[Derivation]:
-        """The derivations that must be built, dependencies first (after substitution)."""
-        needed: dict[str, Derivation] = {}
+        """The derivations that must be built, dependencies first, after fetching what the
+        substituters hold of the missing outputs (unless a dry run).
+
+        The substituters are first only asked, level by level, so that a plan that cannot
+        be carried out (:meth:`check_obtainable`) fails before anything is downloaded; then
+        everything they hold of it is fetched in one batch. A cache that fails while its
+        objects are downloaded is taken as having nothing: the plan is made again without
+        substitution, and those outputs are built."""
+        from .cache.substitute import FetchPlan
+
         self._protect(roots)
+        self._planned, self._wanted = FetchPlan(), []
+        needed = self._needed(roots)
+        self.check_obtainable(list(needed.values()))
+        if not self.options.dry_run and (self._planned.paths or self._planned.realisations):
+            try:
+                got = self.options.substituters.fetch(self._planned)
+            except (IntegrityError, RemoteError) as e:
+                self.warn(f"{e.message}; building instead")
+                self._substitution_failed = True
+                self._planned, self._wanted = FetchPlan(), []
+                needed = self._needed(roots)
+                self.check_obtainable(list(needed.values()))
+            else:
+                with self._lock:
+                    self.substituted.extend(self.store.logical(p) for _, _, p in self._wanted if p in got)
+        order = self.graph.closure(list(needed.values()))
+        return [d for d in order if d.drv_path.base in needed]
+
+    def planned_fetches(self) -> dict:
+        """After a dry run's :meth:`plan`: ``{path: (Substituter, RemoteInfo)}`` it would fetch."""
+        return dict(self._planned.paths) if self._planned is not None else {}
+
+    def _needed(self, roots: list[Derivation]) -> dict[str, Derivation]:
+        """The derivations to build: those whose outputs are neither valid nor held by a
+        substituter, with the inputs they need that are not either (asking level by level)."""
+        needed: dict[str, Derivation] = {}
         frontier = [d for d in roots if self.missing_outputs(d)]
         while frontier:
             self._substitute(frontier)
@@ -178,9 +214,7 @@ class Realiser:
                     if any(self._lacks(dep.output_paths()[o]) for o in outs):
                         nxt.append(dep)
             frontier = nxt
-        self.check_obtainable(list(needed.values()))
-        order = self.graph.closure(list(needed.values()))
-        return [d for d in order if d.drv_path.base in needed]
+        return needed
 
     def check_obtainable(self, needed: list[Derivation]) -> None:
         """Fail early, naming every item, when something needed cannot be had here: what
@@ -215,28 +249,21 @@ class Realiser:
         self.temp_roots.add(paths)
 
     def _substitute(self, drvs: list[Derivation]) -> None:
-        """Fetch what the substituters have of ``drvs``' missing outputs (one batched query).
-
-        A cache whose copy fails verification is not trusted, and the output is built
-        instead; the refusal is reported as a warning."""
-        if not self.options.substituters:
+        """Ask the substituters what they hold of ``drvs``' missing outputs (one batched
+        query), adding it to the plan. A cache whose records fail verification is not
+        trusted, and the outputs are built instead; the refusal is reported as a warning."""
+        if not self.options.substituters or self._substitution_failed:
             return
         wanted = [(d.drv_hash, name, path) for d in drvs for name, path in d.output_paths().items()
                   if self._lacks(path)]
         if not wanted:
             return
         try:
-            # a dry run, or a plan already known to fail (to name all it lacks at once):
-            # ask the substituters, fetch nothing
-            if self.options.dry_run or self.lacking or self.graph.unavailable:
-                self.would_fetch.update(self.options.substituters.plan_outputs(wanted))
-                return
-            got = self.options.substituters.substitute_outputs(wanted)
-        except (IntegrityError, RemoteError) as e:  # a cache that fails mid-way: as if it had nothing
+            self._planned.merge(self.options.substituters.plan_outputs(wanted))
+        except (IntegrityError, RemoteError) as e:
             self.warn(f"{e.message}; building instead")
             return
-        with self._lock:
-            self.substituted.extend(self.store.logical(p) for _, _, p in wanted if p in got)
+        self._wanted.extend(wanted)
 
     def realise_drvs(self, drvs: list[Derivation]) -> list[str]:
         """Make every output of the loaded ``drvs`` valid (substituting, else building what they
@@ -258,13 +285,13 @@ class Realiser:
 
     def dry_run(self, targets: list[str]) -> tuple[list[Derivation], list[Derivation], dict]:
         """What :meth:`realise` would do: ``(target derivations, derivations it would build,
-        dependencies first, {path: (cache URL, RemoteInfo)} it would fetch)``. Nothing is
+        dependencies first, {path: (Substituter, RemoteInfo)} it would fetch)``. Nothing is
         built or fetched but what is needed to know the graph: derivation files are
         instantiated, and ``.drv`` targets and ``store`` inputs not valid here are taken
         from the substituters. Raises NotFound as :meth:`realise` would."""
         assert self.options.dry_run
         roots = self.load_targets(targets)
-        return roots, self.plan(roots), dict(self.would_fetch)
+        return roots, self.plan(roots), self.planned_fetches()
 
     def realise_inputs(self, drv: Derivation) -> None:
         """Make the outputs of ``drv``'s input derivations valid (substituted or built): a

@@ -441,3 +441,12 @@ def test_a_realise_that_lacks_something_downloads_nothing_before_saying_so(world
         "fimio: error: 1 item(s) needed cannot be obtained here (realise or copy them first, or give a "
         "--substituter that has them)"], proc.stderr
     assert fim(world, "B", "path-info", lib_out).returncode == 5, "downloaded for a realise that failed"
+    # a lack found only while planning (a fixed output never fetched, offline) is no different
+    (tmp_path / "data.txt").write_text("data\n")
+    (tmp_path / "g" / "fod.toml").write_text(f'name = "data.txt"\n[fetch]\nurl = "file://{tmp_path / "data.txt"}"\n'
+                                             f'hash = "sha256:{"0" * 64}"\n')
+    (tmp_path / "g" / "both.toml").write_text('name = "both"\nargs = ["-c", "cat $lib/lib.txt $fod > $out"]\n' + SH
+                                              + '[inputs]\nlib = { drv = "lib.toml" }\nfod = { drv = "fod.toml" }\n')
+    proc = fim(world, "B", "realise", "--offline", "--no-out-link", tmp_path / "g" / "both.toml", "--substituter", cache)
+    assert proc.returncode == 5 and "-data.txt: fixed-output derivation" in proc.stderr, proc.stderr
+    assert fim(world, "B", "path-info", lib_out).returncode == 5, "downloaded for a realise that failed"

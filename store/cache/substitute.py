@@ -5,6 +5,7 @@ Use::
     subs = SubstituterSet.from_config(store, config)            # or SubstituterSet(store, urls, keys)
     got = subs.substitute(paths)                                 # set of StorePath now valid
     got = subs.substitute_outputs([(drv_hash, "out", path), …])  # + realisations recorded
+    plan = subs.plan_outputs([...]); got = subs.fetch(plan)      # the same in two steps
     subs.close()
 
 :meth:`SubstituterSet.substitute` takes the paths not yet valid, asks every substituter
@@ -27,6 +28,8 @@ paths (pass ``locks_held`` for those it does hold).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from .. import fsutil
 from ..errors import FimioError, IntegrityError, RemoteError
 from ..paths import StorePath
@@ -39,6 +42,19 @@ from .push import cache_params
 from .url import open_with_config
 
 _DIRECT_GETS = 8  # queries of up to this many records skip the batched existence check
+
+
+@dataclass
+class FetchPlan:
+    """Paths a substitution would fetch (``{path: (Substituter, RemoteInfo)}``, closures
+    complete) and the realisations it would record; plans of several queries merge."""
+
+    paths: dict = field(default_factory=dict)
+    realisations: list = field(default_factory=list)
+
+    def merge(self, other: "FetchPlan") -> None:
+        self.paths.update(other.paths)
+        self.realisations.extend(other.realisations)
 
 
 class Substituter:
@@ -65,8 +81,9 @@ class SubstituterSet:
     threads. ``on_error``: ``"raise"`` (RemoteError propagates) or ``"skip"`` (the
     substituter is dropped for the rest of this set's life; the error is kept in
     ``errors``). ``stats``: objects and bytes downloaded so far. Use as a context manager
-    or call :meth:`close`. Methods: :meth:`substitute`, :meth:`substitute_outputs`,
-    :meth:`query`, :meth:`lookup_hash`, :meth:`realisations`.
+    or call :meth:`close`. Methods: :meth:`substitute`, :meth:`substitute_outputs` (or
+    :meth:`plan_outputs` then :meth:`fetch`), :meth:`query`, :meth:`lookup_hash`,
+    :meth:`realisations`.
     """
 
     def __init__(self, store, urls, trusted_keys=(), require_sigs: bool = True, config=None,
@@ -192,22 +209,36 @@ class SubstituterSet:
 
     def substitute(self, paths, locks_held=()) -> set[StorePath]:
         """Make ``paths`` valid from the substituters where possible; see the module docstring."""
-        return self._substitute(list(paths), [], locks_held)
+        wanted = list(dict.fromkeys(paths))
+        chosen, complete = self._choose(wanted)
+        self.fetch(FetchPlan({p: chosen[p] for p in complete}), locks_held)
+        return {p for p in wanted if self.store.is_valid(p)}
 
     def substitute_outputs(self, outputs, locks_held=()) -> set[StorePath]:
         """Like :meth:`substitute` for derivation outputs ``[(drv hash, output, StorePath)]``:
         the realisations are fetched (signed, and they must name these paths and agree
         with the fetched root digests) and recorded in the local database with the paths."""
-        return self._substitute([p for _, _, p in outputs], self._realisations_of(outputs), locks_held)
+        self.fetch(self.plan_outputs(outputs), locks_held)
+        return {p for _, _, p in outputs if self.store.is_valid(p)}
 
-    def plan_outputs(self, outputs) -> dict[StorePath, tuple[str, RemoteInfo]]:
-        """What :meth:`substitute_outputs` would fetch, without fetching it: ``{path: (cache
-        URL, info)}`` for each output it would make valid and each path of their closures
-        not valid here. Records are verified as for a substitution."""
+    def plan_outputs(self, outputs) -> FetchPlan:
+        """What :meth:`substitute_outputs` would fetch, without fetching it: each output it
+        would make valid and each path of their closures not valid here, with the
+        realisations it would record. Records are verified as for a substitution (the
+        refusals raise alike); :meth:`fetch` then fetches the plan."""
         realisations = self._realisations_of(outputs)
         chosen, complete = self._choose(list(dict.fromkeys(p for _, _, p in outputs)))
-        _agreeing(self.store, realisations, {p: chosen[p][1].root for p in complete})
-        return {p: (chosen[p][0].url, chosen[p][1]) for p in complete}
+        plan = FetchPlan({p: chosen[p] for p in complete})
+        plan.realisations = _agreeing(self.store, realisations, {p: info.root for p, (_, info) in plan.paths.items()})
+        return plan
+
+    def fetch(self, plan: FetchPlan, locks_held=()) -> set[StorePath]:
+        """Fetch and register what :meth:`plan_outputs` planned; return the paths now valid."""
+        pairs = [(sub.backend, info) for _, (sub, info) in sorted(plan.paths.items())]
+        if pairs or plan.realisations:
+            with _writing(self.store):
+                self._fetch_and_register(pairs, plan.realisations, locks_held)
+        return {p for p in plan.paths if self.store.is_valid(p)}
 
     def _realisations_of(self, outputs) -> list[Realisation]:
         store_dir = self.store.store_dir
@@ -222,16 +253,6 @@ class SubstituterSet:
                                      "the cache is corrupt or hostile")
             realisations.append(r)
         return realisations
-
-    def _substitute(self, paths: list[StorePath], realisations: list[Realisation], locks_held) -> set[StorePath]:
-        store = self.store
-        wanted = list(dict.fromkeys(paths))
-        chosen, complete = self._choose(wanted)
-        if complete or realisations:
-            pairs = [(chosen[p][0].backend, chosen[p][1]) for p in sorted(complete)]
-            with _writing(store):
-                self._fetch_and_register(pairs, realisations, locks_held)
-        return {p for p in wanted if store.is_valid(p)}
 
     def _choose(self, wanted: list[StorePath]) -> tuple[dict, set[StorePath]]:
         """Find ``wanted`` and their closures in the substituters: ``({path: (substituter,
