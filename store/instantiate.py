@@ -38,6 +38,13 @@ def is_derivation_file(store, text: str) -> bool:
     return text.endswith(".toml")
 
 
+def note_lack(lines: dict[str, str], hash_part: str, line: str) -> None:
+    """Record ``line`` as what is said of the missing path ``hash_part``: one line per path,
+    and a line naming the whole path wins over one naming only its hash part."""
+    if hash_part not in lines or lines[hash_part].startswith(hash_part):
+        lines[hash_part] = line
+
+
 class Graph:
     """The derivations reachable from some targets, by logical ``.drv`` path."""
 
@@ -57,7 +64,7 @@ class Graph:
         # refer to invalid paths) and the caller must refuse to go on.
         self.substitute = None
         self.defer_missing = False
-        self.unavailable: dict[StorePath, str] = {}
+        self.unavailable: dict[str, str] = {}  # hash part -> the line naming it (see note_lack)
         self._missing: list[tuple[StorePath, str]] = []
 
     # ---- loading ---------------------------------------------------------------------
@@ -210,7 +217,7 @@ class Graph:
                 raise NotFound(where.message) from None
             # a stand-in path, so that the rest of the graph can be planned (and its lacks named)
             stand_in = StorePath(text, "unknown")
-            self.unavailable[stand_in] = f"{text}: input '{var}' of {rd.file}: no store path with this hash here"
+            note_lack(self.unavailable, text, f"{text}: input '{var}' of {rd.file}: no store path with this hash here")
             return Input("store", self.store.logical(stand_in))
         if sub:
             raise rd.error(f"input '{var}': give a store path, not a file inside one", var, "inputs")
@@ -235,7 +242,8 @@ class Graph:
     def _refuse_missing_store_inputs(self) -> None:
         missing, self._missing = self._missing, []
         if missing and self.defer_missing:
-            self.unavailable.update((p, f"{self.store.logical(p)}: {where}") for p, where in missing)
+            for p, where in missing:
+                note_lack(self.unavailable, p.hash_part, f"{self.store.logical(p)}: {where}")
         elif missing:
             raise NotFound(f"{len(missing)} store input(s) of the derivation graph are not valid here",
                            "realise or copy them first, or give a --substituter that has them",

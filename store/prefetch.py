@@ -73,6 +73,34 @@ def _store_base(store, text: str) -> str | None:
     return text
 
 
+def target_hash_part(store, target: str) -> str | None:
+    """The hash part of a store-path TARGET (a path, physical or logical, or a bare hash
+    part), or None for anything else."""
+    base = _store_base(store, target)
+    if base is None:
+        return None
+    if is_hash_part(base):
+        return base
+    try:
+        return StorePath.parse(base).hash_part
+    except UsageError:
+        return None
+
+
+def absent_target_line(store, target: str) -> str | None:
+    """The line naming a store-path TARGET that is not valid here, in the form of the
+    others (``<logical path or hash part>: <why>``); None if TARGET is no store path."""
+    base = _store_base(store, target)
+    if base is None:
+        return None
+    if is_hash_part(base):
+        return f"{base}: no store path with this hash here"
+    try:
+        return f"{StorePath.parse(base).logical(store.store_dir)}: not in this store"
+    except UsageError:
+        return None
+
+
 def substitute_drv_targets(store, substituters, targets) -> dict[str, str]:
     """Make each ``.drv`` TARGET that is not valid here valid from ``substituters`` (with its
     closure: input derivations, sources, ``store`` inputs). Targets that are derivation files

@@ -20,8 +20,9 @@ from . import fsutil
 from .db import dumps, loads
 from .derivation import Derivation, host_system
 from .errors import BuildError, FimioError, IntegrityError, NotFound, RemoteError
-from .instantiate import Graph, is_derivation_file
+from .instantiate import Graph, is_derivation_file, note_lack
 from .paths import StorePath
+from .prefetch import absent_target_line, substitute_drv_targets, target_hash_part
 from .roots import TempRoots
 
 
@@ -59,17 +60,22 @@ def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
     return dropped
 
 
+# exit codes, gravest first: integrity (4), not reproducible (3), a cache (6), something not
+# found (5), a build (1), usage (2)
+_GRAVITY = (4, 3, 6, 5, 1, 2)
+
+
 def _failures(failed: list, skipped: list[str]) -> FimioError:
     """The error of a ``keep_going`` schedule: a lone failure as it was, else one error
-    naming each failure and what was not built, with the highest exit code among the
-    failures (an integrity failure, 4, is not hidden behind a build failure, 1)."""
+    naming each failure and what was not built, with the exit code of the gravest failure
+    (_GRAVITY: an integrity alarm, 4, is never hidden behind another failure)."""
     if len(failed) == 1 and not skipped:
         return failed[0][1]
     err = BuildError(f"{len(failed)} derivation(s) failed" + (f", {len(skipped)} not built" if skipped else ""),
                      "'fimio log DRV' shows a build's log",
                      details=sorted(f"{d.drv_path.base}: {e.message}" for d, e in failed)
                      + sorted(f"{k}: not built, it needs a failed build" for k in skipped))
-    err.exit_code = max(e.exit_code for _, e in failed)
+    err.exit_code = min((e.exit_code for _, e in failed), key=_GRAVITY.index)
     if len(failed) == 1:
         err.log_tail = getattr(failed[0][1], "log_tail", "")
     return err
@@ -138,8 +144,6 @@ class Realiser:
         if self.options.substituters:
             # a .drv target that is not valid here comes from the substituters with its closure
             # (input derivations, sources): what an offline rebuild from a prefetched cache needs
-            from .prefetch import substitute_drv_targets
-
             lacking = substitute_drv_targets(self.store, self.options.substituters, targets)
         self.graph.defer_missing = True
         roots = []
@@ -151,8 +155,11 @@ class Realiser:
             except NotFound as e:
                 if is_derivation_file(self.store, t):
                     raise
-                lacking[t] = e.message  # names the path (logical): two spellings give one line
-        self.lacking = list(lacking.values())
+                lacking[t] = absent_target_line(self.store, t) or e.message
+        lines: dict[str, str] = {}  # one per path, however many spellings named it
+        for t, line in lacking.items():
+            note_lack(lines, target_hash_part(self.store, t) or t, line)
+        self.lacking = list(lines.values())
         return roots
 
     def missing_outputs(self, drv: Derivation) -> list[StorePath]:
@@ -223,11 +230,11 @@ class Realiser:
         for drv in needed:
             for i in drv.inputs.values():
                 if (i.kind != "drv" and not self.store.is_valid(_base(i.path))
-                        and _base(i.path) not in self.graph.unavailable):
+                        and _base(i.path).hash_part not in self.graph.unavailable):
                     missing.append(f"{i.path}: source of {drv.drv_path.base}, not in the store")
             if not drv.is_fixed_output and drv.system != host_system():
-                missing.append(f"{drv.drv_path.base}: a '{drv.system}' derivation cannot be built on this "
-                               f"'{host_system()}' host, and no substituter has it")
+                missing.append(f"{self.store.logical(drv.drv_path)}: a '{drv.system}' derivation cannot be built "
+                               f"on this '{host_system()}' host, and no substituter has it")
             if drv.is_fixed_output and self.options.offline:
                 missing.append(f"{drv.outputs['out']}: fixed-output derivation {drv.drv_path.base} "
                                f"was never fetched ({drv.fetch['url']})")

@@ -31,6 +31,11 @@ def shown(name: str) -> str:
     quoted too, so distinct names are always shown distinctly."""
     if name.isprintable() and not name.startswith('"'):
         return name
+    return quoted(name)
+
+
+def quoted(name: str) -> str:
+    """``name`` double-quoted with the escapes of :func:`shown`."""
     out = []
     for ch in name:
         o = ord(ch)
@@ -299,13 +304,20 @@ def text_diff(da: bytes, db: bytes, name: str) -> tuple[str | None, str | None]:
     except UnicodeDecodeError:
         return None, "not UTF-8: no text diff"
     lines = list(difflib.unified_diff(ta.splitlines(keepends=True), tb.splitlines(keepends=True),
-                                      shown(f"a/{name}"), shown(f"b/{name}"), n=3))
+                                      *_diff_headers(name), n=3))
     out = [line if line.endswith("\n") else line + "\n\\ No newline at end of file\n" for line in lines]
     text = "".join(out)
     kept = text.splitlines(keepends=True)
     if len(kept) > DIFF_LINES_LIMIT:
         text = "".join(kept[:DIFF_LINES_LIMIT]) + f"... ({len(kept) - DIFF_LINES_LIMIT} more lines)\n"
     return text, None
+
+
+def _diff_headers(name: str) -> tuple[str, str]:
+    """``a/NAME`` and ``b/NAME``, quoted as a whole when NAME needs quoting (as git does)."""
+    if shown(name) == name:
+        return f"a/{name}", f"b/{name}"
+    return quoted(f"a/{name}"), quoted(f"b/{name}")
 
 
 def render(diff: TreeDiff, indent: str = "  ", limit: int = 100) -> list[str]:

@@ -196,7 +196,7 @@ def test_names_with_control_characters_or_invalid_utf8_stay_on_one_line(cli, tmp
     for side, content in (("a", "1\n"), ("b", "2\n")):
         d = tmp_path / side
         d.mkdir()
-        for name in (b"line\nbreak", b"caf\xe9", b'plain "quoted" \\ name', b"tab\there"):
+        for name in (b"line\nbreak", b"caf\xe9", b'plain "quoted" \\ name', b"tab\there", b'"q'):
             with open(os.path.join(os.fsencode(d), name), "w") as f:
                 f.write(content)
         if side == "a":
@@ -205,10 +205,10 @@ def test_names_with_control_characters_or_invalid_utf8_stay_on_one_line(cli, tmp
     text = cli.out("diff", *trees)
     assert '  • link: only in A (symlink, -> "x\\ny")\n' in text, text
     heads = [line for line in text.splitlines() if ": contents differ (" in line]
-    assert len(heads) == 4, text
+    assert len(heads) == 5, text
     shown = sorted(line.strip().lstrip("• ").split(": contents differ")[0] for line in heads)
-    assert shown == sorted(['"line\\nbreak"', '"caf\\xe9"', 'plain "quoted" \\ name', '"tab\\there"']), shown
-    assert '--- "a/line\\nbreak"' in text, text
+    assert shown == sorted(['"line\\nbreak"', '"caf\\xe9"', 'plain "quoted" \\ name', '"tab\\there"', '"\\"q"']), shown
+    assert '--- "a/line\\nbreak"' in text and '--- "a/\\"q"' in text, text
 
 
 def _unquote(text: str) -> bytes:

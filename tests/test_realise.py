@@ -315,16 +315,19 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
 
 
 def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
-    """-k with a build failure (1) and a fixed-output hash mismatch (4): exit 4 whichever
-    finished first, both named."""
+    """-k with a build failure (1), a fetch of nothing (5) and a fixed-output hash mismatch
+    (4): exit 4 whichever finished first, all named; without the mismatch, 5."""
     (tmp_path / "data.txt").write_text("data\n")
     fod = tmp_path / "fod.toml"
     fod.write_text(f'name = "data.txt"\n[fetch]\nurl = "file://{tmp_path / "data.txt"}"\nhash = "sha256:{"0" * 64}"\n')
     bad = write_drv(tmp_path / "bad.toml", "bad", "exit 3")
-    for order in ((bad, fod), (fod, bad)):
+    gone = tmp_path / "gone.toml"  # not found (5): a fetch of a file that does not exist
+    gone.write_text(f'name = "gone.txt"\n[fetch]\nurl = "file://{tmp_path / "nope.txt"}"\nhash = "sha256:{"1" * 64}"\n')
+    for order in ((bad, gone, fod), (fod, gone, bad)):
         proc = cli("realise", "--no-out-link", "-k", "-j", "1", *order)
         assert proc.returncode == 4, proc.stderr
-        assert "2 derivation(s) failed" in proc.stderr and "hash mismatch" in proc.stderr, proc.stderr
+        assert "3 derivation(s) failed" in proc.stderr and "hash mismatch" in proc.stderr, proc.stderr
+    assert cli("realise", "--no-out-link", "-k", bad, gone).returncode == 5
 
 
 def test_cores_flag_sets_the_build_cores(cli, tmp_path):
