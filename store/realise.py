@@ -176,28 +176,38 @@ class Realiser:
         The substituters are first only asked, level by level, so that a plan that cannot
         be carried out (:meth:`check_obtainable`) fails before anything is downloaded; then
         everything they hold of it is fetched in one batch. A cache that fails while its
-        objects are downloaded is taken as having nothing: the plan is made again without
-        substitution, and those outputs are built."""
-        from .cache.substitute import FetchPlan
-
+        objects are downloaded is taken as having nothing: it is not used again, and the
+        plan is made again with the others (what they lack is built)."""
         self._protect(roots)
-        self._planned, self._wanted = FetchPlan(), []
-        needed = self._needed(roots)
-        self.check_obtainable(list(needed.values()))
-        if not self.options.dry_run and (self._planned.paths or self._planned.realisations):
+        self._substitution_failed = False
+        needed = self._plan_needed(roots)
+        while not self.options.dry_run and (self._planned.paths or self._planned.realisations):
             try:
                 got = self.options.substituters.fetch(self._planned)
             except (IntegrityError, RemoteError) as e:
-                self.warn(f"{e.message}; building instead")
-                self._substitution_failed = True
-                self._planned, self._wanted = FetchPlan(), []
-                needed = self._needed(roots)
-                self.check_obtainable(list(needed.values()))
-            else:
-                with self._lock:
-                    self.substituted.extend(self.store.logical(p) for _, _, p in self._wanted if p in got)
+                url = getattr(e, "cache_url", None)
+                if url is not None:
+                    self.warn(f"{e.message}; not using '{url}' again (building instead what no other cache has)")
+                    self.options.substituters.drop(url)
+                else:  # not one cache's fault that we can tell: substitute nothing more
+                    self.warn(f"{e.message}; building instead")
+                    self._substitution_failed = True
+                needed = self._plan_needed(roots)
+                continue
+            with self._lock:
+                self.substituted.extend(self.store.logical(p) for _, _, p in self._wanted if p in got)
+            break
         order = self.graph.closure(list(needed.values()))
         return [d for d in order if d.drv_path.base in needed]
+
+    def _plan_needed(self, roots: list[Derivation]) -> dict[str, Derivation]:
+        """Ask the substituters (afresh) what they hold; the derivations to build, checked."""
+        from .cache.substitute import FetchPlan
+
+        self._planned, self._wanted = FetchPlan(), []
+        needed = self._needed(roots)
+        self.check_obtainable(list(needed.values()))
+        return needed
 
     def planned_fetches(self) -> dict:
         """After a dry run's :meth:`plan`: ``{path: (Substituter, RemoteInfo)}`` it would fetch."""

@@ -250,7 +250,7 @@ def test_a_cache_that_fails_while_downloading_means_building_instead(world, tmp_
         httpd.shutdown()
         httpd.server_close()
     assert proc.returncode == 0, proc.stderr
-    assert "building instead" in proc.stderr and json.loads(proc.stdout)["built"]
+    assert "not using 'http://127.0.0.1:" in proc.stderr and json.loads(proc.stdout)["built"]
     assert fim(world, "B", "realise", app, "--no-out-link", check=0).stdout.strip() == out.replace(
         str(tmp_path / "A"), str(tmp_path / "B"))
 
@@ -450,3 +450,28 @@ def test_a_realise_that_lacks_something_downloads_nothing_before_saying_so(world
     proc = fim(world, "B", "realise", "--offline", "--no-out-link", tmp_path / "g" / "both.toml", "--substituter", cache)
     assert proc.returncode == 5 and "-data.txt: fixed-output derivation" in proc.stderr, proc.stderr
     assert fim(world, "B", "path-info", lib_out).returncode == 5, "downloaded for a realise that failed"
+
+
+def test_a_broken_cache_is_dropped_and_the_others_still_serve(world, tmp_path):
+    """Two caches: 'good' holds lib, 'bad' holds app but lost its manifest. app's fetch
+    fails; realise stops using 'bad', still substitutes lib from 'good' and builds only
+    app -- also offline, where building lib's fixed-output-free graph needs no network."""
+    app = graph(tmp_path / "g")
+    lib = tmp_path / "g" / "lib.toml"
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    app_out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    lib_out = f"{STORE_DIR}/{os.path.basename(fim(world, 'A', 'realise', lib, '--no-out-link', check=0).stdout.strip())}"
+    fim(world, "A", "push", f"file://{good}", lib, "--key", world["sk"], check=0)
+    fim(world, "A", "push", f"file://{bad}", app, "--key", world["sk"], check=0)
+    info = json.loads((bad / "info" / f"{os.path.basename(app_out)[:32]}.json").read_text())
+    manifest = info["manifest"]["digest"].split(":")[-1]
+    (bad / "trees" / manifest[:2] / f"{manifest}.zst").unlink()
+    for offline in ([], ["--offline"]):
+        root = f"B{len(offline)}"
+        proc = fim(world, root, "realise", *offline, "--json", "--no-out-link", app,
+                   "--substituter", f"file://{good}", "--substituter", f"file://{bad}")
+        assert proc.returncode == 0, proc.stderr
+        done = json.loads(proc.stdout)
+        assert done["substituted"] == [lib_out] and [os.path.basename(b) for b in done["built"]] == [
+            os.path.basename(done["targets"][0]["drvPath"])], done
+        assert f"not using 'file://{bad}' again" in proc.stderr, proc.stderr

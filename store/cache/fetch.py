@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from .. import fsutil
-from ..errors import IntegrityError
+from ..errors import FimioError, IntegrityError
 from ..forkpool import ForkPool
 from ..paths import content_address_error
 from ..tree import DirNode, FileNode, Node, text_blob
@@ -76,6 +76,18 @@ class FetchStats:
             self.progress(done, total)
 
 
+@contextlib.contextmanager
+def _blaming(backend):
+    """Mark a FimioError raised in the block with the cache it came from (``cache_url``),
+    so that a caller can stop using that cache and go on with the others."""
+    try:
+        yield
+    except FimioError as e:
+        if getattr(e, "cache_url", None) is None:
+            e.cache_url = backend.url
+        raise
+
+
 def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None = None) -> list:
     """Fetch and materialise ``pairs``; return ``[(tmp dir, RemoteInfo, node)]`` ready for
     :func:`ingest.register`. On any error the tmp dirs made so far are removed and the
@@ -120,6 +132,11 @@ def _unpack(store, data: bytes, blobs, key: str, wanted: dict) -> None:
 
 
 def _fetch_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
+    with _blaming(item.backend):
+        _check_manifest(item, stats, store_dir)
+
+
+def _check_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
     info = item.info
     key = object_key("trees", info.manifest)
     raw = _get(item.backend, key, info.manifest_size, stats)
@@ -180,7 +197,7 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
             if blob.digest in needed and blob.digest not in seen:
                 seen.add(blob.digest)
                 target = ingest.LargeBlobFile(store, blob.digest, blob.size)
-                large_files.append((target, needed[blob.digest]))
+                large_files.append((target, needed[blob.digest], it.backend))
                 offset = 0
                 for c in blob.chunks:
                     tasks.append(("chunk", it.backend, c, target, offset))
@@ -193,14 +210,25 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
                   if pack_bytes >= _FORK_MIN_BYTES else None)
         try:
             list(pool.map(lambda t: _run_task(store, t, needed, stats, unpack), tasks))
-            list(pool.map(lambda lf: lf[0].publish(lf[1]), large_files))
+            list(pool.map(_publish_large, large_files))
         finally:
-            for target, _ in large_files:
+            for target, _, _ in large_files:
                 target.close()
-    return pack_bytes + sum(target.size for target, _ in large_files)
+    return pack_bytes + sum(target.size for target, _, _ in large_files)
+
+
+def _publish_large(large) -> None:
+    target, variants, backend = large
+    with _blaming(backend):
+        target.publish(variants)
 
 
 def _run_task(store, task, needed, stats: FetchStats, unpack) -> None:
+    with _blaming(task[1]):
+        _fetch_object(store, task, needed, stats, unpack)
+
+
+def _fetch_object(store, task, needed, stats: FetchStats, unpack) -> None:
     kind, backend, obj, target, offset = task
     if kind == "pack":
         key = object_key("packs", obj.digest)

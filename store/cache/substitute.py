@@ -131,6 +131,11 @@ class SubstituterSet:
                 live.append(s)
         return live
 
+    def drop(self, url: str) -> None:
+        """Stop using the substituter at ``url`` (one that failed while its objects were
+        downloaded) for the rest of this set's life."""
+        self.subs = [s for s in self.subs if s.url != url]
+
     def _fail(self, sub: Substituter, e: FimioError) -> None:
         if self.on_error != "skip":
             raise e
