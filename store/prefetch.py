@@ -73,32 +73,33 @@ def _store_base(store, text: str) -> str | None:
     return text
 
 
-def target_hash_part(store, target: str) -> str | None:
-    """The hash part of a store-path TARGET (a path, physical or logical, or a bare hash
-    part), or None for anything else."""
+def _target_path(store, target: str) -> tuple[str | None, StorePath | None]:
+    """``(hash part, StorePath)`` of a store-path TARGET (a path, physical or logical, or a
+    bare hash part: no StorePath then); ``(None, None)`` for anything else."""
     base = _store_base(store, target)
     if base is None:
-        return None
+        return None, None
     if is_hash_part(base):
-        return base
+        return base, None
     try:
-        return StorePath.parse(base).hash_part
+        path = StorePath.parse(base)
     except UsageError:
-        return None
+        return None, None
+    return path.hash_part, path
+
+
+def target_hash_part(store, target: str) -> str | None:
+    """The hash part of a store-path TARGET, or None for anything else."""
+    return _target_path(store, target)[0]
 
 
 def absent_target_line(store, target: str) -> str | None:
     """The line naming a store-path TARGET that is not valid here, in the form of the
     others (``<logical path or hash part>: <why>``); None if TARGET is no store path."""
-    base = _store_base(store, target)
-    if base is None:
-        return None
-    if is_hash_part(base):
-        return f"{base}: no store path with this hash here"
-    try:
-        return f"{StorePath.parse(base).logical(store.store_dir)}: not in this store"
-    except UsageError:
-        return None
+    hash_part, path = _target_path(store, target)
+    if path is not None:
+        return f"{path.logical(store.store_dir)}: not in this store"
+    return f"{hash_part}: no store path with this hash here" if hash_part else None
 
 
 def substitute_drv_targets(store, substituters, targets) -> dict[str, str]:
