@@ -112,20 +112,15 @@ def substitute_drv_targets(store, substituters, targets) -> dict[str, str]:
     for target in targets:
         if is_derivation_file(store, target):
             continue
-        base = _store_base(store, target)
-        if base is None:
+        hash_part, path = _target_path(store, target)
+        if hash_part is None:
             continue
-        if is_hash_part(base):
-            if store.query_hash(base) is not None:
+        if path is None:  # a bare hash part
+            if store.query_hash(hash_part) is not None:
                 continue
-            path = substituters.lookup_hash(base)
+            path = substituters.lookup_hash(hash_part)
             if path is None:
-                lacking[target] = f"{base}: no store path with this hash here or in any substituter"
-                continue
-        else:
-            try:
-                path = StorePath.parse(base)
-            except UsageError:
+                lacking[target] = f"{hash_part}: no store path with this hash here or in any substituter"
                 continue
         if path.name.endswith(".drv") and not store.is_valid(path):
             wanted.setdefault(path, []).append(target)

@@ -114,9 +114,9 @@ class Realiser:
         self._lock = threading.Lock()
         self.substituted: list[str] = []
         self.lacking: list[str] = []  # what load_targets found unobtainable (see check_obtainable)
-        self._planned = None  # FetchPlan: what the substituters hold of the plan (see plan)
+        self._planned = None  # FetchPlan: what the substituters hold of the plan being made
         self._wanted: list[tuple] = []  # the outputs asked for while planning
-        self._substitution_failed = False  # a cache failed mid-download: build instead
+        self._substitution_failed = False  # in this plan, a cache failed that we cannot name
         self.warn = lambda message: None  # the CLI shows these on stderr
 
     @property
@@ -166,7 +166,7 @@ class Realiser:
         return [p for p in drv.output_paths().values() if self._lacks(p)]
 
     def _lacks(self, path: StorePath) -> bool:
-        """Not valid here, nor to be fetched by the plan."""
+        """Not valid here, nor to be fetched by the plan being made."""
         return not self.store.is_valid(path) and (self._planned is None or path not in self._planned.paths)
 
     def plan(self, roots: list[Derivation]) -> list[Derivation]:
@@ -181,7 +181,8 @@ class Realiser:
         self._protect(roots)
         self._substitution_failed = False
         needed = self._plan_needed(roots)
-        while not self.options.dry_run and (self._planned.paths or self._planned.realisations):
+        while not self.options.dry_run and self._planned is not None and (
+                self._planned.paths or self._planned.realisations):
             try:
                 got = self.options.substituters.fetch(self._planned)
             except (IntegrityError, RemoteError) as e:
@@ -196,15 +197,17 @@ class Realiser:
                 continue
             with self._lock:
                 self.substituted.extend(self.store.logical(p) for _, _, p in self._wanted if p in got)
-            break
+            self._planned = None  # fetched: validity alone tells from now on
         order = self.graph.closure(list(needed.values()))
         return [d for d in order if d.drv_path.base in needed]
 
     def _plan_needed(self, roots: list[Derivation]) -> dict[str, Derivation]:
         """Ask the substituters (afresh) what they hold; the derivations to build, checked."""
-        from .cache.substitute import FetchPlan
+        self._planned, self._wanted = None, []
+        if self.options.substituters:  # (the cache modules are not imported without them)
+            from .cache.substitute import FetchPlan
 
-        self._planned, self._wanted = FetchPlan(), []
+            self._planned = FetchPlan()
         needed = self._needed(roots)
         self.check_obtainable(list(needed.values()))
         return needed

@@ -76,16 +76,21 @@ class FetchStats:
             self.progress(done, total)
 
 
-@contextlib.contextmanager
-def _blaming(backend):
-    """Mark a FimioError raised in the block with the cache it came from (``cache_url``),
-    so that a caller can stop using that cache and go on with the others."""
-    try:
-        yield
-    except FimioError as e:
-        if getattr(e, "cache_url", None) is None:
-            e.cache_url = backend.url
-        raise
+def _blamed(backend_of):
+    """Decorate a step of the fetch: a FimioError it raises is marked with the cache it
+    came from (``cache_url``: the URL of ``backend_of(*args)``), so that a caller can stop
+    using that cache and go on with the others."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def step(*args):
+            try:
+                return fn(*args)
+            except FimioError as e:
+                if getattr(e, "cache_url", None) is None:
+                    e.cache_url = backend_of(*args).url
+                raise
+        return step
+    return wrap
 
 
 def fetch_paths(store, pairs, pool: ThreadPoolExecutor, stats: FetchStats | None = None) -> list:
@@ -131,12 +136,8 @@ def _unpack(store, data: bytes, blobs, key: str, wanted: dict) -> None:
             ingest.write_blob(store, digest, executable, piece)
 
 
+@_blamed(lambda item, *_: item.backend)
 def _fetch_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
-    with _blaming(item.backend):
-        _check_manifest(item, stats, store_dir)
-
-
-def _check_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
     info = item.info
     key = object_key("trees", info.manifest)
     raw = _get(item.backend, key, info.manifest_size, stats)
@@ -217,18 +218,14 @@ def _fetch_blobs(store, items: list[_Item], pool: ThreadPoolExecutor, stats: Fet
     return pack_bytes + sum(target.size for target, _, _ in large_files)
 
 
+@_blamed(lambda large: large[2])
 def _publish_large(large) -> None:
-    target, variants, backend = large
-    with _blaming(backend):
-        target.publish(variants)
+    target, variants, _ = large
+    target.publish(variants)
 
 
+@_blamed(lambda store, task, *_: task[1])
 def _run_task(store, task, needed, stats: FetchStats, unpack) -> None:
-    with _blaming(task[1]):
-        _fetch_object(store, task, needed, stats, unpack)
-
-
-def _fetch_object(store, task, needed, stats: FetchStats, unpack) -> None:
     kind, backend, obj, target, offset = task
     if kind == "pack":
         key = object_key("packs", obj.digest)
