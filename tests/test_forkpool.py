@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -131,3 +133,28 @@ def test_a_worker_hashes_on_one_thread():
     with forkpool.ForkPool(lambda: forkpool.hash_threads(), workers=2) as pool:
         assert pool.submit([()]).result() == [1]
     assert forkpool.hash_threads() != 1
+
+
+def test_a_pool_that_got_fewer_processes_than_asked_works_with_those(monkeypatch):
+    real_fork, forks = os.fork, []
+
+    def fork_once():
+        if forks:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        forks.append(1)
+        return real_fork()
+
+    monkeypatch.setattr(os, "fork", fork_once)
+    with forkpool.ForkPool(_pid_and, workers=3) as pool:
+        results = [pool.submit([(i,)]) for i in range(20)]
+        pids = {pid for f in results for pid, _ in f.result()}
+    assert len(pids) == 1 and os.getpid() not in pids
+
+
+def test_starting_a_pool_imports_neither_multiprocessing_nor_concurrent_futures():
+    # Both cost 20-30 ms to import: a sixth of a small `fimio add`, which starts a pool.
+    code = ("import sys; from fimio.store import forkpool\n"
+            "with forkpool.ForkPool(abs, workers=2) as pool: assert pool.submit([(-1,)]).result() == [1]\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('multiprocessing', 'concurrent')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
