@@ -146,10 +146,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
             checks = check_targets(realiser, outcome, rounds or 2, vary)
     except BuildError as e:
         progress.done()
-        tail = getattr(e, "log_tail", "")
-        if tail and options.log_sink is None and opts.verbosity >= 0:
-            click.echo(f"last {len(tail.splitlines())} log lines:", err=True)
-            click.echo("\n".join("  > " + line for line in tail.splitlines()), err=True)
+        if options.log_sink is None and opts.verbosity >= 0:
+            _print_log_tails(e)
         raise
     finally:
         progress.done()
@@ -180,6 +178,16 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
 
         where = "the \"checks\" report on stdout" if as_json else "the report above"
         raise NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs")
+
+
+def _print_log_tails(e: BuildError) -> None:
+    """The last lines of a failed build's log, or of each one's after ``--keep-going``."""
+    tails = getattr(e, "log_tails", None) or [(None, getattr(e, "log_tail", ""))]
+    for name, tail in tails:
+        if tail:
+            of = f" of {name}" if name else ""
+            click.echo(f"last {len(tail.splitlines())} log lines{of}:", err=True)
+            click.echo("\n".join("  > " + line for line in tail.splitlines()), err=True)
 
 
 def _print_dry_run(store, roots, build, fetch, as_json) -> None:

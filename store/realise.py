@@ -76,8 +76,8 @@ def _failures(failed: list, skipped: list[str]) -> FimioError:
                      details=sorted(f"{d.drv_path.base}: {e.message}" for d, e in failed)
                      + sorted(f"{k}: not built, it needs a failed build" for k in skipped))
     err.exit_code = min((e.exit_code for _, e in failed), key=_GRAVITY.index)
-    if len(failed) == 1:
-        err.log_tail = getattr(failed[0][1], "log_tail", "")
+    # each failed build's log tail, as a lone failure shows its own
+    err.log_tails = sorted((d.drv_path.base, e.log_tail) for d, e in failed if getattr(e, "log_tail", ""))
     return err
 
 

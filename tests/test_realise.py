@@ -289,7 +289,7 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
     was not built, and the builds that could run are valid. Without -k the first failure
     stops the schedule."""
     bad = write_drv(tmp_path / "bad.toml", "bad", "echo broken >&2; exit 3")
-    worse = write_drv(tmp_path / "worse.toml", "worse", "exit 4")
+    worse = write_drv(tmp_path / "worse.toml", "worse", "echo worse news >&2; exit 4")
     needs = write_drv(tmp_path / "needs.toml", "needs", "cat $bad > $out", inputs={"bad": {"drv": "bad.toml"}})
     top = write_drv(tmp_path / "top.toml", "top", "cat $needs > $out", inputs={"needs": {"drv": "needs.toml"}})
     ok = write_drv(tmp_path / "ok.toml", "ok", "echo fine > $out")
@@ -302,6 +302,9 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
         assert any(f"-{name}.drv: " in line and "not built" not in line for line in details), proc.stderr
     for name in ("needs", "top"):
         assert any(f"-{name}.drv: not built, it needs a failed build" in line for line in details), proc.stderr
+    for name, line in (("bad", "  > broken"), ("worse", "  > worse news")):  # each failure's log tail
+        header = next(i for i, h in enumerate(details) if h.startswith("last ") and f"-{name}.drv:" in h)
+        assert details[header + 1] == line, proc.stderr
     assert cli.out("realise", "-n", ok).strip() == "nothing to do: every output is valid", "-k did not build ok"
     # one failure whose dependents are skipped keeps its log tail on stderr
     proc = cli("realise", "--no-out-link", "-k", top)
