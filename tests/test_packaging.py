@@ -81,3 +81,15 @@ def test_the_installed_wheel_alone_adds_and_dumps_a_tree(wheel, tmp_path):
     dumped = fimio("dump", path)
     assert dumped.returncode == 0, dumped.stderr
     assert b"hello\n" in dumped.stdout and dumped.stdout.startswith(b"\r\x00\x00\x00\x00\x00\x00\x00nix-archive-1")
+
+
+def test_a_command_leaves_the_exit_no_objects_to_walk(tmp_path):
+    # The interpreter's last collection at exit walks every live object unless frozen:
+    # 10-20 ms of a short command. atexit handlers run just before it.
+    script = ("import atexit, gc; from fimio.cli import main; "
+              "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 1000)); main()")
+    env = dict(os.environ, FIMIO_ROOT=str(tmp_path / "root"))
+    done = subprocess.run([sys.executable, "-c", script, "verify"], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "frozen True"
