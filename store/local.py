@@ -476,10 +476,9 @@ class LocalStore:
 
             def stored(future, n: int) -> None:
                 nonlocal bytes_stored
-                with counting:
+                with counting:  # held while reporting too: the count shown never goes back
                     bytes_stored += n
-                    done = bytes_stored
-                progress(done, bytes_found)
+                    progress(bytes_stored, bytes_found)
 
             def on_file(p, st):
                 nonlocal pool, batch, batch_bytes, count, bytes_found

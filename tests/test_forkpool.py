@@ -158,3 +158,62 @@ def test_starting_a_pool_imports_neither_multiprocessing_nor_concurrent_futures(
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('multiprocessing', 'concurrent')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class _NoUnpickling(Exception):
+    def __init__(self, path, why):  # pickled by its message alone: unpickling calls __init__(message)
+        super().__init__(f"{path}: {why}")
+
+
+def _raise_unloadable(x):
+    raise _NoUnpickling("p", "why")
+
+
+def test_an_answer_that_cannot_be_read_is_an_error_of_its_batch_not_a_hang():
+    with forkpool.ForkPool(_raise_unloadable, workers=1) as pool:
+        with pytest.raises(TypeError):
+            pool.submit([(1,)]).result()
+        with pytest.raises(TypeError):
+            pool.submit([(2,)]).result()  # the pool still answers
+
+
+def test_a_callback_that_raises_is_reported_and_stops_nothing(capsys):
+    calls = []
+
+    def bad(future):
+        calls.append("bad")
+        raise BrokenPipeError("a progress line to a closed terminal")
+
+    with forkpool.ForkPool(_double, workers=1) as pool:
+        futures = [pool.submit([(i,)]) for i in range(4)]
+        for f in futures:
+            f.add_done_callback(bad)
+            f.add_done_callback(lambda f: calls.append("good"))
+        assert [f.result() for f in futures] == [[0], [2], [4], [6]]
+    assert calls.count("good") == 4 and calls.count("bad") == 4
+    assert "a progress line to a closed terminal" in capsys.readouterr().err
+
+
+def test_submitting_to_a_pool_already_left_raises_instead_of_waiting_forever():
+    with forkpool.ForkPool(_double, workers=1) as pool:
+        pass
+    with pytest.raises(RuntimeError):
+        pool.submit([(1,)])
+
+
+def test_a_worker_whose_feeding_thread_cannot_start_is_not_left_behind(monkeypatch):
+    before = _children()
+    real_start, starts = threading.Thread.start, []
+
+    def start_once(thread):
+        if starts:
+            raise RuntimeError("can't start new thread")
+        starts.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_once)
+    with forkpool.ForkPool(_pid_and, workers=2) as pool:
+        assert len(_children() - before) == 1  # the other worker was stopped and reaped
+        pids = {pid for f in [pool.submit([(i,)]) for i in range(10)] for pid, _ in f.result()}
+    assert len(pids) == 1 and os.getpid() not in pids
+    assert _children() == before
