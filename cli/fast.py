@@ -114,11 +114,11 @@ def _realise_locked(opts, targets, root) -> int | None:
     if not opts.get("--no-out-link"):
         from fimio.store.roots import add_root
 
-        class _Store:  # the two attributes add_root needs
+        class _Store:  # the attributes add_root needs
             pass
 
         s = _Store()
-        s.root, s.store = root, store
+        s.root, s.store, s.store_dir = root, store, store_dir
         s.physical = lambda p: os.path.join(store, p.base)
         from fimio.store.paths import StorePath
 

@@ -124,8 +124,10 @@ def add_root(store, link: str, target: StorePath, flag: str = "-o") -> str:
     ``flag`` is the option that named the link (for the hint of an error)."""
     link = os.path.abspath(link)
     physical = store.physical(target)
-    if os.path.isdir(link) and not os.path.islink(link):
-        raise UsageError(f"cannot make the link '{link}': a directory is in the way",
+    in_the_way = _in_the_way(link, (os.path.dirname(physical), store.store_dir))
+    if in_the_way:
+        raise UsageError(f"cannot make the link '{link}': {in_the_way} is in the way "
+                         "(only an earlier link into the store is replaced)",
                          f"remove it, or choose another name with {flag}")
     tmp = fsutil.sibling_tmp(link)
     try:
@@ -157,6 +159,19 @@ def add_root(store, link: str, target: StorePath, flag: str = "-o") -> str:
             fsutil.unlink_if_exists(link)
             raise
     return link
+
+
+def _in_the_way(link: str, store_dirs) -> str | None:
+    """What at ``link`` an out-link must not replace: as in Nix, an earlier link into the
+    store is replaced; anything else there is the user's, and kept."""
+    if not os.path.lexists(link):
+        return None
+    if not os.path.islink(link):
+        return "a directory" if os.path.isdir(link) else "a file"
+    target = os.readlink(link)
+    if any(target.startswith(d.rstrip("/") + "/") for d in store_dirs):
+        return None
+    return f"a link to '{target}'"
 
 
 def list_roots(store) -> dict[str, StorePath]:

@@ -431,6 +431,27 @@ def test_an_out_link_that_cannot_be_made_is_a_usage_error(cli, tmp_path):
     assert cli.out("realise", "--no-out-link", s).startswith(str(cli.physical_store))
 
 
+def test_an_out_link_never_replaces_what_is_not_an_earlier_link_into_the_store(cli, tmp_path):
+    """As in Nix: a file, or a link to elsewhere, is the user's and stays; an earlier link
+    into the store is replaced. The same through the no-op fast path and for --add-root."""
+    one = write_drv(tmp_path / "one.toml", "one", "echo 1 > $out")
+    two = write_drv(tmp_path / "two.toml", "two", "echo 2 > $out")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("precious\n")
+    os.symlink("/etc/hostname", work / "mine")
+    for no_fast_path in ("1", ""):  # the full path builds one; then the fast path finds it valid
+        env = {"FIMIO_NO_FAST_PATH": no_fast_path} if no_fast_path else {}
+        for name, what in (("notes.txt", "a file"), ("mine", "a link to '/etc/hostname'")):
+            assert_one_error_line(cli("realise", "-o", work / name, one, env=env), 2, f"'{work / name}'", what)
+        assert (work / "notes.txt").read_text() == "precious\n" and os.readlink(work / "mine") == "/etc/hostname"
+    assert_one_error_line(cli("instantiate", "--add-root", work / "notes.txt", one), 2, "a file")
+    assert (work / "notes.txt").read_text() == "precious\n"
+    cli.out("realise", "-o", work / "result", one)
+    cli.out("realise", "-o", work / "result", two)  # an earlier out-link: replaced
+    assert os.readlink(work / "result") == str(cli.physical_store / os.path.basename(outputs_of(cli, two)["out"]))
+
+
 def test_outputs_are_printed_in_one_order_whether_built_or_already_valid(cli, tmp_path):
     m = write_drv(tmp_path / "m.toml", "multi", "mkdir $out $dev $bin", outputs=["out", "dev", "bin"])
     first = cli.out("realise", "--no-out-link", m).splitlines()
