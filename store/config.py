@@ -23,6 +23,9 @@ _KEYS = {
 }
 
 
+_KIND_NAMES = {list: "a list", bool: "true or false", int: "a whole number", dict: "a table"}
+
+
 def default_root() -> str:
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(data, "fimio")
@@ -107,6 +110,8 @@ def load_config(path: str | None = None) -> Config:
         if kind is None:
             raise UsageError(f"{path}: unknown key '{key}'", "see the README's configuration section")
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise UsageError(f"{path}: '{key}' must be a {kind.__name__}")
+            raise UsageError(f"{path}: '{key}' must be {_KIND_NAMES[kind]}")
+        if kind is int and value < 0:
+            raise UsageError(f"{path}: '{key}' must be 0 (the default) or more, not {value}")
         setattr(config, key.replace("-", "_"), value)
     return config

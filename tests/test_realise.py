@@ -333,6 +333,20 @@ def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
     assert cli("realise", "--no-out-link", "-k", bad, gone).returncode == 5
 
 
+@pytest.mark.parametrize("setting, needle", [
+    ("jobs = -3", "'jobs' must be 0 (the default) or more, not -3"),
+    ("cores = -1", "'cores' must be 0 (the default) or more, not -1"),
+    ('jobs = "4"', "'jobs' must be a whole number"),
+    ("offline = 1", "'offline' must be true or false"),
+    ('substituters = "file:///c"', "'substituters' must be a list"),
+])
+def test_a_bad_config_value_is_one_usage_error(cli, tmp_path, setting, needle):
+    f = write_drv(tmp_path / "c.toml", "c", "echo c > $out")
+    config = tmp_path / "config.toml"
+    config.write_text(setting + "\n")
+    assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, str(config), needle)
+
+
 def test_cores_flag_sets_the_build_cores(cli, tmp_path):
     f = write_drv(tmp_path / "c.toml", "cores", "echo $FIMIO_BUILD_CORES > $out")
     assert open(cli.out("realise", "--no-out-link", "--cores", "3", f).strip()).read() == "3\n"
