@@ -118,8 +118,8 @@ class ByteProgress(_Line):
 
 
 class BuildProgress(_Line):
-    """A realise: ``progress(event, drv, counts)`` with event "start" or "done" draws
-    ``[3/10 built, 2 running] name, name``. Shown only on a terminal, without -q or -v (the
+    """A realise: ``progress(event, drv, counts)`` with event "start", "done" or "failed"
+    draws ``[3/10 built, 1 failed, 2 running] name, name``. Shown only on a terminal, without -q or -v (the
     build logs that -v streams would be torn by it)."""
 
     def __init__(self, opts):
@@ -135,7 +135,8 @@ class BuildProgress(_Line):
             else:
                 self.running.pop(drv.drv_path.base, None)
             names = ", ".join(list(self.running.values())[:3])
-            self.show(f"[{counts['done']}/{counts['total']} built, {len(self.running)} running] {names}")
+            failed = f", {counts['failed']} failed" if counts.get("failed") else ""
+            self.show(f"[{counts['done']}/{counts['total']} built{failed}, {len(self.running)} running] {names}")
 
     def substituting(self, done: int, total: int) -> None:
         """Substitution's ``FetchStats.progress``: bytes of content fetched so far."""

@@ -344,7 +344,7 @@ class Realiser:
         failure: BaseException | None = None
         failed: list[tuple[Derivation, FimioError]] = []  # with keep_going
         skipped: list[str] = []  # with keep_going: not built because a dependency failed
-        counts = {"total": len(todo), "done": 0}
+        counts = {"total": len(todo), "done": 0, "failed": 0}
         while pending or running:
             if failure is None:
                 for key in [k for k in pending if deps[k] <= done][: max(0, jobs - len(running))]:
@@ -363,6 +363,8 @@ class Realiser:
                     counts["done"] += 1
                     self._progress("done", drv, counts)
                 except FimioError as e:
+                    counts["failed"] += 1
+                    self._progress("failed", drv, counts)
                     if not self.options.keep_going:
                         failure = failure or e
                         pending.clear()  # stop scheduling; let running builds finish

@@ -110,6 +110,14 @@ def test_realise_shows_its_progress_on_a_terminal_only(tmp_path):
     assert "\r" not in proc.stderr and "running]" not in proc.stderr
 
 
+def test_progress_counts_a_failed_build_as_failed_not_running(tmp_path):
+    bad = write_drv(tmp_path / "bad.toml", "bad", "exit 3")
+    slow = write_drv(tmp_path / "slow.toml", "slow", "sleep 0.5; echo > $out")
+    code, _, shown = run_on_terminal(["realise", "--no-out-link", "-k", "-j", "2", bad, slow], tmp_path / "a")
+    assert code == 1
+    assert "\r\x1b[K[0/2 built, 1 failed, 1 running] slow" in shown, shown
+
+
 def test_second_realise_is_a_noop(examples):
     records = len(all_records(examples.root))
     for name, f in examples.files.items():
