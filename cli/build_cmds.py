@@ -186,7 +186,8 @@ def _print_log_tails(e: BuildError) -> None:
     for name, tail in tails:
         if tail:
             of = f" of {name}" if name else ""
-            click.echo(f"last {len(tail.splitlines())} log lines{of}:", err=True)
+            n = len(tail.splitlines())
+            click.echo(f"last {'log line' if n == 1 else f'{n} log lines'}{of}:", err=True)
             click.echo("\n".join("  > " + line for line in tail.splitlines()), err=True)
 
 

@@ -65,7 +65,7 @@ def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
 _GRAVITY = (4, 3, 6, 5, 1, 2)
 
 
-def _failures(failed: list, skipped: list[str]) -> FimioError:
+def _failures(failed: list, skipped: list[tuple[str, str]]) -> FimioError:
     """The error of a ``keep_going`` schedule: a lone failure as it was, else one error
     naming each failure and what was not built, with the exit code of the gravest failure
     (_GRAVITY: an integrity alarm, 4, is never hidden behind another failure)."""
@@ -73,8 +73,9 @@ def _failures(failed: list, skipped: list[str]) -> FimioError:
         return failed[0][1]
     err = BuildError(f"{len(failed)} derivation(s) failed" + (f", {len(skipped)} not built" if skipped else ""),
                      "'fimio log DRV' shows a build's log",
-                     details=sorted(f"{d.drv_path.base}: {e.message}" for d, e in failed)
-                     + sorted(f"{k}: not built, it needs a failed build" for k in skipped))
+                     details=sorted(e.message if d.drv_path.base in e.message else f"{d.drv_path.base}: {e.message}"
+                                    for d, e in failed)
+                     + sorted(f"{k}: not built, it needs {cause}, which failed" for k, cause in skipped))
     err.exit_code = min((e.exit_code for _, e in failed), key=_GRAVITY.index)
     # each failed build's log tail, as a lone failure shows its own
     err.log_tails = sorted((d.drv_path.base, e.log_tail) for d, e in failed if getattr(e, "log_tail", ""))
@@ -343,7 +344,7 @@ class Realiser:
         running = {}
         failure: BaseException | None = None
         failed: list[tuple[Derivation, FimioError]] = []  # with keep_going
-        skipped: list[str] = []  # with keep_going: not built because a dependency failed
+        skipped: list[tuple[str, str]] = []  # with keep_going: (not built, the failed build it needs)
         counts = {"total": len(todo), "done": 0, "failed": 0}
         while pending or running:
             if failure is None:
@@ -371,7 +372,7 @@ class Realiser:
                         continue
                     failed.append((drv, e))
                     dropped = _drop_dependents(drv.drv_path.base, pending, deps)
-                    skipped += dropped
+                    skipped += [(k, drv.drv_path.base) for k in dropped]
                     counts["total"] -= len(dropped)
                 except KeyboardInterrupt:
                     raise  # now: _build_all stops the running builds

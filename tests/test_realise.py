@@ -307,11 +307,13 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
     assert last.startswith("fimio: error: 2 derivation(s) failed, 2 not built"), proc.stderr
     details = proc.stderr.strip().splitlines()[:-1]
     for name in ("bad", "worse"):
-        assert any(f"-{name}.drv: " in line and "not built" not in line for line in details), proc.stderr
+        assert any(f"-{name}.drv' failed with exit code" in line for line in details), proc.stderr
     for name in ("needs", "top"):
-        assert any(f"-{name}.drv: not built, it needs a failed build" in line for line in details), proc.stderr
+        assert any(f"-{name}.drv: not built, it needs " in line and "-bad.drv, which failed" in line
+                   for line in details), proc.stderr
     for name, line in (("bad", "  > broken"), ("worse", "  > worse news")):  # each failure's log tail
         header = next(i for i, h in enumerate(details) if h.startswith("last ") and f"-{name}.drv:" in h)
+        assert details[header].startswith("last log line of "), details[header]  # one line: singular
         assert details[header + 1] == line, proc.stderr
     assert cli.out("realise", "-n", ok).strip() == "nothing to do: every output is valid", "-k did not build ok"
     # one failure whose dependents are skipped keeps its log tail on stderr
