@@ -197,7 +197,7 @@ class Realiser:
                 needed = self._plan_needed(roots)
                 continue
             with self._lock:
-                self.substituted.extend(self.store.logical(p) for _, _, p in self._wanted if p in got)
+                self.substituted.extend(sorted(self.store.logical(p) for p in got))  # closures too
             self._planned = None  # fetched: validity alone tells from now on
         order = self.graph.closure(list(needed.values()))
         return [d for d in order if d.drv_path.base in needed]

@@ -379,6 +379,20 @@ def test_ctrl_c_while_realise_downloads_from_a_stalled_cache(world, tmp_path):
         server.stop()
 
 
+def test_a_substitution_reports_the_closure_it_fetched_as_its_dry_run_does(world, tmp_path):
+    app = graph(tmp_path / "g")  # app's output refers to lib's: fetching app fetches lib
+    cache = f"file://{tmp_path / 'cache'}"
+    fim(world, "A", "realise", app, "--no-out-link", check=0)
+    fim(world, "A", "push", cache, app, "--key", world["sk"], check=0)
+    plan = json.loads(fim(world, "B", "realise", "-n", "--json", app, "--substituter", cache, check=0).stdout)
+    fetched = sorted(f["path"] for f in plan["fetch"])
+    assert len(fetched) == 2 and plan["build"] == []
+    done = fim(world, "B", "realise", "--json", "--no-out-link", app, "--substituter", cache, check=0)
+    assert sorted(json.loads(done.stdout)["substituted"]) == fetched
+    text = fim(world, "C", "realise", "--no-out-link", app, "--substituter", cache, check=0)
+    assert "built 0, substituted 2" in text.stderr
+
+
 def test_dry_run_names_what_would_be_built_and_fetched_and_does_neither(world, tmp_path):
     app = graph(tmp_path / "g")
     lib = tmp_path / "g" / "lib.toml"
