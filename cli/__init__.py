@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import sys
@@ -9,7 +10,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fimio`` console script: run a command, map errors to exit codes."""
-    code = run(argv)
+    try:
+        code = run(argv)
+    except KeyboardInterrupt:  # during start-up, before run's own handlers are in place
+        _fail("interrupted")
+        code = 130
     # At exit the interpreter collects cycles once more, even with the collector disabled,
     # walking every object still alive (10-20 ms of a 150 ms command). Nothing found then
     # would be freed sooner than by the process's end: frozen objects are not walked.
@@ -36,11 +41,11 @@ def run(argv: list[str] | None = None) -> int:
         code = try_realise(args)
         if code is not None:
             return code
+    import click
+
     from fimio.store.errors import FimioError
 
     try:
-        import click
-
         from .main import cli
 
         result = cli.main(args=argv, prog_name="fimio", standalone_mode=False)
@@ -79,7 +84,9 @@ def run(argv: list[str] | None = None) -> int:
     except OSError as e:
         if os.environ.get("FIMIO_DEBUG") == "1":
             raise
-        if e.filename:  # the file system in trouble is the one of the file named
+        if e.errno == errno.ECHILD:  # a worker process died: its message says what to suspect
+            _fail(f"{e.strerror or e}")
+        elif e.filename:  # the file system in trouble is the one of the file named
             _fail(f"{e.strerror or e} '{os.fsdecode(e.filename)}'", "check free space and permissions there")
         else:
             _fail(f"{e.strerror or e}", "check free space and permissions of the store root and of any target")

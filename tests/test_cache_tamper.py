@@ -436,3 +436,26 @@ def test_ctrl_c_during_a_download_stops_at_once_and_registers_nothing(setup):
         setup.assert_nothing_registered()
     finally:
         server.stop()
+
+
+def test_a_large_blob_given_up_takes_no_late_chunk(tmp_path):
+    """A failed fetch closes its large-blob files while other threads may still be writing
+    chunks: a late write must fail, not land in the file that reused the descriptor."""
+    from fimio.store.cache.ingest import LargeBlobFile
+    from fimio.store.errors import IntegrityError
+
+    store = LocalStore.open(str(tmp_path / "root"))
+    try:
+        blob = LargeBlobFile(store, b"\x01" * 32, 10)
+        fd = blob.fd
+        blob.close()
+        other = tmp_path / "other"
+        with open(other, "wb") as f:
+            assert f.fileno() == fd  # the lowest free number: the one just closed
+            with pytest.raises(IntegrityError):
+                blob.write_at(0, b"late chunk")
+            with pytest.raises(IntegrityError):
+                blob.publish([False])
+        assert other.read_bytes() == b""
+    finally:
+        store.close()

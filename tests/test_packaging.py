@@ -93,3 +93,18 @@ def test_a_command_leaves_the_exit_no_objects_to_walk(tmp_path):
                           text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "frozen True"
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    # A Ctrl-C while the command's modules are still being imported (here: click's import
+    # raises it) ends as every other interrupt does, not in a traceback.
+    script = ("import sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'click': raise KeyboardInterrupt\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "from fimio.cli import main; main()")
+    env = dict(os.environ, FIMIO_ROOT=str(tmp_path / "root"))
+    done = subprocess.run([sys.executable, "-c", script, "verify"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 130 and done.stderr == "fimio: error: interrupted\n", done.stderr

@@ -13,6 +13,7 @@ removes).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import ExitStack
 
@@ -55,27 +56,43 @@ def copy_variant(store, digest: bytes, executable: bool) -> bool:
 
 
 class LargeBlobFile:
-    """A large blob assembled from chunks written at their offsets (possibly in parallel)."""
+    """A large blob assembled from chunks written at their offsets (possibly in parallel).
+
+    Its descriptor is used and closed under a lock, and not used once closed: a fetch that
+    fails closes its files while other threads may still be writing chunks, and a write to
+    a closed descriptor could land in whatever file reused its number."""
 
     def __init__(self, store, digest: bytes, size: int):
         self.store, self.digest, self.size = store, digest, size
         self.path = tmp_name(store, "blob")
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o444)
+        self._lock = threading.Lock()
         os.ftruncate(self.fd, size)
+
+    def _open_fd(self) -> int:
+        if self.fd is None:
+            raise IntegrityError(f"blob {self.digest.hex()[:16]}… was given up", "its fetch failed")
+        return self.fd
 
     def write_at(self, offset: int, data) -> None:
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        with self._lock:
+            fd = self._open_fd()
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view, offset = view[n:], offset + n
 
     def publish(self, variants) -> None:
         """Check the whole blob's digest, then publish it as each ``executable`` variant."""
+        with self._lock:
+            self._publish(self._open_fd(), variants)
+
+    def _publish(self, fd: int, variants) -> None:
         try:
             h = blake3.blake3(max_threads=blake3.blake3.AUTO)
             pos = 0
             while pos < self.size:
-                buf = os.pread(self.fd, min(8 << 20, self.size - pos), pos)
+                buf = os.pread(fd, min(8 << 20, self.size - pos), pos)
                 if not buf:
                     break
                 h.update(buf)
@@ -83,22 +100,26 @@ class LargeBlobFile:
             if h.digest() != self.digest:
                 raise IntegrityError(f"chunks of blob {self.digest.hex()[:16]}… do not add up to it",
                                      "the cache is corrupt or hostile")
-            os.utime(self.fd, (1, 1))
+            os.utime(fd, (1, 1))
             variants = sorted(set(variants))
             for i, executable in enumerate(variants):
                 key = self.store.link_path(self.digest, executable)
                 if os.path.exists(key):
                     continue
                 if i == len(variants) - 1:
-                    os.fchmod(self.fd, 0o555 if executable else 0o444)
+                    os.fchmod(fd, 0o555 if executable else 0o444)
                     os.rename(self.path, key)
                 else:
                     with open(self.path, "rb") as f:
                         write_blob(self.store, self.digest, executable, f.read())
         finally:
-            self.close()
+            self._close()
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
