@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from fimio.store.errors import BuildError, NotFound, UsageError
+from fimio.store.errors import BuildError, FimioError, NotFound, UsageError
 
 from .main import emit_json, global_options, info, json_option, pass_options
 from .progress import BuildProgress
@@ -138,12 +138,19 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
         if dry_run:
             _print_dry_run(store, *realiser.dry_run(list(targets)), as_json)
             return
-        outcome = realiser.realise(list(targets))
+        failures = []  # with --keep-going and --check: what failed, reported after the checks
+        try:
+            outcome = realiser.realise(list(targets))
+        except FimioError as e:
+            if not (check and getattr(e, "partial", None) is not None):
+                raise
+            outcome, failures = e.partial, [e]  # -k: the targets made valid are still checked
         checks = None
         if check:
             from fimio.store.check import check_targets
 
-            checks = check_targets(realiser, outcome, rounds or 2, vary)
+            checks = check_targets(realiser, outcome, rounds or 2, vary, keep_going)
+            failures += checks.failures
     except BuildError as e:
         progress.done()
         if options.log_sink is None and opts.verbosity >= 0:
@@ -173,11 +180,18 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
             info(opts, f"built {len(outcome.built)}, substituted {len(outcome.substituted)}")
         if checks is not None:
             click.echo(checks.render(), err=True)
+    where = "the \"checks\" report on stdout" if as_json else "the report above"
     if checks is not None and not checks.ok:
         from fimio.store.errors import NotReproducible
 
-        where = "the \"checks\" report on stdout" if as_json else "the report above"
-        raise NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs")
+        failures.append(NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs"))
+    if failures:
+        from fimio.store.realise import gravest
+
+        for e in failures[:-1] if checks is not None and not checks.ok else failures:
+            if opts.verbosity >= 0 and options.log_sink is None:
+                _print_log_tails(e)
+        raise gravest(failures, f"{len(failures)} failure(s)", f"see {where}")
 
 
 def _print_log_tails(e: BuildError) -> None:

@@ -83,10 +83,11 @@ class _Plan:
         return self.alternates[0].changed_from(DEFAULT) if self.vary else []
 
 
-def check_targets(realiser, outcome, rounds: int, vary: bool) -> CheckReport:
+def check_targets(realiser, outcome, rounds: int, vary: bool, keep_going: bool = False) -> CheckReport:
     """Check every output of every target of ``outcome`` (see the module doc); never raises
     NotReproducible itself: the caller exits 3 when ``report.ok`` is false. A failing
-    rebuild raises BuildError naming the round and its variations."""
+    rebuild raises BuildError naming the round and its variations; with ``keep_going`` the
+    other targets are still checked, and the errors are left in ``report.failures``."""
     plan = _Plan(realiser, rounds, vary)
     report = CheckReport(plan.rounds, vary, plan.varied(), plan.not_varied)
     done: set[str] = set()
@@ -97,7 +98,12 @@ def check_targets(realiser, outcome, rounds: int, vary: bool) -> CheckReport:
         subst = {realiser.store.logical(p) for p in drv.output_paths().values()} & set(outcome.substituted)
         source = "built by this realise" if drv.drv_path.base in outcome.built else (
             "substituted by this realise" if subst else "valid before this realise")
-        report.entries.append(_Checker(realiser, plan, drv, source).run())
+        try:
+            report.entries.append(_Checker(realiser, plan, drv, source).run())
+        except BuildError as e:
+            if not keep_going:
+                raise
+            report.failures.append(e)
     return report
 
 

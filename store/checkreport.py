@@ -138,6 +138,7 @@ class CheckReport:
     varied: list[str] = field(default_factory=list)
     not_varied: dict[str, str] = field(default_factory=dict)
     entries: list[DrvCheck] = field(default_factory=list)
+    failures: list = field(default_factory=list)  # with keep_going: BuildErrors of rounds that failed
 
     @property
     def ok(self) -> bool:

@@ -65,6 +65,16 @@ def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
 _GRAVITY = (4, 3, 6, 5, 1, 2)
 
 
+def gravest(errors: list[FimioError], what: str, hint: str) -> FimioError:
+    """One error for several: a lone one as it is, else ``what`` with each error's message
+    (and detail lines) as its details, and the exit code of the gravest (_GRAVITY)."""
+    if len(errors) == 1:
+        return errors[0]
+    err = BuildError(what, hint, details=[line for e in errors for line in [*e.details, e.message]])
+    err.exit_code = min((e.exit_code for e in errors), key=_GRAVITY.index)
+    return err
+
+
 def _failures(failed: list, skipped: list[tuple[str, str]]) -> FimioError:
     """The error of a ``keep_going`` schedule: a lone failure as it was, else one error
     naming each failure and what was not built, with the exit code of the gravest failure
@@ -296,7 +306,13 @@ class Realiser:
     def realise(self, targets: list[str]) -> Outcome:
         roots = self.load_targets(targets)
         todo = self.plan(roots)
-        built = self._build_all(todo)
+        try:
+            built = self._build_all(todo)
+        except FimioError as e:
+            if self.options.keep_going:  # what was done anyway: the targets made valid
+                e.partial = Outcome([(d, d.output_paths()) for d in roots if not self.missing_outputs(d)],
+                                    getattr(e, "built", []), self.substituted)
+            raise
         outcome = Outcome([(d, d.output_paths()) for d in roots], built, self.substituted)
         for d, outs in outcome.targets:
             for p in outs.values():
@@ -382,7 +398,9 @@ class Realiser:
         if failure is not None:
             raise failure
         if failed:
-            raise _failures(failed, skipped)
+            err = _failures(failed, skipped)
+            err.built = built
+            raise err
         return built
 
     def _progress(self, event: str, drv: Derivation, counts: dict) -> None:

@@ -362,3 +362,25 @@ def test_path_info_names_the_cause_of_a_difference(cli, tmp_path):
     cli("realise", drv, "--no-out-link", "--check", "--vary", check=3)
     line = cli.out("path-info", out)
     assert line.endswith("checked 1x: NOT reproducible (the output depends on the host name)"), line
+
+
+def test_keep_going_checks_every_target_it_could_build_and_exits_with_the_gravest(cli, tmp_path):
+    """-k with --check: a failed build, or a failed check round, stops only its own target;
+    the others are still checked, and the exit code is the gravest (3 over 1)."""
+    bad = write_drv(tmp_path, "bad", "echo broken >&2; exit 3")
+    random = write_drv(tmp_path, "random", PLANTED["random"][0])
+    same = write_drv(tmp_path, "same", "echo same > $out")
+    proc = cli("realise", "--no-out-link", "--check", "-k", bad, random, same)
+    assert proc.returncode == 3, proc.stderr
+    assert "✗ random: NOT reproducible" in proc.stderr and "✓ same: bit-identical" in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("fimio: error: 2 failure(s)"), proc.stderr
+    assert "-bad.drv' failed with exit code 3" in proc.stderr and "  > broken" in proc.stderr
+    # a check round that fails (TZ varied) stops only its own target
+    zone = write_drv(tmp_path, "zone", '[ "$TZ" = UTC ] || { echo wrong zone >&2; exit 9; }; echo ok > $out')
+    proc = cli("realise", "--no-out-link", "--check", "--vary", "-k", zone, random, same)
+    assert proc.returncode == 3, proc.stderr
+    assert "✗ random: NOT reproducible" in proc.stderr and "✓ same: bit-identical" in proc.stderr
+    assert "check build (round 2" in proc.stderr and "  > wrong zone" in proc.stderr
+    # without -k the first failure stops the command
+    assert cli("realise", "--no-out-link", "--check", "--vary", zone, random).returncode == 1
