@@ -188,14 +188,15 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
     if failures:
         from fimio.store.realise import gravest
 
-        for e in failures[:-1] if checks is not None and not checks.ok else failures:
-            if opts.verbosity >= 0 and options.log_sink is None:
+        if opts.verbosity >= 0 and options.log_sink is None:
+            for e in failures:
                 _print_log_tails(e)
         raise gravest(failures, f"{len(failures)} failure(s)", f"see {where}")
 
 
-def _print_log_tails(e: BuildError) -> None:
-    """The last lines of a failed build's log, or of each one's after ``--keep-going``."""
+def _print_log_tails(e) -> None:
+    """The last lines of a failed build's log, or of each one's after ``--keep-going``
+    (nothing for an error without a log)."""
     tails = getattr(e, "log_tails", None) or [(None, getattr(e, "log_tail", ""))]
     for name, tail in tails:
         if tail:
