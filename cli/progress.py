@@ -119,8 +119,8 @@ class ByteProgress(_Line):
 
 class BuildProgress(_Line):
     """A realise: ``progress(event, drv, counts)`` with event "start", "done" or "failed"
-    draws ``[3/10 built, 1 failed, 2 running] name, name``. Shown only on a terminal, without -q or -v (the
-    build logs that -v streams would be torn by it)."""
+    draws ``[3/10 built, 1 failed, 2 running] name, name``. Shown only on a terminal,
+    without -q or -v (the build logs that -v streams would be torn by it)."""
 
     def __init__(self, opts):
         super().__init__(_terminal_width(opts) if opts.verbosity < 1 else 0)
