@@ -91,7 +91,9 @@ def open_substituters(opts, store, urls, no_substitute, offline):
               help="After a failed build, go on with every build that does not need it.")
 @click.option("--cores", type=click.IntRange(min=1), metavar="N",
               help="CPUs each build is told it may use (FIMIO_BUILD_CORES) [default: config 'cores' or all].")
-@click.option("--offline", is_flag=True, default=None, help="Never touch the network: local store and file:// substituters only.")
+@click.option("--offline/--no-offline", default=None,
+              help="Never touch the network: local store and file:// substituters only "
+                   "[default: config 'offline'; --no-offline overrides it].")
 @click.option("--substituter", "substituters", multiple=True, metavar="URL", help="A cache to substitute from (repeatable; replaces the config's list).")
 @click.option("--no-substitute", is_flag=True, help="Build everything that is not valid locally.")
 @click.option("-o", "--out-link", metavar="PATH", help="Out-link name [default: ./result].")
@@ -115,8 +117,10 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
         check = True
     if dry_run and check:
         raise click.UsageError("--dry-run and --check exclude each other (a check builds)")
+    if no_out_link and out_link:
+        raise click.UsageError("--no-out-link and -o/--out-link exclude each other")
     config = opts.config()
-    offline = config.offline if offline is None else offline
+    offline = config.offline = config.offline if offline is None else offline  # the flag wins, everywhere
     store = opts.store()
     progress = BuildProgress(opts)
     options = RealiseOptions(
@@ -222,8 +226,8 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
     if fetch:
         total = human_size(sum(remote.size for _, remote in fetch.values()))
         click.echo(f"{len(fetch)} path(s) would be fetched ({total} unpacked):")
-        for p, (sub, _) in sorted(fetch.items()):
-            click.echo(f"  {store.logical(p)}  from {sub.url}")
+        for p, (sub, remote) in sorted(fetch.items()):
+            click.echo(f"  {store.logical(p)}  {human_size(remote.size)}  from {sub.url}")
     if not build and not fetch:
         click.echo("nothing to do: every output is valid")
 

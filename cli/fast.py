@@ -68,6 +68,8 @@ def _realise(opts, targets) -> int | None:
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
         return None
     if opts.get("--no-out-link"):
+        if opts.get("-o") or opts.get("--out-link"):
+            return None  # contradictory flags: the full command says so
         return _realise_locked(opts, targets, root)
     from fimio.store.fsutil import file_lock
 

@@ -26,9 +26,11 @@ def _signing_keys(opts, key_files):
 
 
 def _offline(opts, flag) -> tuple[bool, str]:
-    """Whether we are offline, and which setting says so (for messages)."""
-    if flag:
-        return True, "--offline"
+    """Whether we are offline, and which setting says so (for messages): the flag
+    (--offline or --no-offline) wins over the config file."""
+    if flag is not None:
+        opts.config().offline = flag  # for every cache this command opens, too
+        return flag, "--offline" if flag else ""
     if opts.config().offline:
         return True, "offline = true in the config file"
     return False, ""
@@ -42,7 +44,9 @@ def _offline(opts, flag) -> tuple[bool, str]:
 @click.option("--to", "to_url", metavar="URL", help="Also push everything to this cache (e.g. file:///mnt/usb/cache).")
 @click.option("--key", "key_files", multiple=True, metavar="FILE",
               help="With --to: secret key file to sign with (repeatable) [default: config secret-key-files].")
-@click.option("--offline", is_flag=True, default=None, help="Take fixed outputs only from file:// substituters; never fetch.")
+@click.option("--offline/--no-offline", default=None,
+              help="Take fixed outputs only from file:// substituters; never fetch "
+                   "[default: config 'offline'; --no-offline overrides it].")
 @click.option("--substituter", "substituters", multiple=True, metavar="URL",
               help="A cache to take .drv files and fixed outputs from (repeatable; replaces the config's list).")
 @click.option("--no-substitute", is_flag=True, help="Fetch every fixed output from its URL.")

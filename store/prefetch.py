@@ -37,7 +37,7 @@ def refuse_network(url: str, why: str = "--offline") -> None:
     setting that made us offline. No connection is attempted."""
     if is_network_url(url):
         raise RemoteError(f"fimio is offline ({why}): not connecting to cache '{url}'",
-                          "use a file:// cache, or drop --offline / set offline = false")
+                          "use a file:// cache, or drop --offline (--no-offline overrides the config file)")
 
 
 # ---- targets ----------------------------------------------------------------------------------

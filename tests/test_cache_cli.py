@@ -13,6 +13,7 @@ import pytest
 
 from cachefixtures import WRITE_TOKEN, Serve, make_keys, write_config
 from conftest import assert_one_error_line, run_fimio, run_on_terminal
+from fimio.cli.render import human_size
 
 STORE_DIR = "/fimio/store"
 SH = 'builder = "/bin/sh"\n[env]\nPATH = "/usr/bin:/bin"\n'
@@ -409,7 +410,8 @@ def test_dry_run_names_what_would_be_built_and_fetched_and_does_neither(world, t
     assert not (tmp_path / "result").exists()
     text = fim(world, "B", "realise", "-n", app, "--substituter", cache, check=0).stdout
     assert f"1 derivation(s) would be built:\n  {target['drvPath']}\n" in text
-    assert f"1 path(s) would be fetched (" in text and f"  {lib_out}  from {cache}\n" in text
+    size = human_size(plan["fetch"][0]["size"])
+    assert f"1 path(s) would be fetched (" in text and f"  {lib_out}  {size}  from {cache}\n" in text
     # the real realise does what the dry run said
     done = json.loads(fim(world, "B", "realise", "--json", "--no-out-link", app, "--substituter", cache,
                           check=0).stdout)

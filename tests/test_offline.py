@@ -264,6 +264,17 @@ def test_offline_from_config_file_never_connects(tmp_path, listener, two_fetches
     assert listener.close() == 0
 
 
+def test_no_offline_overrides_the_config_file(tmp_path, listener, two_fetches):
+    cli = Fimio(tmp_path / "root")
+    sub = f"http://127.0.0.1:{listener.port}"
+    cfg = {"FIMIO_CONFIG": write_config(tmp_path / "c.toml", offline=True, substituters=[sub])}
+    for command in ("realise", "prefetch"):
+        args = [command, "--no-offline", two_fetches / "use.toml"] + (["--no-out-link"] if command == "realise" else [])
+        proc = cli(*args, env=cfg)
+        assert "offline" not in proc.stderr, proc.stderr  # online: the listener was asked
+    assert listener.close() > 0
+
+
 def test_offline_drv_target_missing_everywhere(tmp_path, listener, online):
     cli = Fimio(tmp_path / "root")
     sub = f"http://127.0.0.1:{listener.port}"

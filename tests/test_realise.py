@@ -357,6 +357,15 @@ def test_a_bad_config_value_is_one_usage_error(cli, tmp_path, setting, needle):
     assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, str(config), needle)
 
 
+def test_no_out_link_and_an_out_link_name_exclude_each_other(cli, tmp_path):
+    f = write_drv(tmp_path / "x.toml", "x", "echo x > $out")
+    cli.out("realise", "--no-out-link", f)  # valid: the no-op fast path would run next
+    for env in ({}, {"FIMIO_NO_FAST_PATH": "1"}):
+        assert_one_error_line(cli("realise", "--no-out-link", "-o", tmp_path / "r", f, env=env), 2,
+                              "--no-out-link and -o/--out-link")
+    assert not os.path.lexists(tmp_path / "r")
+
+
 def test_cores_flag_sets_the_build_cores(cli, tmp_path):
     f = write_drv(tmp_path / "c.toml", "cores", "echo $FIMIO_BUILD_CORES > $out")
     assert open(cli.out("realise", "--no-out-link", "--cores", "3", f).strip()).read() == "3\n"
