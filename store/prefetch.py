@@ -98,7 +98,10 @@ def absent_target_line(store, target: str) -> str | None:
     others (``<logical path or hash part>: <why>``); None if TARGET is no store path."""
     hash_part, path = _target_path(store, target)
     if path is not None:
-        return f"{path.logical(store.store_dir)}: not in this store"
+        logical = path.logical(store.store_dir)
+        if not path.name.endswith(".drv"):  # realise takes derivations; a plain path is copied
+            return f"{logical}: not in this store, and no derivation ('fimio copy --from URL {logical}' fetches it)"
+        return f"{logical}: not in this store"
     return f"{hash_part}: no store path with this hash here" if hash_part else None
 
 

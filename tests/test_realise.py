@@ -366,6 +366,14 @@ def test_no_out_link_and_an_out_link_name_exclude_each_other(cli, tmp_path):
     assert not os.path.lexists(tmp_path / "r")
 
 
+def test_a_plain_store_path_not_here_points_to_copy(cli, tmp_path):
+    plain, drv = f"{STORE_DIR}/{'a' * 32}-data", f"{STORE_DIR}/{'b' * 32}-x.drv"
+    proc = cli("realise", "--no-out-link", plain, drv)
+    assert proc.returncode == 5, proc.stderr
+    assert f"{plain}: not in this store, and no derivation ('fimio copy --from URL {plain}' fetches it)" in proc.stderr
+    assert f"{drv}: not in this store\n" in proc.stderr
+
+
 def test_cores_flag_sets_the_build_cores(cli, tmp_path):
     f = write_drv(tmp_path / "c.toml", "cores", "echo $FIMIO_BUILD_CORES > $out")
     assert open(cli.out("realise", "--no-out-link", "--cores", "3", f).strip()).read() == "3\n"
