@@ -34,10 +34,10 @@ def instantiate(opts, files, add_root, as_json):
     drvs = [graph.from_file(f) for f in files]
     roots = [None] * len(drvs)
     if add_root:
-        from fimio.store.roots import add_root as register_root
+        from fimio.store.roots import add_roots
 
-        roots = [register_root(store, add_root if n == 0 else f"{add_root}-{n + 1}", d.drv_path, flag="--add-root")
-                 for n, d in enumerate(drvs)]
+        roots = add_roots(store, [(add_root if n == 0 else f"{add_root}-{n + 1}", d.drv_path)
+                                  for n, d in enumerate(drvs)], flag="--add-root")
     if as_json:
         emit_json([{**_drv_json(store, d), "root": root} for d, root in zip(drvs, roots)])
     else:
@@ -194,14 +194,15 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
 
         if opts.verbosity >= 0 and options.log_sink is None:
             for e in failures:
-                _print_log_tails(e)
+                _print_log_tails(e, named=len(failures) > 1)
         raise gravest(failures, f"{len(failures)} failure(s)", f"see {where}")
 
 
-def _print_log_tails(e) -> None:
+def _print_log_tails(e, named: bool = False) -> None:
     """The last lines of a failed build's log, or of each one's after ``--keep-going``
-    (nothing for an error without a log)."""
-    tails = getattr(e, "log_tails", None) or [(None, getattr(e, "log_tail", ""))]
+    (nothing for an error without a log); ``named``: headed by the derivation's name."""
+    drv = getattr(e, "drv", None) if named else None
+    tails = getattr(e, "log_tails", None) or [(drv.drv_path.base if drv else None, getattr(e, "log_tail", ""))]
     for name, tail in tails:
         if tail:
             of = f" of {name}" if name else ""
@@ -233,16 +234,16 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
 
 
 def _out_links(store, outcome, out_link) -> dict:
-    from fimio.store.roots import add_root
+    from fimio.store.roots import add_roots
 
-    links = {}
+    wanted = []
     base = out_link or "result"
     for n, (_, outs) in enumerate(outcome.targets):
         stem = base if n == 0 else f"{base}-{n + 1}"
         for name, path in outs.items():
-            link = stem if name == "out" else f"{stem}-{name}"
-            links[add_root(store, link, path)] = store.logical(path)
-    return links
+            wanted.append((stem if name == "out" else f"{stem}-{name}", path))
+    made = add_roots(store, wanted)
+    return {link: store.logical(path) for link, (_, path) in zip(made, wanted)}
 
 
 def _drv_of(store, target: str):

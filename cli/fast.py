@@ -114,9 +114,9 @@ def _realise_locked(opts, targets, root) -> int | None:
     finally:
         env.close()
     if not opts.get("--no-out-link"):
-        from fimio.store.roots import add_root
+        from fimio.store.roots import add_roots
 
-        class _Store:  # the attributes add_root needs
+        class _Store:  # the attributes add_roots needs
             pass
 
         s = _Store()
@@ -125,11 +125,12 @@ def _realise_locked(opts, targets, root) -> int | None:
         from fimio.store.paths import StorePath
 
         stem_base = opts.get("--out-link") or opts.get("-o") or "result"
+        links = []
         for n, outputs in enumerate(results):
             stem = stem_base if n == 0 else f"{stem_base}-{n + 1}"
             for name, logical in outputs.items():
-                link = stem if name == "out" else f"{stem}-{name}"
-                add_root(s, link, StorePath.parse(logical.rsplit("/", 1)[1]))
+                links.append((stem if name == "out" else f"{stem}-{name}", StorePath.parse(logical.rsplit("/", 1)[1])))
+        add_roots(s, links)
     out = sys.stdout
     for outputs in results:
         for name in sorted(outputs):  # by output name, as the full path prints them

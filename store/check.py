@@ -37,7 +37,7 @@ from . import fsutil, treediff
 from .build import Variation
 from .checkreport import CheckReport, Cause, DrvCheck, OutputCheck, OutputDiff, Round, VARIATION_TEXT
 from .db import dumps
-from .errors import BuildError
+from .errors import BuildError, FimioError
 from .paths import StorePath, check_name, fingerprint_hash
 from .sandbox import fs_type
 from .threadpool import ThreadPool
@@ -100,7 +100,7 @@ def check_targets(realiser, outcome, rounds: int, vary: bool, keep_going: bool =
             "substituted by this realise" if subst else "valid before this realise")
         try:
             report.entries.append(_Checker(realiser, plan, drv, source).run())
-        except BuildError as e:
+        except FimioError as e:  # a failed round, or an input that could not be had again
             if not keep_going:
                 raise
             report.failures.append(e)

@@ -138,7 +138,7 @@ class CheckReport:
     varied: list[str] = field(default_factory=list)
     not_varied: dict[str, str] = field(default_factory=dict)
     entries: list[DrvCheck] = field(default_factory=list)
-    failures: list = field(default_factory=list)  # with keep_going: BuildErrors of rounds that failed
+    failures: list = field(default_factory=list)  # with keep_going: errors of checks that could not be done
 
     @property
     def ok(self) -> bool:
@@ -153,9 +153,10 @@ class CheckReport:
         return "not reproducible: " + "; ".join(parts)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "rounds": self.rounds, "vary": self.vary, "varied": self.varied,
+        return {"ok": self.ok and not self.failures, "rounds": self.rounds, "vary": self.vary, "varied": self.varied,
                 "notVaried": self.not_varied, "summary": self.summary(),
-                "derivations": [e.to_json() for e in self.entries]}
+                "derivations": [e.to_json() for e in self.entries],
+                "failures": [e.message for e in self.failures]}
 
     def render(self) -> str:
         lines = [f"check: {self.rounds} builds per derivation"
@@ -164,7 +165,8 @@ class CheckReport:
             lines.append(f"  not varied: {name}: {why}")
         for e in self.entries:
             lines.extend(_render_entry(e))
-        if self.ok:  # otherwise the exit-3 error line carries the summary
+        lines.extend(f"✗ check not done: {e.message}" for e in self.failures)
+        if self.ok and not self.failures:  # otherwise the error line carries the summary
             lines.append(self.summary())
         return "\n".join(lines)
 

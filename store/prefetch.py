@@ -37,7 +37,9 @@ def refuse_network(url: str, why: str = "--offline") -> None:
     setting that made us offline. No connection is attempted."""
     if is_network_url(url):
         raise RemoteError(f"fimio is offline ({why}): not connecting to cache '{url}'",
-                          "use a file:// cache, or drop --offline (--no-offline overrides the config file)")
+                          "use a file:// cache, or drop --offline" if why == "--offline" else
+                          "use a file:// cache, or set offline = false in the config file "
+                          "(realise and prefetch also take --no-offline)")
 
 
 # ---- targets ----------------------------------------------------------------------------------

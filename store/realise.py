@@ -70,7 +70,7 @@ def gravest(errors: list[FimioError], what: str, hint: str) -> FimioError:
     (and detail lines) as its details, and the exit code of the gravest (_GRAVITY)."""
     if len(errors) == 1:
         return errors[0]
-    err = BuildError(what, hint, details=[line for e in errors for line in [*e.details, e.message]])
+    err = BuildError(what, hint, details=[line for e in errors for line in [e.message, *e.details]])
     err.exit_code = min((e.exit_code for e in errors), key=_GRAVITY.index)
     return err
 

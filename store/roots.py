@@ -119,22 +119,29 @@ def clean_temp_roots(store) -> int:
     return removed
 
 
+def add_roots(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> list[str]:
+    """:func:`add_root` for each ``(link, target)``, every link checked before any is made:
+    one in the way leaves all of them as they were."""
+    for link, target in links:
+        _check_link(store, os.path.abspath(link), target, flag)
+    return [add_root(store, link, target, flag) for link, target in links]
+
+
 def add_root(store, link: str, target: StorePath, flag: str = "-o") -> str:
     """Point the symlink ``link`` (e.g. ``./result``) at ``target`` and register it as a root.
     ``flag`` is the option that named the link (for the hint of an error)."""
     link = os.path.abspath(link)
     physical = store.physical(target)
-    in_the_way = _in_the_way(link, (os.path.dirname(physical), store.store_dir))
-    if in_the_way:
-        raise UsageError(f"cannot make the link '{link}': {in_the_way} is in the way "
-                         "(only an earlier link into the store is replaced)",
-                         f"remove it, or choose another name with {flag}")
+    _check_link(store, link, target, flag)
     tmp = fsutil.sibling_tmp(link)
     try:
         os.symlink(physical, tmp)
         os.replace(tmp, link)
-    except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as e:
-        fsutil.unlink_if_exists(tmp)
+    except OSError as e:  # a missing or read-only directory, a file as a parent...
+        try:
+            fsutil.unlink_if_exists(tmp)
+        except OSError:
+            pass  # it was never made
         raise UsageError(f"cannot make the link '{link}': {e.strerror}", f"choose another name with {flag}") from None
     # Durable before we return: a root lost to a power cut would let gc delete an output
     # the user was told is there.
@@ -161,15 +168,24 @@ def add_root(store, link: str, target: StorePath, flag: str = "-o") -> str:
     return link
 
 
+def _check_link(store, link: str, target: StorePath, flag: str) -> None:
+    in_the_way = _in_the_way(link, (os.path.dirname(store.physical(target)), store.store_dir))
+    if in_the_way:
+        raise UsageError(f"cannot make the link '{link}': {in_the_way} is in the way "
+                         "(only an earlier link into the store is replaced)",
+                         f"remove it, or choose another name with {flag}")
+
+
 def _in_the_way(link: str, store_dirs) -> str | None:
-    """What at ``link`` an out-link must not replace: as in Nix, an earlier link into the
-    store is replaced; anything else there is the user's, and kept."""
+    """What at ``link`` an out-link must not replace: as in Nix, an earlier link to a path
+    in the store is replaced; anything else there is the user's, and kept."""
     if not os.path.lexists(link):
         return None
     if not os.path.islink(link):
         return "a directory" if os.path.isdir(link) else "a file"
     target = os.readlink(link)
-    if any(target.startswith(d.rstrip("/") + "/") for d in store_dirs):
+    # normalised: "store/../../etc" is no path in the store, nor "store/" the store itself
+    if any(os.path.normpath(target).startswith(d.rstrip("/") + "/") for d in store_dirs):
         return None
     return f"a link to '{target}'"
 

@@ -7,6 +7,7 @@ pass five varied rounds. Reports are validated against spec/schemas/check-report
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -382,6 +383,29 @@ def test_keep_going_checks_every_target_it_could_build_and_exits_with_the_graves
     assert proc.returncode == 3, proc.stderr
     assert "✗ random: NOT reproducible" in proc.stderr and "✓ same: bit-identical" in proc.stderr
     assert "check build (round 2" in proc.stderr and "  > wrong zone" in proc.stderr
+    assert "✗ check not done: check build (round 2" in proc.stderr
+    out = json.loads(cli("realise", "--no-out-link", "--check", "--vary", "-k", "--json", zone, same, check=1).stdout)
+    validate_both(out["checks"], SCHEMA)
+    assert out["checks"]["ok"] is False and len(out["checks"]["failures"]) == 1
+    assert "round 2" in out["checks"]["failures"][0] and [d["name"] for d in out["checks"]["derivations"]] == ["same"]
     # without -k the first failure stops the command
     proc = cli("realise", "--no-out-link", "--check", "--vary", zone, random)
     assert proc.returncode == 1 and "(a check build's log is not kept" in proc.stderr.splitlines()[-1], proc.stderr
+
+
+def test_keep_going_goes_on_when_a_check_cannot_have_its_inputs_again(cli, tmp_path):
+    """A check rebuild needs its inputs again: one that cannot be had (a fetch whose source
+    is gone, its output collected) stops only that target's check, as any failure does."""
+    data = tmp_path / "data.txt"
+    data.write_text("data\n")
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    (tmp_path / "fod.toml").write_text(f'name = "data.txt"\n[fetch]\nurl = "file://{data}"\nhash = "sha256:{digest}"\n')
+    (tmp_path / "t.toml").write_text('name = "t"\nbuilder = "/bin/sh"\nargs = ["-c", "read x < $dat; echo $x > $out"]\n'
+                                      '[inputs]\ndat = { drv = "fod.toml" }\n')
+    random = write_drv(tmp_path, "random", PLANTED["random"][0])
+    cli.out("realise", "-o", tmp_path / "result", tmp_path / "t.toml")
+    data.unlink()
+    cli.out("gc")  # the fetched input goes; t's output stays, rooted
+    proc = cli("realise", "--no-out-link", "--check", "-k", tmp_path / "t.toml", random)
+    assert proc.returncode == 3, proc.stderr
+    assert "✗ random: NOT reproducible" in proc.stderr and "✗ check not done: cannot fetch" in proc.stderr

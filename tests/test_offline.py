@@ -260,7 +260,7 @@ def test_offline_from_config_file_never_connects(tmp_path, listener, two_fetches
     built.write_text("hello\n")
     path = cli.out("add", built).strip()
     for args in (["push", sub, path], ["copy", "--to", sub, path], ["copy", "--from", sub, path]):
-        assert_one_error_line(cli(*args, env=cfg), 6, "offline", sub)
+        assert_one_error_line(cli(*args, env=cfg), 6, "offline", sub, "set offline = false")
     assert listener.close() == 0
 
 

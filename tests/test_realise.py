@@ -488,6 +488,18 @@ def test_an_out_link_never_replaces_what_is_not_an_earlier_link_into_the_store(c
         assert (work / "notes.txt").read_text() == "precious\n" and os.readlink(work / "mine") == "/etc/hostname"
     assert_one_error_line(cli("instantiate", "--add-root", work / "notes.txt", one), 2, "a file")
     assert (work / "notes.txt").read_text() == "precious\n"
+    # a link that only names the store on its way elsewhere is the user's too
+    os.symlink(f"{cli.physical_store}/../../../etc", work / "escape")
+    assert_one_error_line(cli("realise", "-o", work / "escape", one), 2, "a link to")
+    assert_one_error_line(cli("realise", "-o", tmp_path / "one.toml" / "x", one), 2, "cannot make the link", "Not a directory")
+    # every link is checked before any is made: result-dev in the way leaves result unmade
+    multi = write_drv(tmp_path / "multi.toml", "multi", "echo o > $out; echo d > $dev", outputs=["out", "dev"])
+    (work / "m-dev").write_text("mine\n")
+    assert_one_error_line(cli("realise", "-o", work / "m", multi), 2, "m-dev")
+    assert not os.path.lexists(work / "m") and (work / "m-dev").read_text() == "mine\n"
+    (work / "drvs-2").write_text("mine\n")
+    assert_one_error_line(cli("instantiate", "--add-root", work / "drvs", one, two), 2, "drvs-2")
+    assert not os.path.lexists(work / "drvs")
     cli.out("realise", "-o", work / "result", one)
     cli.out("realise", "-o", work / "result", two)  # an earlier out-link: replaced
     assert os.readlink(work / "result") == str(cli.physical_store / os.path.basename(outputs_of(cli, two)["out"]))
