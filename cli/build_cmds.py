@@ -117,6 +117,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
         check = True
     if dry_run and check:
         raise click.UsageError("--dry-run and --check exclude each other (a check builds)")
+    if out_link is not None and not out_link:
+        raise click.UsageError("the out-link name given to -o/--out-link is empty")
     if no_out_link and out_link:
         raise click.UsageError("--no-out-link and -o/--out-link exclude each other")
     config = opts.config()

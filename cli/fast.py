@@ -67,6 +67,8 @@ def _realise(opts, targets) -> int | None:
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
         return None
+    if opts.get("-o") == "" or opts.get("--out-link") == "":
+        return None  # an empty name: the full command says so
     if opts.get("--no-out-link"):
         if opts.get("-o") or opts.get("--out-link"):
             return None  # contradictory flags: the full command says so

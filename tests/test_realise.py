@@ -364,6 +364,10 @@ def test_no_out_link_and_an_out_link_name_exclude_each_other(cli, tmp_path):
         assert_one_error_line(cli("realise", "--no-out-link", "-o", tmp_path / "r", f, env=env), 2,
                               "--no-out-link and -o/--out-link")
     assert not os.path.lexists(tmp_path / "r")
+    for env in ({}, {"FIMIO_NO_FAST_PATH": "1"}):  # an empty name is no ./result
+        for args in (["-o", ""], ["--out-link="], ["--no-out-link", "--out-link="]):
+            assert_one_error_line(cli("realise", *args, f, env=env, cwd=tmp_path), 2, "out-link name", "empty")
+    assert not os.path.lexists(tmp_path / "result")
 
 
 def test_a_plain_store_path_not_here_points_to_copy(cli, tmp_path):
