@@ -34,10 +34,9 @@ def instantiate(opts, files, add_root, as_json):
     drvs = [graph.from_file(f) for f in files]
     roots = [None] * len(drvs)
     if add_root:
-        from fimio.store.roots import add_roots
+        from fimio.store.roots import add_roots, link_names
 
-        roots = add_roots(store, [(add_root if n == 0 else f"{add_root}-{n + 1}", d.drv_path)
-                                  for n, d in enumerate(drvs)], flag="--add-root")
+        roots = add_roots(store, link_names(add_root, [{"out": d.drv_path} for d in drvs]), flag="--add-root")
     if as_json:
         emit_json([{**_drv_json(store, d), "root": root} for d, root in zip(drvs, roots)])
     else:
@@ -122,7 +121,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
     if no_out_link and out_link:
         raise click.UsageError("--no-out-link and -o/--out-link exclude each other")
     config = opts.config()
-    offline = config.offline = config.offline if offline is None else offline  # the flag wins, everywhere
+    offline = opts.offline(offline)
     store = opts.store()
     progress = BuildProgress(opts)
     options = RealiseOptions(
@@ -236,14 +235,9 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
 
 
 def _out_links(store, outcome, out_link) -> dict:
-    from fimio.store.roots import add_roots
+    from fimio.store.roots import add_roots, link_names
 
-    wanted = []
-    base = out_link or "result"
-    for n, (_, outs) in enumerate(outcome.targets):
-        stem = base if n == 0 else f"{base}-{n + 1}"
-        for name, path in outs.items():
-            wanted.append((stem if name == "out" else f"{stem}-{name}", path))
+    wanted = link_names(out_link or "result", [outs for _, outs in outcome.targets])
     made = add_roots(store, wanted)
     return {link: store.logical(path) for link, (_, path) in zip(made, wanted)}
 

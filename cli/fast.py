@@ -67,11 +67,10 @@ def _realise(opts, targets) -> int | None:
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
         return None
-    if opts.get("-o") == "" or opts.get("--out-link") == "":
-        return None  # an empty name: the full command says so
+    out_link = opts.get("-o", opts.get("--out-link"))
+    if out_link == "" or (out_link and opts.get("--no-out-link")):
+        return None  # flags the full command refuses, with its message
     if opts.get("--no-out-link"):
-        if opts.get("-o") or opts.get("--out-link"):
-            return None  # contradictory flags: the full command says so
         return _realise_locked(opts, targets, root)
     from fimio.store.fsutil import file_lock
 
@@ -116,7 +115,7 @@ def _realise_locked(opts, targets, root) -> int | None:
     finally:
         env.close()
     if not opts.get("--no-out-link"):
-        from fimio.store.roots import add_roots
+        from fimio.store.roots import add_roots, link_names
 
         class _Store:  # the attributes add_roots needs
             pass
@@ -126,13 +125,9 @@ def _realise_locked(opts, targets, root) -> int | None:
         s.physical = lambda p: os.path.join(store, p.base)
         from fimio.store.paths import StorePath
 
-        stem_base = opts.get("--out-link") or opts.get("-o") or "result"
-        links = []
-        for n, outputs in enumerate(results):
-            stem = stem_base if n == 0 else f"{stem_base}-{n + 1}"
-            for name, logical in outputs.items():
-                links.append((stem if name == "out" else f"{stem}-{name}", StorePath.parse(logical.rsplit("/", 1)[1])))
-        add_roots(s, links)
+        base = opts.get("--out-link") or opts.get("-o") or "result"
+        add_roots(s, link_names(base, [{name: StorePath.parse(logical.rsplit("/", 1)[1]) for name, logical in o.items()}
+                                       for o in results]))
     out = sys.stdout
     for outputs in results:
         for name in sorted(outputs):  # by output name, as the full path prints them

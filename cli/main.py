@@ -76,6 +76,15 @@ class Options:
             self._config = load_config()
         return self._config
 
+    def offline(self, flag: bool | None) -> bool:
+        """Whether this command is offline: ``flag`` (--offline/--no-offline) if given, else
+        the config file. The answer is kept in the config, where every cache this command
+        opens (``open_with_config``) reads it."""
+        config = self.config()
+        if flag is not None:
+            config.offline = flag
+        return config.offline
+
     def store(self, protect: bool = False, create: bool = True):
         """Open the store once per command. ``protect``: give it temp roots for the rest of
         the command, so the paths it reads or adds survive a concurrent ``gc``. ``create``:

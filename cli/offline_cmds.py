@@ -28,12 +28,9 @@ def _signing_keys(opts, key_files):
 def _offline(opts, flag) -> tuple[bool, str]:
     """Whether we are offline, and which setting says so (for messages): the flag
     (--offline or --no-offline) wins over the config file."""
-    if flag is not None:
-        opts.config().offline = flag  # for every cache this command opens, too
-        return flag, "--offline" if flag else ""
-    if opts.config().offline:
-        return True, "offline = true in the config file"
-    return False, ""
+    if not opts.offline(flag):
+        return False, ""
+    return True, "--offline" if flag else "offline = true in the config file"
 
 
 # ---- prefetch -------------------------------------------------------------------------------

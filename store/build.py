@@ -281,7 +281,7 @@ class Builder:
                              "raise [sandbox] timeout, or 0 for none")
         else:
             how = f"was killed by signal {-status}" if status < 0 else f"failed with exit code {status}"
-            err = BuildError(f"builder for '{drv.drv_path.base}' {how}", f"see 'fimio log {drv.drv_path.hash_part}'")
+            err = BuildError(f"builder for '{drv.drv_path.base}' {how}")  # the hint: where the log is kept
         err.log_tail = _tail(log)
         err.drv = drv
         err.log = log

@@ -144,6 +144,11 @@ class CheckReport:
     def ok(self) -> bool:
         return all(e.result != "different" for e in self.entries)
 
+    @property
+    def passed(self) -> bool:
+        """Every output checked is bit-identical, and no check failed to be done."""
+        return self.ok and not self.failures
+
     def summary(self) -> str:
         bad = [e for e in self.entries if e.result == "different"]
         if not bad:
@@ -153,7 +158,7 @@ class CheckReport:
         return "not reproducible: " + "; ".join(parts)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok and not self.failures, "rounds": self.rounds, "vary": self.vary, "varied": self.varied,
+        return {"ok": self.passed, "rounds": self.rounds, "vary": self.vary, "varied": self.varied,
                 "notVaried": self.not_varied, "summary": self.summary(),
                 "derivations": [e.to_json() for e in self.entries],
                 "failures": [e.message for e in self.failures]}
@@ -166,7 +171,7 @@ class CheckReport:
         for e in self.entries:
             lines.extend(_render_entry(e))
         lines.extend(f"✗ check not done: {e.message}" for e in self.failures)
-        if self.ok and not self.failures:  # otherwise the error line carries the summary
+        if self.passed:  # otherwise the error line carries the summary
             lines.append(self.summary())
         return "\n".join(lines)
 

@@ -65,13 +65,17 @@ def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
 _GRAVITY = (4, 3, 6, 5, 1, 2)
 
 
+def _gravest_code(errors) -> int:
+    return min((e.exit_code for e in errors), key=_GRAVITY.index)
+
+
 def gravest(errors: list[FimioError], what: str, hint: str) -> FimioError:
     """One error for several: a lone one as it is, else ``what`` with each error's message
     (and detail lines) as its details, and the exit code of the gravest (_GRAVITY)."""
     if len(errors) == 1:
         return errors[0]
     err = BuildError(what, hint, details=[line for e in errors for line in [e.message, *e.details]])
-    err.exit_code = min((e.exit_code for e in errors), key=_GRAVITY.index)
+    err.exit_code = _gravest_code(errors)
     return err
 
 
@@ -86,7 +90,7 @@ def _failures(failed: list, skipped: list[tuple[str, str]]) -> FimioError:
                      details=sorted(e.message if d.drv_path.base in e.message else f"{d.drv_path.base}: {e.message}"
                                     for d, e in failed)
                      + sorted(f"{k}: not built, it needs {cause}, which failed" for k, cause in skipped))
-    err.exit_code = min((e.exit_code for _, e in failed), key=_GRAVITY.index)
+    err.exit_code = _gravest_code(e for _, e in failed)
     # each failed build's log tail, as a lone failure shows its own
     err.log_tails = sorted((d.drv_path.base, e.log_tail) for d, e in failed if getattr(e, "log_tail", ""))
     return err
@@ -126,7 +130,6 @@ class Realiser:
         self.substituted: list[str] = []
         self.lacking: list[str] = []  # what load_targets found unobtainable (see check_obtainable)
         self._planned = None  # FetchPlan: what the substituters hold of the plan being made
-        self._wanted: list[tuple] = []  # the outputs asked for while planning
         self._substitution_failed = False  # in this plan, a cache failed that we cannot name
         self.warn = lambda message: None  # the CLI shows these on stderr
 
@@ -214,7 +217,7 @@ class Realiser:
 
     def _plan_needed(self, roots: list[Derivation]) -> dict[str, Derivation]:
         """Ask the substituters (afresh) what they hold; the derivations to build, checked."""
-        self._planned, self._wanted = None, []
+        self._planned = None
         if self.options.substituters:  # (the cache modules are not imported without them)
             from .cache.substitute import FetchPlan
 
@@ -293,8 +296,6 @@ class Realiser:
             self._planned.merge(self.options.substituters.plan_outputs(wanted))
         except (IntegrityError, RemoteError) as e:
             self.warn(f"{e.message}; building instead")
-            return
-        self._wanted.extend(wanted)
 
     def realise_drvs(self, drvs: list[Derivation]) -> list[str]:
         """Make every output of the loaded ``drvs`` valid (substituting, else building what they
@@ -435,11 +436,16 @@ class Realiser:
         try:
             return self.builder.run_build(drv, inputs, closure, variation)
         except BuildError as e:
-            if save_failed_log and getattr(e, "log", None) is not None:
-                try:
-                    self.save_log(drv, e.log)
-                except OSError:
-                    pass  # (a full disk) the failure is the news; its log tail is in the error
+            if getattr(e, "log", None) is None:
+                raise
+            if not save_failed_log:
+                e.hint = e.hint or "a check build's log is not kept: its last lines are above"
+                raise
+            try:
+                self.save_log(drv, e.log)
+                e.hint = e.hint or f"see 'fimio log {drv.drv_path.hash_part}'"
+            except OSError:
+                pass  # (a full disk) the failure is the news; its log tail is in the error
             raise
 
     def register(self, result) -> None:

@@ -119,20 +119,29 @@ def clean_temp_roots(store) -> int:
     return removed
 
 
+def link_names(base: str, targets: list[dict]) -> list[tuple[str, object]]:
+    """``(link, target)`` for the outputs ``{name: target}`` of each target, named as Nix
+    names out-links: BASE, BASE-2, ... per target, and BASE-NAME for an output not "out"."""
+    links = []
+    for n, outputs in enumerate(targets):
+        stem = base if n == 0 else f"{base}-{n + 1}"
+        links += [(stem if name == "out" else f"{stem}-{name}", t) for name, t in outputs.items()]
+    return links
+
+
 def add_roots(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> list[str]:
-    """:func:`add_root` for each ``(link, target)``, every link checked before any is made:
-    one in the way leaves all of them as they were."""
+    """Point each symlink ``link`` (e.g. ``./result``) at its ``target`` and register it as
+    a root; return the links, absolute. Every link is checked before any is made: one in
+    the way leaves all of them as they were. ``flag`` is the option that named the links
+    (for the hint of an error)."""
+    links = [(os.path.abspath(link), target) for link, target in links]
     for link, target in links:
-        _check_link(store, os.path.abspath(link), target, flag)
-    return [add_root(store, link, target, flag) for link, target in links]
+        _check_link(store, link, target, flag)
+    return [_make_root(store, link, target, flag) for link, target in links]
 
 
-def add_root(store, link: str, target: StorePath, flag: str = "-o") -> str:
-    """Point the symlink ``link`` (e.g. ``./result``) at ``target`` and register it as a root.
-    ``flag`` is the option that named the link (for the hint of an error)."""
-    link = os.path.abspath(link)
+def _make_root(store, link: str, target: StorePath, flag: str) -> str:
     physical = store.physical(target)
-    _check_link(store, link, target, flag)
     tmp = fsutil.sibling_tmp(link)
     try:
         os.symlink(physical, tmp)

@@ -215,8 +215,7 @@ class SubstituterSet:
     def substitute(self, paths, locks_held=()) -> set[StorePath]:
         """Make ``paths`` valid from the substituters where possible; see the module docstring."""
         wanted = list(dict.fromkeys(paths))
-        chosen, complete = self._choose(wanted)
-        self.fetch(FetchPlan({p: chosen[p] for p in complete}), locks_held)
+        self.fetch(FetchPlan(self._choose(wanted)), locks_held)
         return {p for p in wanted if self.store.is_valid(p)}
 
     def substitute_outputs(self, outputs, locks_held=()) -> set[StorePath]:
@@ -232,8 +231,7 @@ class SubstituterSet:
         realisations it would record. Records are verified as for a substitution (the
         refusals raise alike); :meth:`fetch` then fetches the plan."""
         realisations = self._realisations_of(outputs)
-        chosen, complete = self._choose(list(dict.fromkeys(p for _, _, p in outputs)))
-        plan = FetchPlan({p: chosen[p] for p in complete})
+        plan = FetchPlan(self._choose(list(dict.fromkeys(p for _, _, p in outputs))))
         plan.realisations = _agreeing(self.store, realisations, {p: info.root for p, (_, info) in plan.paths.items()})
         return plan
 
@@ -259,9 +257,9 @@ class SubstituterSet:
             realisations.append(r)
         return realisations
 
-    def _choose(self, wanted: list[StorePath]) -> tuple[dict, set[StorePath]]:
-        """Find ``wanted`` and their closures in the substituters: ``({path: (substituter,
-        info)}, the chosen paths whose whole closure is valid here or chosen)``. Sets
+    def _choose(self, wanted: list[StorePath]) -> dict:
+        """Find ``wanted`` and their closures in the substituters: ``{path: (substituter,
+        info)}`` for each path found whose whole closure is valid here or found. Sets
         :attr:`incomplete`; raises the refusal of a needed path only wrongly signed or corrupt."""
         store = self.store
         chosen: dict[StorePath, tuple] = {}
@@ -287,12 +285,13 @@ class SubstituterSet:
         for p, e in refused_all.items():
             if p not in chosen and _needed(p, wanted, chosen):
                 raise e
-        return chosen, complete
+        return {p: chosen[p] for p in complete}
 
     def _fetch_and_register(self, pairs, realisations, locks_held) -> None:
         store = self.store
         items = fetch_paths(store, pairs, self.pool, self.stats) if pairs else []
         try:
+            # checked again: a path valid here when the plan was made may have been collected since
             good = _agreeing(store, realisations, {info.path: info.root for _, info, _ in items})
             register(store, items, good, locks_held)
         except BaseException:
