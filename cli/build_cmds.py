@@ -139,44 +139,54 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
         options.substituters.stats.progress = progress.substituting
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
     realiser.warn = lambda message: info(opts, f"fimio: warning: {message}")
+    outcome, checks, links = None, None, {}
     try:
-        if dry_run:
-            _print_dry_run(store, *realiser.dry_run(list(targets)), as_json)
-            return
-        failures = []  # with --keep-going and --check: what failed, reported after the checks
         try:
-            outcome = realiser.realise(list(targets))
-        except FimioError as e:
-            if not (check and getattr(e, "partial", None) is not None):
-                raise
-            outcome, failures = e.partial, [e]  # -k: the targets made valid are still checked
-        checks = None
-        if check:
-            from fimio.store.check import check_targets
+            if dry_run:
+                _print_dry_run(store, *realiser.dry_run(list(targets)), as_json)
+                return
+            failures = []  # with --keep-going and --check: what failed, reported after the checks
+            try:
+                outcome = realiser.realise(list(targets))
+            except FimioError as e:
+                outcome = getattr(e, "partial", None)  # what was done anyway: valid targets, builds
+                if not (check and keep_going and outcome is not None):
+                    raise
+                failures = [e]  # -k: the targets made valid are still checked
+            if check:
+                from fimio.store.check import check_targets
 
-            checks = check_targets(realiser, outcome, rounds or 2, vary, keep_going)
-            failures += checks.failures
-    except BuildError as e:
-        progress.done()
-        if options.log_sink is None and opts.verbosity >= 0:
-            _print_log_tails(e)
+                checks = check_targets(realiser, outcome, rounds or 2, vary, keep_going)
+                failures += checks.failures
+        except BuildError as e:
+            progress.done()
+            if options.log_sink is None and opts.verbosity >= 0:
+                _print_log_tails(e)
+            raise
+        finally:
+            progress.done()
+            realiser.close()
+            if options.substituters is not None:
+                for err in options.substituters.errors:
+                    info(opts, f"fimio: warning: {err.message}")
+                options.substituters.close(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
+        links = {} if no_out_link else _out_links(store, outcome, out_link)
+        where = "the \"checks\" report on stdout" if as_json else "the report above"
+        if checks is not None and not checks.ok:
+            from fimio.store.errors import NotReproducible
+
+            failures.append(NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs"))
+        error = None
+        if failures:
+            from fimio.store.realise import gravest
+
+            error = gravest(failures, f"{len(failures)} failure(s)", f"see {where}")
+    except FimioError as e:
+        if as_json and not dry_run:  # a script learns what was done before the failure
+            emit_json(_realise_json(store, outcome, links, checks, e))
         raise
-    finally:
-        progress.done()
-        realiser.close()
-        if options.substituters is not None:
-            for err in options.substituters.errors:
-                info(opts, f"fimio: warning: {err.message}")
-            options.substituters.close(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
-    links = {} if no_out_link else _out_links(store, outcome, out_link)
     if as_json:
-        emit_json({
-            "targets": [_drv_json(store, d) for d, _ in outcome.targets],
-            "built": [store.logical_base(b) for b in outcome.built],
-            "substituted": outcome.substituted,
-            "outLinks": links,
-            "checks": checks.to_json() if checks is not None else None,
-        })
+        emit_json(_realise_json(store, outcome, links, checks, error))
     else:
         for _, outs in outcome.targets:
             for name in sorted(outs):  # by output name, as the .drv lists them (and the fast path prints)
@@ -185,18 +195,26 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
             info(opts, f"built {len(outcome.built)}, substituted {len(outcome.substituted)}")
         if checks is not None:
             click.echo(checks.render(), err=True)
-    where = "the \"checks\" report on stdout" if as_json else "the report above"
-    if checks is not None and not checks.ok:
-        from fimio.store.errors import NotReproducible
-
-        failures.append(NotReproducible(checks.summary(), f"see {where}; 'fimio diff' explains .check outputs"))
-    if failures:
-        from fimio.store.realise import gravest
-
+    if error is not None:
         if opts.verbosity >= 0 and options.log_sink is None:
             for e in failures:
                 _print_log_tails(e, named=len(failures) > 1)
-        raise gravest(failures, f"{len(failures)} failure(s)", f"see {where}")
+        raise error
+
+
+def _realise_json(store, outcome, links: dict, checks, error) -> dict:
+    """The ``--json`` result of realise, printed whether it succeeded or not: ``ok``, and on
+    failure ``error`` (exit code, message, details) beside what was done before it."""
+    return {
+        "ok": error is None,
+        "error": None if error is None else {"exitCode": error.exit_code, "message": error.message,
+                                             "details": error.details},
+        "targets": [_drv_json(store, d) for d, _ in outcome.targets] if outcome else [],
+        "built": [store.logical_base(b) for b in outcome.built] if outcome else [],
+        "substituted": outcome.substituted if outcome else [],
+        "outLinks": links,
+        "checks": checks.to_json() if checks is not None else None,
+    }
 
 
 def _print_log_tails(e, named: bool = False) -> None:

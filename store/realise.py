@@ -310,9 +310,9 @@ class Realiser:
         try:
             built = self._build_all(todo)
         except FimioError as e:
-            if self.options.keep_going:  # what was done anyway: the targets made valid
-                e.partial = Outcome([(d, d.output_paths()) for d in roots if not self.missing_outputs(d)],
-                                    getattr(e, "built", []), self.substituted)
+            # what was done anyway, for --keep-going's checks and --json: the targets made valid
+            e.partial = Outcome([(d, d.output_paths()) for d in roots if not self.missing_outputs(d)],
+                                getattr(e, "built", []), self.substituted)
             raise
         outcome = Outcome([(d, d.output_paths()) for d in roots], built, self.substituted)
         for d, outs in outcome.targets:
@@ -397,6 +397,8 @@ class Realiser:
                     failure = failure or e
                     pending.clear()
         if failure is not None:
+            if isinstance(failure, FimioError):
+                failure.built = built
             raise failure
         if failed:
             err = _failures(failed, skipped)

@@ -327,6 +327,29 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
     assert valid.startswith("1 derivation(s) would be built"), "a build started after a failure without -k"
 
 
+def test_json_is_printed_when_realise_fails(cli, tmp_path):
+    """--json prints its object on stdout even when realise fails, so a script learns what
+    was built before the failure: ``ok`` false, the ``error``, and the targets made valid."""
+    bad = write_drv(tmp_path / "bad.toml", "bad", "echo broken >&2; exit 3")
+    ok = write_drv(tmp_path / "ok.toml", "ok", "echo fine > $out")
+    proc = cli("realise", "--no-out-link", "--json", "-k", "-j", "1", bad, ok)
+    assert proc.returncode == 1, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] is False and result["error"]["exitCode"] == 1, result
+    assert "-bad.drv' failed with exit code 3" in result["error"]["message"], result
+    assert [t["drvPath"].endswith("-ok.drv") for t in result["targets"]] == [True], result
+    assert len(result["built"]) == 1 and result["built"][0].endswith("-ok.drv"), result
+    assert proc.stderr.strip().splitlines()[-1].startswith("fimio: error: "), "the error line stays on stderr"
+    # a failure to load the targets: nothing was done, and the JSON says so
+    proc = cli("realise", "--no-out-link", "--json", tmp_path / "missing.toml")
+    gone = json.loads(proc.stdout)
+    assert proc.returncode == 5 and gone["ok"] is False and gone["error"]["exitCode"] == 5, gone
+    assert (gone["targets"], gone["built"], gone["substituted"], gone["checks"]) == ([], [], [], None)
+    # success: ok, no error
+    done = json.loads(cli.out("realise", "--no-out-link", "--json", ok))
+    assert done["ok"] is True and done["error"] is None and done["built"] == []
+
+
 def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
     """-k with a build failure (1), a fetch of nothing (5) and a fixed-output hash mismatch
     (4): exit 4 whichever finished first, all named; without the mismatch, 5."""
