@@ -23,6 +23,12 @@ class FimioError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    @property
+    def line(self) -> str:
+        """The message with its hint, as the error line shows them (and a list of several
+        errors, each with what to do about it)."""
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
 
 class UsageError(FimioError):
     """Bad usage or bad input: an invalid derivation, flag, name, URL or file (exit 2)."""

@@ -74,7 +74,7 @@ def gravest(errors: list[FimioError], what: str, hint: str) -> FimioError:
     (and detail lines) as its details, and the exit code of the gravest (_GRAVITY)."""
     if len(errors) == 1:
         return errors[0]
-    err = BuildError(what, hint, details=[line for e in errors for line in [e.message, *e.details]])
+    err = BuildError(what, hint, details=[line for e in errors for line in [e.line, *e.details]])
     err.exit_code = _gravest_code(errors)
     return err
 
@@ -87,7 +87,7 @@ def _failures(failed: list, skipped: list[tuple[str, str]]) -> FimioError:
         return failed[0][1]
     err = BuildError(f"{len(failed)} derivation(s) failed" + (f", {len(skipped)} not built" if skipped else ""),
                      "'fimio log DRV' shows a build's log",
-                     details=sorted(e.message if d.drv_path.base in e.message else f"{d.drv_path.base}: {e.message}"
+                     details=sorted(e.line if d.drv_path.base in e.message else f"{d.drv_path.base}: {e.line}"
                                     for d, e in failed)
                      + sorted(f"{k}: not built, it needs {cause}, which failed" for k, cause in skipped))
     err.exit_code = _gravest_code(e for _, e in failed)
