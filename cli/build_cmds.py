@@ -147,7 +147,9 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
                 return
             failures = []  # with --keep-going and --check: what failed, reported after the checks
             try:
-                outcome = realiser.realise(list(targets))
+                check_links = None if no_out_link else (
+                    lambda roots: _check_out_links(store, [d.output_paths() for d in roots], out_link))
+                outcome = realiser.realise(list(targets), before_build=check_links)
             except FimioError as e:
                 outcome = getattr(e, "partial", None)  # what was done anyway: valid targets, builds
                 if not (check and keep_going and outcome is not None):
@@ -250,6 +252,13 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
             click.echo(f"  {store.logical(p)}  {human_size(remote.size)}  from {sub.url}")
     if not build and not fetch:
         click.echo("nothing to do: every output is valid")
+
+
+def _check_out_links(store, outputs: list[dict], out_link) -> None:
+    """Before building: refuse an out-link name in the way now, not after a long build."""
+    from fimio.store.roots import check_links, link_names
+
+    check_links(store, link_names(out_link or "result", outputs))
 
 
 def _out_links(store, outcome, out_link) -> dict:

@@ -304,8 +304,12 @@ class Realiser:
 
     # ---- building ----------------------------------------------------------------------
 
-    def realise(self, targets: list[str]) -> Outcome:
+    def realise(self, targets: list[str], before_build=None) -> Outcome:
+        """Make every output of ``targets`` valid. ``before_build(roots)``, if given, is
+        called with the loaded target derivations before anything is fetched or built."""
         roots = self.load_targets(targets)
+        if before_build is not None:
+            before_build(roots)
         todo = self.plan(roots)
         try:
             built = self._build_all(todo)

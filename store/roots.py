@@ -134,10 +134,18 @@ def add_roots(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> li
     a root; return the links, absolute. Every link is checked before any is made: one in
     the way leaves all of them as they were. ``flag`` is the option that named the links
     (for the hint of an error)."""
+    links = check_links(store, links, flag)
+    return [_make_root(store, link, target, flag) for link, target in links]
+
+
+def check_links(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> list[tuple[str, StorePath]]:
+    """Refuse (UsageError, exit 2) if any ``link`` could not become an out-link: what is
+    there is not an earlier link into the store. Returns the links made absolute. Also
+    called before a build, so that a name in the way fails at once, not after the build."""
     links = [(os.path.abspath(link), target) for link, target in links]
     for link, target in links:
         _check_link(store, link, target, flag)
-    return [_make_root(store, link, target, flag) for link, target in links]
+    return links
 
 
 def _make_root(store, link: str, target: StorePath, flag: str) -> str:

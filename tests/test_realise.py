@@ -533,6 +533,14 @@ def test_an_out_link_never_replaces_what_is_not_an_earlier_link_into_the_store(c
     assert os.readlink(work / "result") == str(cli.physical_store / os.path.basename(outputs_of(cli, two)["out"]))
 
 
+def test_an_out_link_in_the_way_fails_before_the_build(cli, tmp_path):
+    """A name in the way is refused at once, not after a long build: nothing is built."""
+    (tmp_path / "taken").write_text("mine\n")
+    slow = write_drv(tmp_path / "slow.toml", "slow", "echo 1 > $out")
+    assert_one_error_line(cli("realise", "-o", tmp_path / "taken", slow), 2, "taken", "a file")
+    assert cli.out("realise", "-n", slow).startswith("1 derivation(s) would be built"), "it was built"
+
+
 def test_outputs_are_printed_in_one_order_whether_built_or_already_valid(cli, tmp_path):
     m = write_drv(tmp_path / "m.toml", "multi", "mkdir $out $dev $bin", outputs=["out", "dev", "bin"])
     first = cli.out("realise", "--no-out-link", m).splitlines()
