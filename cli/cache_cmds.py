@@ -187,7 +187,6 @@ def copy(opts, src, dst, key_files, no_check_sigs, jobs, paths, as_json):
         with SubstituterSet(store, [src], config.trusted_public_keys, jobs=jobs,
                             require_sigs=config.require_sigs and not no_check_sigs, config=config) as subs:
             wanted = [_remote_path(store, subs, p) for p in paths]
-            before = store.path_count()
             progress = ByteProgress(opts, f"copying from {src}")
             subs.stats.progress = progress.callback
             try:
@@ -198,8 +197,8 @@ def copy(opts, src, dst, key_files, no_check_sigs, jobs, paths, as_json):
             if missing:
                 raise NotFound("; ".join(_not_in_cache(store, subs, p, src) for p in missing),
                                "push the paths with their closures first")
-            fetched = store.path_count() - before  # closures included; 0 when all were here
-            info(opts, f"copied {fetched} path(s) from {src} ({subs.stats.objects} objects, "
+            # closures included; 0 when all were here, or another process registered them meanwhile
+            info(opts, f"copied {subs.stats.paths} path(s) from {src} ({subs.stats.objects} objects, "
                        f"{human_size(subs.stats.bytes)} downloaded)")
     else:
         wanted = [store.resolve(p)[0] for p in paths]

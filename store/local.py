@@ -206,11 +206,6 @@ class LocalStore:
             raise NotFound(f"'{self.logical(path)}' is not valid in this store")
         return info
 
-    def path_count(self) -> int:
-        """How many paths are valid (without reading their records)."""
-        with self.db.read() as txn:
-            return txn.stat(self.db.dbs["paths"])["entries"]
-
     def all_paths(self) -> list[PathInfo]:
         with self.db.read() as txn:
             return [PathInfo.from_record(v) for _, v in txn.cursor(db=self.db.dbs["paths"])]

@@ -119,6 +119,38 @@ def test_copy_counts_the_paths_it_fetched(world, tmp_path):
     assert "copied 0 path(s)" in fim(world, "B", "copy", "--from", cache, out, check=0).stderr
 
 
+def test_copy_counts_only_what_it_registered_itself(world, tmp_path, monkeypatch):
+    """Two copies of one path at once: the one that finds it made valid meanwhile by the
+    other (a real second process, run between its download and its registration) says it
+    copied nothing."""
+    from fimio.store.cache import substitute
+    from fimio.store.cache.substitute import SubstituterSet
+    from fimio.store.config import load_config
+    from fimio.store.local import LocalStore
+    from fimio.store.paths import StorePath
+
+    app = graph(tmp_path / "g")
+    out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    cache = f"file://{tmp_path / 'c'}"
+    fim(world, "A", "push", cache, out, "--key", world["sk"], check=0)
+    closure = fim(world, "A", "query", "--requisites", out, check=0).stdout.split()
+    fetch = substitute.fetch_paths
+
+    def fetch_while_another_copies(*args):
+        items = fetch(*args)
+        assert f"copied {len(closure)} path(s)" in fim(world, "B", "copy", "--from", cache, out, check=0).stderr
+        return items
+
+    monkeypatch.setattr(substitute, "fetch_paths", fetch_while_another_copies)
+    store = LocalStore.open(str(tmp_path / "B"), STORE_DIR)
+    config = load_config(world["cfg"])
+    with SubstituterSet(store, [cache], config.trusted_public_keys, config=config) as subs:
+        path = StorePath.parse(os.path.basename(out))
+        assert subs.substitute([path]) == {path} and store.is_valid(path)
+        assert subs.stats.objects > 0 and subs.stats.paths == 0
+    store.close()
+
+
 def test_copy_to_from_and_between_caches(world, tmp_path):
     (tmp_path / "f.txt").write_text("payload\n")
     path = fim(world, "A", "add", tmp_path / "f.txt", check=0).stdout.strip()

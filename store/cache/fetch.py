@@ -54,6 +54,7 @@ class FetchStats:
 
     objects: int = 0
     bytes: int = 0  # stored bytes downloaded
+    paths: int = 0  # paths registered by this process (not those another made valid meanwhile)
     content: int = 0  # bytes of file content fetched
     expected: int = 0  # bytes of file content to fetch
     progress: object = None

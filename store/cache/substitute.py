@@ -293,7 +293,7 @@ class SubstituterSet:
         try:
             # checked again: a path valid here when the plan was made may have been collected since
             good = _agreeing(store, realisations, {info.path: info.root for _, info, _ in items})
-            register(store, items, good, locks_held)
+            self.stats.paths += len(register(store, items, good, locks_held))
         except BaseException:
             for tmp, _, _ in items:
                 fsutil.remove_tree(tmp)
