@@ -153,7 +153,11 @@ class CheckReport:
         bad = [e for e in self.entries if e.result == "different"]
         if not bad:
             n = sum(len(e.outputs) for e in self.entries)
-            return f"{n} output{'s' if n != 1 else ''} bit-identical in {self.rounds} builds"
+            skipped = sum(1 for e in self.entries if e.skipped)
+            text = f"{n} output{'s' if n != 1 else ''} bit-identical in {self.rounds} builds"
+            if skipped:  # a fixed output is not rebuilt: its declared hash vouches for it
+                text += f"; {skipped} derivation{'s' if skipped != 1 else ''} skipped"
+            return text
         parts = [f"{e.name} ({e.cause.short() if e.cause else 'differs'})" for e in bad]
         return "not reproducible: " + "; ".join(parts)
 

@@ -260,6 +260,7 @@ def test_fixed_output_derivations_are_skipped(cli, tmp_path):
     report, _ = check_json(cli, str(tmp_path / "fetch.toml"), code=0)
     e = entry(report, "fetched")
     assert e["result"] == "skipped" and "fixed-output" in e["skipped"]
+    assert report["summary"] == "0 outputs bit-identical in 2 builds; 1 derivation skipped", report["summary"]
 
 
 def test_fewer_than_two_rounds_is_bad_usage(cli, tmp_path):
