@@ -46,7 +46,8 @@ def instantiate(opts, files, add_root, as_json):
 
 def _drv_json(store, drv) -> dict:
     return {
-        "drvPath": store.logical(drv.drv_path),
+        "path": store.logical(drv.drv_path),  # {path, physical}, as every command's results
+        "drvPath": store.logical(drv.drv_path),  # Nix's name for it
         "physical": store.physical(drv.drv_path),
         "drvHash": drv.drv_hash,
         "outputs": {n: names_json(store, p) for n, p in drv.output_paths().items()},

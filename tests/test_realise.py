@@ -349,6 +349,9 @@ def test_json_is_printed_when_realise_fails(cli, tmp_path):
     # success: ok, no error
     done = json.loads(cli.out("realise", "--no-out-link", "--json", ok))
     assert done["ok"] is True and done["error"] is None and done["built"] == []
+    # a derivation is named as every path is in --json: {path, physical} (drvPath: Nix's name)
+    for drv in (done["targets"][0], json.loads(cli.out("instantiate", "--json", ok))[0]):
+        assert drv["path"] == drv["drvPath"] and drv["physical"].endswith("/" + drv["path"].rsplit("/", 1)[1])
 
 
 def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
