@@ -6,6 +6,7 @@ Precedence (contract): command-line flag > environment variable > config/default
 from __future__ import annotations
 
 import os
+import urllib.parse
 
 from .errors import UsageError
 
@@ -79,11 +80,33 @@ class Config:
         self.tokens: dict[str, str] = {}
 
     def token_for(self, url: str) -> str | None:
-        """The bearer token for an http(s) cache URL: FIMIO_TOKEN, else the longest matching prefix."""
+        """The bearer token for an http(s) cache URL: FIMIO_TOKEN, else the ``[tokens]`` entry
+        for the same scheme, host and port whose path is the longest prefix of the URL's,
+        whole segments only (see :func:`_token_scope`)."""
         if os.environ.get("FIMIO_TOKEN"):
             return os.environ["FIMIO_TOKEN"]
-        matches = [p for p in self.tokens if url.startswith(p)]
-        return self.tokens[max(matches, key=len)] if matches else None
+        origin, path = _token_scope(url)
+        best = None
+        for key, token in self.tokens.items():
+            key_origin, key_path = _token_scope(key)
+            if key_origin == origin and (path + "/").startswith(key_path + "/"):
+                if best is None or len(key_path) > len(best[0]):
+                    best = (key_path, token)
+        return best[1] if best else None
+
+
+def _token_scope(url: str) -> tuple[tuple, str]:
+    """``((scheme, host, port), path without trailing slashes)`` of a URL: a token is never
+    sent to another host or port, nor to ``/cachefoo`` for ``/cache`` (a mere string prefix
+    would do both)."""
+    parts = urllib.parse.urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    port = port or {"http": 80, "https": 443}.get(scheme)
+    return (scheme, (parts.hostname or "").lower(), port), parts.path.rstrip("/")
 
 
 def load_config(path: str | None = None) -> Config:

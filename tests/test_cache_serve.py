@@ -87,6 +87,37 @@ def test_token_from_config_by_url_prefix(world, tmp_path):
         srv.stop()
 
 
+@pytest.mark.parametrize("key, url, sent", [
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080", True),
+    ("http://127.0.0.1:8080/", "http://127.0.0.1:8080", True),  # trailing slashes are no part of it
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080/team/cache/", True),
+    ("HTTP://Cache.Example.com/team", "http://cache.example.com/team/cache", True),
+    ("http://cache.example.com:80", "http://cache.example.com", True),  # the default port
+    ("http://127.0.0.1:808", "http://127.0.0.1:8080", False),  # another port
+    ("http://127.0.0.1", "http://127.0.0.1:8080", False),
+    ("https://cache.example.com", "https://cache.example.com.evil.org", False),  # another host
+    ("http://cache.example.com/team", "http://cache.example.com/teamwork", False),  # whole segments
+    ("http://cache.example.com", "https://cache.example.com", False),  # another scheme
+])
+def test_a_config_token_goes_to_its_own_server_only(key, url, sent, monkeypatch):
+    from fimio.store.config import Config
+
+    monkeypatch.delenv("FIMIO_TOKEN", raising=False)
+    config = Config()
+    config.tokens = {key: "secret-token", "http://other.example.com": "other-token"}
+    assert config.token_for(url) == ("secret-token" if sent else None)
+
+
+def test_the_longest_config_token_path_wins(monkeypatch):
+    from fimio.store.config import Config
+
+    monkeypatch.delenv("FIMIO_TOKEN", raising=False)
+    config = Config()
+    config.tokens = {"http://h:1": "host", "http://h:1/team": "team", "http://h:1/team/cache": "cache"}
+    assert [config.token_for(u) for u in ("http://h:1/x", "http://h:1/team/y", "http://h:1/team/cache")] == \
+        ["host", "team", "cache"]
+
+
 def test_anonymous_read(world, tmp_path):
     srv = Serve(f"file://{tmp_path / 'cache'}", tmp_path, tokens={WRITE_TOKEN: "write"}, anonymous_read=True)
     try:
