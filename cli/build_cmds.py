@@ -237,20 +237,20 @@ def _print_dry_run(store, roots, build, fetch, as_json) -> None:
     if as_json:
         emit_json({
             "targets": [_drv_json(store, d) for d in roots],
-            "build": [store.logical(d.drv_path) for d in build],
-            "fetch": [{"path": store.logical(p), "cache": sub.url, "size": remote.size}
+            "build": [names_json(store, d.drv_path) for d in build],
+            "fetch": [{**names_json(store, p), "cache": sub.url, "size": remote.size}
                       for p, (sub, remote) in sorted(fetch.items())],
         })
         return
     if build:
         click.echo(f"{len(build)} derivation(s) would be built:")
         for d in build:
-            click.echo(f"  {store.logical(d.drv_path)}")
+            click.echo(f"  {store.physical(d.drv_path)}")
     if fetch:
         total = human_size(sum(remote.size for _, remote in fetch.values()))
         click.echo(f"{len(fetch)} path(s) would be fetched ({total} unpacked):")
         for p, (sub, remote) in sorted(fetch.items()):
-            click.echo(f"  {store.logical(p)}  {human_size(remote.size)}  from {sub.url}")
+            click.echo(f"  {store.physical(p)}  {human_size(remote.size)}  from {sub.url}")
     if not build and not fetch:
         click.echo("nothing to do: every output is valid")
 

@@ -299,7 +299,7 @@ def challenge(opts, target, caches, as_json):
                 status = "no trusted claims"
             elif len(c.roots) == 1 and sum(1 for x in c.claims if x.trusted and x.root) < 2:
                 status = "only one trusted claim"
-            click.echo(f"{store.logical(c.path)}: {status}")
+            click.echo(f"{store.physical(c.path)}: {status}")
             for x in c.claims:
                 digest = "blake3:" + x.root.hex() if x.root else "absent"
                 note = "" if x.trusted or x.root is None else " (untrusted)"

@@ -104,7 +104,7 @@ def prefetch(opts, targets, to_url, key_files, offline, substituters, no_substit
             "targets": [store.logical(d.drv_path) for d in result.targets],
             "derivations": [store.logical(d.drv_path) for d in rs.drvs],
             "fixedOutputs": [store.logical(p) for d in rs.fixed for p in d.output_paths().values()],
-            "paths": [store.logical(p) for p in paths],
+            "paths": [names_json(store, p) for p in paths],  # the result: both names, as it prints them
             "fetched": [store.logical_base(b) for b in result.fetched],
             "substituted": result.substituted,
             "to": backend.url if backend is not None else None,

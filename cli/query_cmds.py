@@ -120,6 +120,10 @@ def _tree_json(store, path, stack=()):
 @pass_options
 def verify(opts, check_contents, repair, substituters, as_json):
     """Check the database and (with --check-contents) every file; exit 4 on any problem."""
+    from fimio.store.cache.url import parse_cache_url
+
+    for url in substituters:  # a bad URL is bad usage even when nothing needs repair
+        parse_cache_url(url)
     store = opts.store()
     problems = store.verify(check_contents=check_contents)
     if repair and problems:
@@ -127,12 +131,14 @@ def verify(opts, check_contents, repair, substituters, as_json):
 
         opts.substituters = list(substituters)
         problems = repair_paths(store, problems, opts, log=lambda m: info(opts, m))
+    def physical(p) -> str:
+        return store.store + p.path[len(store.store_dir):]
+
     if as_json:
-        emit_json({"ok": not problems, "problems": [
-            {**p.__dict__, "physical": store.store + p.path[len(store.store_dir):]} for p in problems]})
+        emit_json({"ok": not problems, "problems": [{**p.__dict__, "physical": physical(p)} for p in problems]})
     else:
-        for p in problems:
-            where = f"{p.path}/{p.file}" if p.file and p.file != "." else p.path
+        for p in problems:  # physical paths on stdout, as every command prints them
+            where = f"{physical(p)}/{p.file}" if p.file and p.file != "." else physical(p)
             click.echo(f"{where}: {p.what}")
         if not problems:
             info(opts, f"verified {len(store.all_paths())} paths: no problems")

@@ -308,7 +308,7 @@ def test_challenge_asks_the_caches_for_a_bare_hash_and_never_takes_a_dead_cache_
     fim(world, "A", "push", cache, path, "--key", world["sk"], check=0)
     # a store that does not hold the path finds it in the cache by its hash part
     text = fim(world, "B", "challenge", hash_part, "--cache", cache, check=0).stdout
-    assert text.startswith(f"{STORE_DIR}/{path.rsplit('/', 1)[1]}: ") and "blake3:" in text
+    assert text.startswith(f"{tmp_path / 'B' / 'store'}/{path.rsplit('/', 1)[1]}: ") and "blake3:" in text
     assert_one_error_line(fim(world, "A", "challenge", path, "--cache", "http://127.0.0.1:9"), 6, "cannot reach")
     other = tmp_path / "other"
     elsewhere = fim(world, "O", "add", tmp_path / "f.txt", env={"FIMIO_STORE_DIR": "/other/store"}, check=0)
@@ -435,19 +435,21 @@ def test_dry_run_names_what_would_be_built_and_fetched_and_does_neither(world, t
 
     plan = json.loads(fim(world, "B", "realise", "--dry-run", "--json", app, "--substituter", cache, check=0).stdout)
     (target,) = plan["targets"]
-    assert plan["build"] == [target["drvPath"]]
-    assert [(f["path"], f["cache"]) for f in plan["fetch"]] == [(lib_out, cache)] and plan["fetch"][0]["size"] > 300000
+    assert plan["build"] == [{"path": target["drvPath"], "physical": target["physical"]}]
+    assert [(f["path"], f["physical"], f["cache"]) for f in plan["fetch"]] == \
+        [(lib_out, f"{tmp_path / 'B' / 'store'}/{os.path.basename(lib_out)}", cache)]
+    assert plan["fetch"][0]["size"] > 300000
     assert fim(world, "B", "path-info", lib_out).returncode == 5, "a dry run fetched"
     assert fim(world, "B", "path-info", target["outputs"]["out"]["path"]).returncode == 5, "a dry run built"
     assert not (tmp_path / "result").exists()
     text = fim(world, "B", "realise", "-n", app, "--substituter", cache, check=0).stdout
-    assert f"1 derivation(s) would be built:\n  {target['drvPath']}\n" in text
+    assert f"1 derivation(s) would be built:\n  {target['physical']}\n" in text
     size = human_size(plan["fetch"][0]["size"])
-    assert f"1 path(s) would be fetched (" in text and f"  {lib_out}  {size}  from {cache}\n" in text
+    assert f"1 path(s) would be fetched (" in text and f"  {plan['fetch'][0]['physical']}  {size}  from {cache}\n" in text
     # the real realise does what the dry run said
     done = json.loads(fim(world, "B", "realise", "--json", "--no-out-link", app, "--substituter", cache,
                           check=0).stdout)
-    assert done["built"] == plan["build"] and done["substituted"] == [lib_out]
+    assert done["built"] == [b["path"] for b in plan["build"]] and done["substituted"] == [lib_out]
     assert fim(world, "B", "realise", "-n", app, check=0).stdout == "nothing to do: every output is valid\n"
     assert_one_error_line(fim(world, "B", "realise", "-n", "--check", app), 2, "--dry-run and --check")
 

@@ -298,11 +298,16 @@ def test_verify_finds_a_flipped_byte(cli, tmp_path):
     proc = cli("verify", "--check-contents")
     assert_one_error_line(proc, 4)
     logical = f"{STORE_DIR}/{p.name}"
-    assert f"{logical}/data.bin: contents differ" in proc.stdout
+    assert f"{p}/data.bin: contents differ" in proc.stdout  # physical on stdout, as every path printed
     assert len(proc.stdout.splitlines()) == 1
     problems = json.loads(cli("verify", "--check-contents", "--json", check=4).stdout)["problems"]
     assert [x["file"] for x in problems] == ["data.bin"]
     assert [(x["path"], x["physical"]) for x in problems] == [(logical, str(p))]
+
+
+def test_verify_refuses_a_bad_substituter_url_even_with_nothing_to_repair(cli):
+    for extra in ([], ["--repair"]):
+        assert_one_error_line(cli("verify", *extra, "--substituter", "ftp://x"), 2, "ftp://x")
 
 
 def test_verify_finds_a_deleted_file(cli, tmp_path):
@@ -313,7 +318,7 @@ def test_verify_finds_a_deleted_file(cli, tmp_path):
     os.chmod(d, 0o555)
     proc = cli("verify", "--check-contents")
     assert_one_error_line(proc, 4)
-    assert f"{STORE_DIR}/{p.name}/share/doc/README: is missing" in proc.stdout.splitlines()
+    assert f"{p}/share/doc/README: is missing" in proc.stdout.splitlines()
 
 
 def test_verify_finds_a_deleted_path(cli, tmp_path):
@@ -322,7 +327,7 @@ def test_verify_finds_a_deleted_path(cli, tmp_path):
     shutil.rmtree(p, ignore_errors=False, onerror=lambda f, path, e: (os.chmod(os.path.dirname(path), 0o755), f(path)))
     proc = cli("verify")
     assert_one_error_line(proc, 4)
-    assert f"{STORE_DIR}/{p.name}: is registered but missing on disk" in proc.stdout
+    assert f"{p}: is registered but missing on disk" in proc.stdout
 
 
 @pytest.mark.parametrize("damage", [b"{not json", b'{"path": "x", "root": "zz"}', b"[]"])

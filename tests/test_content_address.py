@@ -66,13 +66,14 @@ def assert_empty(root) -> None:
 def test_verify_names_each_forged_path(world):
     """A source path's address needs only its record; a text object's file is read, so it is
     checked with --check-contents."""
+    store = str(world["tmp"] / "A" / "store")  # stdout names physical paths
     proc = run_fimio(["verify"], world["tmp"] / "A", env=world["env"])
-    assert proc.returncode == 4 and world["text"].logical(STORE_DIR) not in proc.stdout
-    assert f"{world['source'].logical(STORE_DIR)}: is not the" in proc.stdout
+    assert proc.returncode == 4 and world["text"].logical(store) not in proc.stdout
+    assert f"{world['source'].logical(store)}: is not the" in proc.stdout
     proc = run_fimio(["verify", "--check-contents"], world["tmp"] / "A", env=world["env"])
     assert proc.returncode == 4, proc.stderr
     for path in (world["source"], world["text"]):
-        assert f"{path.logical(STORE_DIR)}: is not the" in proc.stdout + proc.stderr
+        assert f"{path.logical(store)}: is not the" in proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("kind", ["source", "text"])

@@ -131,12 +131,14 @@ def test_prefetch_fetches_sources_and_fixed_outputs_but_builds_nothing(online, p
     cli, cache, out = prefetched
     assert out["fetched"] == [d for d in out["derivations"] if d.endswith("greeting.txt.drv")]
     assert out["fixedOutputs"] == [online.fod_output]
-    assert set(online.drvs) <= set(out["paths"])
-    assert online.fod_output in out["paths"]
-    assert out["pathsSent"] == len(out["paths"])
+    paths = [p["path"] for p in out["paths"]]
+    assert all(p["physical"].endswith("/" + p["path"].rsplit("/", 1)[1]) for p in out["paths"])
+    assert set(online.drvs) <= set(paths)
+    assert online.fod_output in paths
+    assert out["pathsSent"] == len(paths)
     regular_outputs = [p for p in online.all_outputs if p != online.fod_output]
     for p in regular_outputs:
-        assert p not in out["paths"]
+        assert p not in paths
         cli("path-info", p, check=5)  # not built
     # the cache is an ordinary one: signed infos for every path, the fixed output's realisation
     assert len(list((cache / "info").iterdir())) == len(out["paths"])
