@@ -89,8 +89,9 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 @click.option("-K", "--keep-failed", is_flag=True, help="Keep the build directory of a failed build.")
 @click.option("-k", "--keep-going", is_flag=True,
               help="After a failed build, go on with every build that does not need it.")
-@click.option("--cores", type=click.IntRange(min=1), metavar="N",
-              help="CPUs each build is told it may use (FIMIO_BUILD_CORES) [default: config 'cores' or all].")
+@click.option("--cores", type=click.IntRange(min=0), metavar="N",
+              help="CPUs each build is told it may use (FIMIO_BUILD_CORES); 0 = all "
+                   "[default: config 'cores', else all].")
 @click.option("--offline/--no-offline", default=None,
               help="Never touch the network: local store and file:// substituters only "
                    "[default: config 'offline'; --no-offline overrides it].")
@@ -127,7 +128,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
     progress = BuildProgress(opts)
     options = RealiseOptions(
         jobs=jobs or config.jobs or 0,
-        cores=cores or config.cores,
+        cores=config.cores if cores is None else cores,  # --cores 0 overrides a config's cores = N
         keep_failed=keep_failed,
         keep_going=keep_going,
         offline=offline,

@@ -408,7 +408,16 @@ def test_a_plain_store_path_not_here_points_to_copy(cli, tmp_path):
 def test_cores_flag_sets_the_build_cores(cli, tmp_path):
     f = write_drv(tmp_path / "c.toml", "cores", "echo $FIMIO_BUILD_CORES > $out")
     assert open(cli.out("realise", "--no-out-link", "--cores", "3", f).strip()).read() == "3\n"
-    assert_one_error_line(cli("realise", "--cores", "0", f), 2, "--cores")
+    assert_one_error_line(cli("realise", "--cores", "-1", f), 2, "--cores")
+    # 0 = all, as in the config file, and it overrides the config's value
+    config = tmp_path / "config.toml"
+    config.write_text("cores = 1\n")
+    all_cores = f"{len(os.sched_getaffinity(0))}\n"
+    g = write_drv(tmp_path / "d.toml", "cores-all", "echo $FIMIO_BUILD_CORES > $out")
+    env = {"FIMIO_CONFIG": str(config)}
+    assert open(cli.out("realise", "--no-out-link", "--cores", "0", g, env=env).strip()).read() == all_cores
+    h = write_drv(tmp_path / "e.toml", "cores-config", "echo $FIMIO_BUILD_CORES > $out")
+    assert open(cli.out("realise", "--no-out-link", h, env=env).strip()).read() == "1\n"
 
 
 # ---- log, why-depends, run ---------------------------------------------------------------
