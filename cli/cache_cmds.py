@@ -150,7 +150,7 @@ def _remote_path(store, subs, text: str):
             return valid.path
         path = subs.lookup_hash(base) if subs is not None else None
         if path is None:
-            raise NotFound(f"no cache holds a path with hash '{base}'")
+            raise NotFound(f"no cache holds a path with hash '{base}'", "check the hash, or push the path first")
         return path
     return StorePath.parse(base)
 

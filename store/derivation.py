@@ -216,7 +216,8 @@ def read_toml(path: str) -> RawDerivation:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
         line = m.group(1) if m else str(max(1, len(text.splitlines())))  # "at end of document"
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(e))
-        raise DrvFileError(f"{path}:{line}: invalid TOML: {msg}") from None
+        raise DrvFileError(f"{path}:{line}: invalid TOML: {msg}",
+                           "see the derivation format in the README or spec/derivation.md") from None
     rd = RawDerivation(path, text, data)
     _validate(rd)
     return rd

@@ -53,6 +53,11 @@ END_DIRECTORY = "end-directory"
 class NarError(IntegrityError):
     """A malformed, non-canonical or hostile archive. The message names the problem."""
 
+    default_hint = "only a whole, canonical archive as 'fimio dump' or 'nix-store --dump' writes it is restored"
+
+
+_NEW_DIR_HINT = "name a directory that does not exist yet"
+
 
 def _str(data: bytes) -> bytes:
     """One NAR string: u64 LE length, the bytes, zero padding to 8."""
@@ -514,7 +519,7 @@ def restore(stream: BinaryIO, dest: str | os.PathLike | bytes) -> None:
     """
     dest = os.fsdecode(dest).rstrip("/") or "/"
     if os.path.lexists(dest):
-        raise UsageError(f"NAR: cannot restore to '{dest}': it already exists")
+        raise UsageError(f"NAR: cannot restore to '{dest}': it already exists", _NEW_DIR_HINT)
     parent = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(parent):
         raise UsageError(f"NAR: cannot restore to '{dest}': '{parent}' is not a directory")
@@ -606,9 +611,9 @@ def _rename_noreplace(src: str, dst: str) -> None:
             return
         err = ctypes.get_errno()
         if err == errno.EEXIST:
-            raise UsageError(f"NAR: cannot restore to '{dst}': it already exists")
+            raise UsageError(f"NAR: cannot restore to '{dst}': it already exists", _NEW_DIR_HINT)
         if err not in (errno.EINVAL, errno.ENOSYS):  # else: unsupported here, fall back
             raise OSError(err, os.strerror(err), dst)
     if os.path.lexists(dst):
-        raise UsageError(f"NAR: cannot restore to '{dst}': it already exists")
+        raise UsageError(f"NAR: cannot restore to '{dst}': it already exists", _NEW_DIR_HINT)
     os.rename(src, dst)

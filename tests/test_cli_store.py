@@ -496,3 +496,28 @@ def test_a_mistyped_root_is_no_store_for_commands_that_only_read(tmp_path):
         proc = run_fimio(args, missing)
         assert_one_error_line(proc, 5, "no store at")
     assert not (tmp_path / "typo").exists()
+
+
+def _hinted_errors(tmp_path) -> dict:
+    """Bad inputs from different parts of fimio: ``name: (argv, stdin, exit code)``."""
+    (tmp_path / "bad.toml").write_text('name = "x"\nargs = [,]\n')
+    (tmp_path / "exists").mkdir(exist_ok=True)
+    (tmp_path / "empty-cache").mkdir(exist_ok=True)
+    a_file = tmp_path / "bad.toml"
+    return {
+        "invalid TOML": (["realise", a_file], None, 2),
+        "not a NAR": (["restore", tmp_path / "new"], b"garbage", 4),
+        "restore target exists": (["restore", tmp_path / "exists"], b"", 2),
+        "unreadable key file": (["push", f"file://{tmp_path / 'c'}", "--key", tmp_path / "no-key", "."], None, 2),
+        "hash in no cache": (["copy", "--from", f"file://{tmp_path / 'empty-cache'}", "0" * 32], None, 5),
+    }
+
+
+@pytest.mark.parametrize("case", ["invalid TOML", "not a NAR", "restore target exists", "unreadable key file",
+                                  "hash in no cache"])
+def test_an_error_line_says_what_to_do(cli, tmp_path, monkeypatch, case):
+    """'fimio: error: <what> (<hint>)': each error carries its hint, not only its what."""
+    argv, stdin, code = _hinted_errors(tmp_path)[case]
+    monkeypatch.chdir(cli.out("add", tmp_path / "exists"))  # a store, and a path in it: "."
+    line = assert_one_error_line(cli(*argv, input=stdin, text=stdin is None), code)
+    assert line.endswith(")") and " (" in line, line

@@ -85,7 +85,8 @@ def map_error(url: str, key: str, e: Exception, writing: bool = False) -> Except
     if "NoSuchBucket" in text:
         return RemoteError(f"the bucket of cache '{url}' does not exist", "create it first")
     if status is not None:
-        return RemoteError(f"cache '{url}' answered HTTP {status} for '{key}'")
+        hint = "raise the server's --max-upload" if status == 413 else "check the server's log"
+        return RemoteError(f"cache '{url}' answered HTTP {status} for '{key}'", hint)
     first = text.splitlines()[0] if text else type(e).__name__
     if "error sending request" in text or "connect" in text.lower():
         return RemoteError(f"cannot reach cache '{url}'", "is the server running and the URL right?")

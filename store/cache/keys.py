@@ -115,7 +115,8 @@ def load_secret_key_file(path: str) -> SecretKey:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise UsageError(f"cannot read secret key file '{path}': {e.strerror}") from None
+        raise UsageError(f"cannot read secret key file '{path}': {e.strerror}",
+                         "give the file 'fimio key generate NAME' wrote") from None
     except UnicodeDecodeError:
         raise UsageError(f"secret key file '{path}' is not text") from None
     return SecretKey.parse(text)
