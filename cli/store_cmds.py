@@ -148,14 +148,47 @@ def restore(dest):
 
 @click.command(name="hash")
 @click.argument("path", type=click.Path())
+@click.option("--flat", is_flag=True,
+              help="The digest of a file's bytes alone, as a [fetch] hash declares it (not the tree digest).")
+@click.option("--type", "algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
+              help="With --flat: the hash function.")
 @json_option
 @global_options
-def hash_(path, as_json):
-    """Print the content digest of a file or tree without adding it."""
-    from fimio.store.tree import format_digest, scan, tree_size
+def hash_(path, flat, algo, as_json):
+    """Print the content digest of a file or tree without adding it.
 
-    node = scan(path)
-    if as_json:
-        emit_json({"path": path, "digest": format_digest(node.digest), "size": tree_size(node)})
+    With --flat, the hash of a file's bytes: what a derivation's [fetch] hash = "..." takes.
+    """
+    if flat:
+        digest, size = _flat_hash(path, algo)
     else:
-        click.echo(format_digest(node.digest))
+        from fimio.store.tree import format_digest, scan, tree_size
+
+        node = scan(path)
+        digest, size = format_digest(node.digest), tree_size(node)
+    if as_json:
+        emit_json({"path": path, "digest": digest, "size": size})
+    else:
+        click.echo(digest)
+
+
+def _flat_hash(path: str, algo: str) -> tuple[str, int]:
+    """``("<algo>:<hex>", size)`` of a regular file's bytes."""
+    import hashlib
+
+    import blake3
+
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise UsageError(f"'{path}' is not a file", "--flat hashes one file's bytes; drop it for a tree")
+            hasher = hashlib.sha256() if algo == "sha256" else blake3.blake3()
+            size = 0
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+                size += len(chunk)
+    except FileNotFoundError:
+        raise NotFound(f"'{path}' does not exist", "check the name") from None
+    except IsADirectoryError:
+        raise UsageError(f"'{path}' is not a file", "--flat hashes one file's bytes; drop it for a tree") from None
+    return f"{algo}:{hasher.hexdigest()}", size

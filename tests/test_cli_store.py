@@ -521,3 +521,20 @@ def test_an_error_line_says_what_to_do(cli, tmp_path, monkeypatch, case):
     monkeypatch.chdir(cli.out("add", tmp_path / "exists"))  # a store, and a path in it: "."
     line = assert_one_error_line(cli(*argv, input=stdin, text=stdin is None), code)
     assert line.endswith(")") and " (" in line, line
+
+
+@pytest.mark.parametrize("algo", ["blake3", "sha256"])
+def test_hash_flat_gives_what_a_fetch_declares(cli, tmp_path, algo):
+    """`hash --flat` is the digest of a file's bytes, the form [fetch] hash takes (the plain
+    `hash` is the tree digest, which differs): a fetch declaring it realises."""
+    data = tmp_path / "data.txt"
+    data.write_bytes(b"pinned bytes\n")
+    flat = cli.out("hash", "--flat", "--type", algo, data)
+    assert flat.startswith(f"{algo}:") and flat != cli.out("hash", data)
+    fod = tmp_path / "fod.toml"
+    fod.write_text(f'name = "data.txt"\n[fetch]\nurl = "file://{data}"\nhash = "{flat}"\n')
+    out = cli.out("realise", "--no-out-link", fod)
+    assert open(out, "rb").read() == b"pinned bytes\n"
+    assert json.loads(cli.out("hash", "--flat", "--json", "--type", algo, data)) == \
+        {"path": str(data), "digest": flat, "size": 13}
+    assert_one_error_line(cli("hash", "--flat", tmp_path), 2, "is not a file")
