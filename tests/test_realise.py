@@ -382,6 +382,9 @@ def test_a_bad_config_value_is_one_usage_error(cli, tmp_path, setting, needle):
     config = tmp_path / "config.toml"
     config.write_text(setting + "\n")
     assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, str(config), needle)
+    # the same when the outputs are valid already (the no-op fast path)
+    cli.out("realise", "--no-out-link", f)
+    assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, str(config), needle)
 
 
 def test_no_out_link_and_an_out_link_name_exclude_each_other(cli, tmp_path):
