@@ -145,6 +145,8 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
 
     if output == "-" and sys.stdout.isatty():
         raise UsageError("refusing to write a binary bundle to a terminal", "redirect stdout, or give -o FILE")
+    if output == "-" and as_json:  # the JSON would follow the bundle on stdout and spoil it
+        raise UsageError("--json and -o - both write to stdout", "give -o FILE with --json")
     store = opts.store(protect=True, create=False)
     keys = _signing_keys(opts, key_files)
     plan = plan_export(store, list(targets), closure=closure, with_sources=with_sources,
@@ -164,7 +166,7 @@ def export(opts, targets, output, closure, with_sources, sources_only, with_logs
     finally:
         progress.done()
     if as_json:
-        emit_json({"file": None if output == "-" else os.path.abspath(output),
+        emit_json({"file": os.path.abspath(output),
                    "paths": [names_json(store, p) for p in plan.paths], "realisations": len(plan.realisations),
                    "blobs": stats.blobs, "bytes": stats.bytes, "digest": "blake3:" + stats.digest.hex(),
                    "signedBy": [k.name for k in keys]})

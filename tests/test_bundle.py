@@ -423,6 +423,10 @@ def test_export_to_stdout_and_import_from_stdin(tmp_path, vector_key, trusting):
     proc = other("import", "-", input=data, env=trusting, check=0)
     assert proc.stdout.decode().strip() == str(other.physical_store / os.path.basename(path))
     assert_one_error_line(other("import", "-", input=data[:-3], env=trusting), 4)
+    # --json would follow the bundle on stdout: refused before anything is written
+    proc = cli("export", path, "-o", "-", "--json", "--key", vector_key, text=False)
+    assert_one_error_line(proc, 2, "--json and -o -")
+    assert proc.stdout == b""
 
 
 def test_shared_blobs_executable_variants_and_single_file_paths(tmp_path, vector_key, trusting):
