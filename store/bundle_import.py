@@ -75,7 +75,8 @@ class Importer:
         self.received: set[bytes] = set()
         self.realisations: list = []
         self.logs: list[str] = []
-        self.records: list[tuple[str, str, bytes]] = []
+        self.records = 0  # build records, kept in the staging's records file until the commit
+        self.side_bytes = 0  # bytes of logs and build records: covered by the trailer's signature only
         self.signers: set[str] = set()
         self.staging = None
 
@@ -111,6 +112,8 @@ class Importer:
             elif rtype == T_LOG:
                 self._log(s, length)
             elif rtype == T_RECORD:
+                if length <= MAX_RECORD:
+                    self._within_side_allowance(s, length)
                 self._record(self._payload(s, length, MAX_RECORD, "build record"))
             elif rtype in (T_DIR, T_BLOB):
                 raise bad("directory or blob record outside a path section")
@@ -318,11 +321,23 @@ class Importer:
             self.signers.add(signer)
         self.realisations.append(r)
 
+    def _within_side_allowance(self, s: RecordStream, length: int) -> None:
+        """Logs and build records are signed by the trailer alone, which comes last: before
+        that, an untrusted bundle could make us write far more than it is (a decompression
+        bomb). Their bytes are kept within SIDE_FLOOR plus SIDE_RATIO times the bundle's bytes
+        read so far (honest ones are far below: a log travels zstd-compressed already)."""
+        self.side_bytes += length
+        allowed = SIDE_FLOOR + SIDE_RATIO * s.raw.consumed
+        if self.side_bytes > allowed:
+            raise bad(f"its logs and build records expand to more than {allowed} bytes, "
+                      f"{SIDE_RATIO} times the bundle's {s.raw.consumed} bytes read so far")
+
     def _log(self, s: RecordStream, length: int) -> None:
         from .cache.layout import check_drv_hash
 
         if length > MAX_LOG or length < 2:
             raise bad(f"log record declares {length} bytes")
+        self._within_side_allowance(s, length)
         head = s.read(2)
         (n,) = struct.unpack("<H", head)
         if n + 2 > length:
@@ -353,7 +368,8 @@ class Importer:
             raise bad("bad build record")
         from .db import dumps
 
-        self.records.append((drv_hash, rid, dumps(record)))
+        self.staging.keep_record(f"{drv_hash}!{rid}".encode(), dumps(record))
+        self.records += 1
 
     def _trailer(self, f, digest: bytes, records: int) -> None:
         head = read_exact_raw(f, CHUNK_HEAD.size)
@@ -439,14 +455,18 @@ class Importer:
                 os.rename(self.staging.log_path(drv_hash), dest)
         if self.records:
             with store.db.write() as txn:
-                for drv_hash, rid, data in self.records:
-                    txn.put(f"{drv_hash}!{rid}".encode(), data, db=store.db.dbs["records"], overwrite=False)
+                for key, data in self.staging.kept_records():
+                    txn.put(key, data, db=store.db.dbs["records"], overwrite=False)
 
 
 # Entries of a tree once every shared directory is counted where it appears: what laying
 # the tree out creates. Directories are sent once, so a small bundle could otherwise name
 # an astronomically large tree (each level naming the next twice).
 MAX_ENTRIES = 20_000_000
+
+# see Importer._within_side_allowance
+SIDE_FLOOR = 64 << 20
+SIDE_RATIO = 16
 
 
 def _check_dag(bp: BundlePath, decoded: dict) -> None:

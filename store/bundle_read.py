@@ -29,12 +29,14 @@ class Deframer(io.RawIOBase):
     def __init__(self, f):
         self.f = f
         self.hash = blake3.blake3()  # single-threaded: AUTO costs far more than it saves on 1 MiB updates
+        self.consumed = 0  # bytes of the file read so far
         self.left = 0
         self.done = False
         magic = read_exact_raw(f, len(MAGIC))
         if magic != MAGIC:
             raise bad("not a fimio bundle (wrong magic)" if len(magic) == len(MAGIC) else "truncated")
         self.hash.update(magic)
+        self.consumed = len(magic)
 
     def readable(self) -> bool:
         return True
@@ -47,6 +49,7 @@ class Deframer(io.RawIOBase):
             if len(head) != CHUNK_HEAD.size:
                 raise bad("truncated")
             self.hash.update(head)
+            self.consumed += len(head)
             (n,) = CHUNK_HEAD.unpack(head)
             if n == 0:
                 self.done = True
@@ -59,6 +62,7 @@ class Deframer(io.RawIOBase):
         if not k:
             raise bad("truncated")
         self.hash.update(view[:k])
+        self.consumed += k
         self.left -= k
         return k
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import errno
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import blake3
@@ -61,6 +62,7 @@ class Staging:
         self._pending: dict[bytes, list] = {}  # blob digest -> [(location, executable)] awaiting it
         self._copies: dict[tuple[bytes, bool], bytes] = {}  # (digest, executable) -> a file of ours with it
         self._stash: dict[bytes, bytes] = {}  # blobs received before any tree needed them
+        self._records = None  # the file of build records kept (keep_record)
         # An empty .links (a fresh store) has nothing to link from: skip two stats per file.
         # A blob another writer publishes meanwhile is merely not shared (publish tolerates it).
         self._links_empty = store.blobs.empty()
@@ -72,6 +74,8 @@ class Staging:
         self.close()
 
     def close(self) -> None:
+        if self._records is not None:
+            self._records.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.flush.join()
         for tree in self.trees:
@@ -80,6 +84,22 @@ class Staging:
 
     def log_path(self, drv_hash: str) -> str:
         return os.path.join(os.fsdecode(self.dir), f"log-{drv_hash}")
+
+    def keep_record(self, key: bytes, data: bytes) -> None:
+        """Keep a build record on disk until the commit (memory stays flat however many)."""
+        if self._records is None:
+            self._records = open(os.path.join(self.dir, b"records"), "w+b")
+        self._records.write(struct.pack("<II", len(key), len(data)) + key + data)
+
+    def kept_records(self):
+        """``(key, data)`` of every record kept, in the order kept."""
+        if self._records is None:
+            return
+        f = self._records
+        f.seek(0)
+        while head := f.read(8):
+            k, n = struct.unpack("<II", head)
+            yield f.read(k), f.read(n)
 
     # ---- trees ----------------------------------------------------------------------------
 

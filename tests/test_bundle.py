@@ -668,3 +668,38 @@ def test_a_directory_graph_that_expands_beyond_the_limits_is_refused(tmp_path, s
         assert store.all_paths() == [] and os.listdir(store.tmp) == []
     finally:
         store.close()
+
+
+def _bomb(path, kind: str, count: int) -> None:
+    """An unsigned bundle of ``count`` build records of almost 1 MiB each, or of ``count``
+    logs of 255 MiB of zeros: a few hundred KB that decompress to hundreds of MiB."""
+    from fimio.store.bundle import RECORD_HEAD, T_HEADER, T_LOG, T_RECORD, BundleWriter, canonical
+
+    def drv_hash(i):  # 32 nix-base32 characters
+        return "".join("0123456789abcdfghijklmnpqrsvwxyz"[(i >> 5 * k) & 31] for k in range(32))
+
+    with open(path, "wb") as f:
+        w = BundleWriter(f, level=19)
+        w.record(T_HEADER, canonical({"format": "fimio-bundle", "version": 1, "storeDir": "/fimio/store", "paths": 0}))
+        for i in range(count):
+            if kind == "records":
+                w.record(T_RECORD, canonical({"drvHash": drv_hash(i), "id": str(i),
+                                              "record": {"x": "a" * ((1 << 20) - 200)}}))
+            else:
+                n = 255 << 20
+                w._emit(RECORD_HEAD.pack(T_LOG, 2 + 32 + n) + b"\x20\x00" + drv_hash(i).encode())
+                for _ in range(n >> 20):
+                    w._emit(bytes(1 << 20))
+                w.records += 1
+        w.finish([])
+
+
+@pytest.mark.parametrize("kind, count", [("records", 100), ("logs", 2)])
+def test_a_bomb_of_logs_or_records_is_refused_before_it_costs_much(tmp_path, kind, count):
+    """Logs and build records are signed by the trailer only, which comes last: an unsigned
+    bundle of a few hundred KB must not write or hold hundreds of MiB before it is refused."""
+    bundle = tmp_path / f"{kind}.bundle"
+    _bomb(bundle, kind, count)
+    assert bundle.stat().st_size < 1 << 20
+    proc = Fimio(tmp_path / "root")("import", bundle)
+    assert_one_error_line(proc, 4, "logs and build records expand to more than")
