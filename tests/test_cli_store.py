@@ -346,7 +346,7 @@ def test_a_damaged_path_record_is_reported_never_a_traceback(cli, tmp_path, dama
         store.close()
     proc = cli("verify")
     assert_one_error_line(proc, 4)
-    assert proc.stdout == f"{STORE_DIR}/{victim.name[:32]}…: has a damaged record in the database\n"
+    assert proc.stdout == f"{cli.physical_store}/{victim.name[:32]}…: has a damaged record in the database\n"
     assert (victim / "data.bin").exists()  # not removed as garbage
     assert_one_error_line(cli("path-info", victim), 4, "damaged")
     assert cli.out("path-info", other).startswith(other)
