@@ -162,6 +162,8 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
 
                 checks = check_targets(realiser, outcome, rounds or 2, vary, keep_going)
                 failures += checks.failures
+            # before realiser.close() drops the temp roots: a gc in between would leave ./result dangling
+            links = {} if no_out_link else _out_links(store, outcome, out_link)
         except BuildError as e:
             progress.done()
             if options.log_sink is None and opts.verbosity >= 0:
@@ -174,7 +176,6 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
                 for err in options.substituters.errors:
                     info(opts, f"fimio: warning: {err.message}")
                 options.substituters.close(interrupted=isinstance(sys.exc_info()[1], KeyboardInterrupt))
-        links = {} if no_out_link else _out_links(store, outcome, out_link)
         where = "the \"checks\" report on stdout" if as_json else "the report above"
         if checks is not None and not checks.ok:
             from fimio.store.errors import NotReproducible

@@ -378,3 +378,28 @@ def test_instantiate_add_root_keeps_the_derivations(cli, tmp_path):
     deleted = gc(cli)["deleted"]
     assert drvs[1] in deleted and valid(cli, drvs[0])
     assert cli("instantiate", "--add-root", tmp_path / "no" / "such" / "dir" / "x", a).returncode == 2
+
+
+def test_a_gc_while_realise_makes_its_out_link_keeps_the_output(cli, tmp_path, monkeypatch):
+    """realise holds its outputs as temp roots until ./result is registered: a gc (a real
+    one, in another process) run at that very moment keeps the output."""
+    import gc as collector
+
+    import fimio.cli
+    from fimio.store import roots
+
+    f = write_drv(tmp_path / "d.toml", "d", "echo d > $out")
+    make_roots = roots.add_roots
+
+    def gc_first(store, links, flag="-o"):
+        cli.out("gc")
+        return make_roots(store, links, flag)
+
+    monkeypatch.setattr(roots, "add_roots", gc_first)
+    monkeypatch.setenv("FIMIO_ROOT", str(cli.root))
+    monkeypatch.setenv("FIMIO_CONFIG", str(tmp_path / "no-config.toml"))
+    try:
+        assert fimio.cli.run(["realise", str(f), "-o", str(tmp_path / "result")]) == 0
+    finally:
+        collector.enable()  # run() turns the collector off, as for a one-shot command
+    assert (tmp_path / "result").exists(), "gc deleted the output before ./result rooted it"
