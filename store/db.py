@@ -84,7 +84,10 @@ def loads(data: bytes):
 class Database:
     """A thin wrapper that names the sub-databases and opens transactions."""
 
-    def __init__(self, path: str, store_dir: str):
+    def __init__(self, path: str, store_dir: str, may_start=lambda: True):
+        """``may_start()``: whether a database found empty may be started afresh (not when the
+        store already holds paths: they would all look unregistered, and be collected)."""
+        self._may_start = may_start
         os.makedirs(path, exist_ok=True)
         try:
             self.env = lmdb.open(path, max_dbs=len(_DBS) + 1, map_size=1 << 38, subdir=True, sync=True)
@@ -104,6 +107,9 @@ class Database:
         except lmdb.Error as e:
             self.env.close()
             raise _translate(e, path) from None
+        except BaseException:
+            self.env.close()
+            raise
 
     def _check_meta(self, store_dir: str) -> None:
         # Read first: opening an existing store takes no write lock (a read-only command
@@ -111,6 +117,10 @@ class Database:
         with self.env.begin(db=self.dbs["meta"]) as txn:
             existing = txn.get(b"store-dir")
         if existing is None:
+            if not self._may_start():
+                raise IntegrityError(f"the store database '{self.path}' is missing or empty, but the store holds paths",
+                                     "restore the database from a backup, or move store/ aside to start an empty "
+                                     "store; nothing in store/ was touched")
             with self.env.begin(write=True, db=self.dbs["meta"]) as txn:
                 existing = txn.get(b"store-dir")
                 if existing is None:

@@ -118,11 +118,15 @@ class LocalStore:
         for d in (self.store, self.links, self.tmp, self.locks, os.path.join(root, "gcroots"),
                   os.path.join(root, "temproots"), os.path.join(root, "logs")):
             os.makedirs(d, exist_ok=True)
-        self.db = Database(os.path.join(root, "db"), store_dir)
+        self.db = Database(os.path.join(root, "db"), store_dir, may_start=self._holds_no_paths)
         self.temp_roots = None  # a roots.TempRoots when this process must protect what it adds
         from .recovery import recover
 
         self.recovered = recover(self)  # leftovers of dead processes (cheap; see recovery.py)
+
+    def _holds_no_paths(self) -> bool:
+        with os.scandir(self.store) as it:
+            return all(entry.name == ".links" for entry in it)
 
     @classmethod
     def open(cls, root: str | None = None, store_dir: str | None = None) -> "LocalStore":

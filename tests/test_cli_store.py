@@ -538,3 +538,18 @@ def test_hash_flat_gives_what_a_fetch_declares(cli, tmp_path, algo):
     assert json.loads(cli.out("hash", "--flat", "--json", "--type", algo, data)) == \
         {"path": str(data), "digest": flat, "size": 13}
     assert_one_error_line(cli("hash", "--flat", tmp_path), 2, "is not a file")
+
+
+@pytest.mark.parametrize("loss", ["emptied", "removed"])
+def test_a_lost_database_never_makes_the_store_garbage(cli, tmp_path, loss):
+    """A database found missing or empty while store/ holds paths is not started afresh:
+    every path would look unregistered, and verify or gc would delete them all."""
+    p = pathlib.Path(cli.out("add", make_pkg(tmp_path / "pkg")))
+    db = cli.root / "db"
+    if loss == "emptied":
+        (db / "data.mdb").write_bytes(b"")
+    else:
+        shutil.rmtree(db)
+    for command in (["verify"], ["gc"], ["add", tmp_path / "pkg"]):
+        assert_one_error_line(cli(*command), 4, "is missing or empty, but the store holds paths")
+    assert (p / "data.bin").exists(), "a path was deleted"
