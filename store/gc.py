@@ -67,6 +67,9 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
             fsutil.remove_tree(store.physical(info.path))
         result.kept = len(infos) - len(result.deleted)  # reachable, and (--max-freed) left for later
         if not dry_run:
+            # what a crashed writer or a killed gc left half-deleted goes too, then the blobs
+            # only it linked to
+            store.remove_garbage({h for h in infos if store.logical(infos[h].path) not in result.deleted})
             _remove_unused_blobs(store)
     return result
 

@@ -690,7 +690,7 @@ class LocalStore:
             # longer valid once looked at was collected meanwhile, and is no problem.
             if found and self.is_valid(info.path):
                 problems.extend(found)
-        self._remove_garbage(valid)
+        self.remove_garbage(valid)
         return problems
 
     def _check_address(self, info: PathInfo, check_contents: bool) -> list[Problem]:
@@ -728,7 +728,9 @@ class LocalStore:
         with self.db.read() as txn:
             return txn.get(digest, db=self.db.dbs["trees"]) is not None
 
-    def _remove_garbage(self, valid: set[str]) -> None:
+    def remove_garbage(self, valid: set[str]) -> None:
+        """Remove what no valid path owns: unregistered entries of ``store/`` (whose lock is
+        free) and ``tmp/`` entries of dead processes (``spec/local-store.md`` §6)."""
         for entry in os.scandir(self.store):
             if entry.name == ".links":
                 continue

@@ -403,3 +403,17 @@ def test_a_gc_while_realise_makes_its_out_link_keeps_the_output(cli, tmp_path, m
     finally:
         collector.enable()  # run() turns the collector off, as for a one-shot command
     assert (tmp_path / "result").exists(), "gc deleted the output before ./result rooted it"
+
+
+def test_gc_removes_unregistered_store_entries(cli, tmp_path):
+    """An entry of store/ without a record (a crashed writer's, a killed gc's half-deleted
+    path) is garbage to gc as to verify; valid paths stay."""
+    (tmp_path / "kept.txt").write_text("kept\n")
+    kept = pathlib.Path(cli.out("add", tmp_path / "kept.txt"))
+    junk = cli.physical_store / ("a" * 32 + "-junk")
+    (junk / "sub").mkdir(parents=True)
+    (junk / "sub" / "f").write_text("half written\n")
+    os.symlink(kept, tmp_path / "root-link")
+    os.symlink(tmp_path / "root-link", cli.root / "gcroots" / "mine")
+    cli.out("gc")
+    assert not junk.exists() and kept.exists()
