@@ -51,7 +51,7 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
     """Delete unreachable paths (or, with ``dry_run``, only list them)."""
     result = GcResult()
     with gc_lock(store, exclusive=True):
-        roots = list(list_roots(store).values()) + list(live_temp_roots(store))
+        roots = list(list_roots(store, prune=not dry_run).values()) + list(live_temp_roots(store))
         alive = reachable(store, roots)
         infos = {i.path.hash_part: i for i in store.all_paths()}
         dead = {h: i for h, i in infos.items() if h not in alive}

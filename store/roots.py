@@ -207,26 +207,30 @@ def _in_the_way(link: str, store_dirs) -> str | None:
     return f"a link to '{target}'"
 
 
-def list_roots(store) -> dict[str, StorePath]:
-    """``{root link: store path}`` for every live root; registrations whose out-link is gone
-    or now points outside this store are removed."""
+def list_roots(store, prune: bool = False) -> dict[str, StorePath]:
+    """``{root link: store path}`` for every live root: a link in ``gcroots/`` to a store
+    path (by its physical or logical name), or to an out-link that points to one. With
+    ``prune`` (gc, under the exclusive lock), fimio's own registrations (``auto-*``) whose
+    out-link is gone or now points outside this store are removed; a link the user put
+    there is never removed."""
     roots = {}
     directory = os.path.join(store.root, "gcroots")
-    real_store = os.path.realpath(store.store)
+    stores = (os.path.realpath(store.store), store.store_dir)
     for name in sorted(os.listdir(directory)):
         reg = os.path.join(directory, name)
         if not os.path.islink(reg):
             continue
         link = os.path.join(directory, os.readlink(reg))  # (a relative target is relative to its link)
-        base = _base_in_store(link, real_store)
+        base = _base_in_store(link, *stores)
         shown = reg
         if base is None:  # an indirect root: the out-link it names
             try:
-                base = _base_in_store(os.path.join(os.path.dirname(link), os.readlink(link)), real_store)
+                base = _base_in_store(os.path.join(os.path.dirname(link), os.readlink(link)), *stores)
             except OSError:
                 base = None
             if base is None:
-                os.unlink(reg)  # the out-link is gone, or was pointed elsewhere: so is the root
+                if prune and name.startswith("auto-"):
+                    os.unlink(reg)  # the out-link is gone, or was pointed elsewhere: so is the root
                 continue
             shown = link
         try:
@@ -236,10 +240,14 @@ def list_roots(store) -> dict[str, StorePath]:
     return roots
 
 
-def _base_in_store(target: str, real_store: str) -> str | None:
+def _base_in_store(target: str, real_store: str, store_dir: str) -> str | None:
     """The base name of the store path that the absolute ``target`` (the path, or a path
-    inside it) names, however the store's root is spelled (a symlinked root, ``..``); None if
-    not in this store. Only the parent is resolved: the store path itself may be a symlink."""
+    inside it) names, by its logical name or physically however the store's root is spelled
+    (a symlinked root, ``..``); None if not in this store. Only the parent is resolved: the
+    store path itself may be a symlink."""
+    logical = os.path.normpath(target)
+    if logical.startswith(store_dir.rstrip("/") + "/"):
+        return logical[len(store_dir.rstrip("/")) + 1:].split("/", 1)[0]
     parent = os.path.realpath(os.path.dirname(target.rstrip("/")))
     if parent == real_store:
         return os.path.basename(target.rstrip("/"))

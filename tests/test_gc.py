@@ -417,3 +417,23 @@ def test_gc_removes_unregistered_store_entries(cli, tmp_path):
     os.symlink(tmp_path / "root-link", cli.root / "gcroots" / "mine")
     cli.out("gc")
     assert not junk.exists() and kept.exists()
+
+
+def test_gc_roots_by_logical_name_and_never_removes_a_user_s_link(cli, tmp_path):
+    """A link in gcroots/ to a path's logical name roots it, as its physical name does;
+    listing roots changes nothing, and gc removes only its own registrations of out-links
+    that are gone, never a link the user put there (even a dangling one)."""
+    (tmp_path / "a.txt").write_text("a\n")
+    a = pathlib.Path(cli.out("add", tmp_path / "a.txt"))
+    gcroots = cli.root / "gcroots"
+    os.symlink(f"{STORE_DIR}/{a.name}", gcroots / "by-logical-name")
+    os.symlink("/nonexistent", gcroots / "dangling")
+    f = write_drv(tmp_path / "d.toml", "d", "echo d > $out")
+    cli.out("realise", f, "-o", tmp_path / "result")
+    auto = [n for n in os.listdir(gcroots) if n.startswith("auto-")]
+    os.unlink(tmp_path / "result")
+    before = sorted(os.listdir(gcroots))
+    assert f"{STORE_DIR}/{a.name}" in cli.out("roots", "--json") and sorted(os.listdir(gcroots)) == before
+    cli.out("gc")
+    assert a.exists(), "a root by logical name did not keep its path"
+    assert sorted(os.listdir(gcroots)) == sorted(set(before) - set(auto)), "gc pruned a user's link, or kept a stale one"
