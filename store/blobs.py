@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 import blake3
 
@@ -227,15 +228,19 @@ def _creation_mode_exact(directory: str) -> bool:
 
 
 def _blob_intact(key: str, size: int) -> bool:
-    """Whether blob ``key`` exists with the right size. A blob of the wrong size can only be
-    one torn by a power cut before it was flushed (blobs are published complete): it is
-    removed so that the caller publishes the content again. Paths still linking to the
-    torn inode are damaged either way; ``verify --check-contents`` finds them."""
+    """Whether blob ``key`` exists with the right size and mode. A blob of the wrong size
+    can only be one torn by a power cut before it was flushed (blobs are published complete);
+    one of the wrong mode was chmod-ed by hand through a store path. Either is removed, so
+    that the caller publishes the content again and no new path links to it. Paths still
+    linking to the damaged inode are damaged either way; ``verify`` finds them. (Contents
+    changed in place at the same size are not looked for here: that would mean hashing every
+    blob reused; ``verify --check-contents`` finds them.)"""
     try:
-        if os.stat(key).st_size == size:
-            return True
+        st = os.stat(key)
     except FileNotFoundError:
         return False
+    if st.st_size == size and stat.S_IMODE(st.st_mode) == (0o555 if key.endswith("x") else 0o444):
+        return True
     unlink_if_exists(key)
     return False
 

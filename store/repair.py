@@ -156,7 +156,8 @@ def _repair_one(store, path: StorePath, subs, reasons: list[str]) -> bool:
             actual = scan(tmp, on_file=store._hash_only)
             if actual.digest != info.root:
                 diff = compare_trees(node, actual)
-                reasons.append(f"the copy from {url} did not come out whole ({diff[:1]})")
+                first = f"{diff[0][0]}: {diff[0][1]}" if diff else "its digest differs"
+                reasons.append(f"the copy from {url} did not come out whole ({first})")
                 return False
             fsutil.syncfs(store.root)  # the new files are durable before they replace the old
             _replace(store, tmp, store.physical(path))

@@ -553,3 +553,18 @@ def test_a_lost_database_never_makes_the_store_garbage(cli, tmp_path, loss):
     for command in (["verify"], ["gc"], ["add", tmp_path / "pkg"]):
         assert_one_error_line(cli(*command), 4, "is missing or empty, but the store holds paths")
     assert (p / "data.bin").exists(), "a path was deleted"
+
+
+def test_a_blob_chmod_ed_through_a_store_path_is_not_reused(cli, tmp_path):
+    """A store file is its blob: a chmod of one (by hand, as root) damages the blob. A later
+    add of the same contents gets a fresh, normal blob; verify names only the damaged path."""
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "f").write_text("same contents\n")
+    a = pathlib.Path(cli.out("add", tmp_path / "a"))
+    os.chmod(a / "f", 0o555)
+    b = pathlib.Path(cli.out("add", tmp_path / "b"))
+    assert stat.S_IMODE(os.stat(b / "f").st_mode) == 0o444 and not os.path.samefile(a / "f", b / "f")
+    proc = cli("verify", "--check-contents")
+    assert_one_error_line(proc, 4)
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"{a}/f"], proc.stdout

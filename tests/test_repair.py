@@ -111,6 +111,18 @@ def test_repair_of_a_truncated_single_file_path(origin, damaged):
     fim(origin, damaged, "verify", "--check-contents", check=0)
 
 
+def test_repair_of_a_file_chmod_ed_through_its_path(origin, damaged):
+    """A store file is its blob: a chmod to executable damages every path linking to it.
+    The repaired path gets a fresh blob of the right mode (the damaged one is not reused)."""
+    f = damaged / "store" / origin["paths"]["t1"] / "own.txt"
+    os.chmod(f, 0o555)
+    before = fim(origin, damaged, "verify", "--check-contents", check=4).stdout
+    assert "own.txt: executable bit differs" in before
+    fim(origin, damaged, "verify", "--check-contents", "--repair", check=0)
+    assert os.stat(f).st_mode & 0o777 == 0o444 and f.read_text() == "only in t1\n"
+    fim(origin, damaged, "verify", "--check-contents", check=0)
+
+
 def test_offline_repair_uses_the_file_caches_and_connects_to_nothing_else(origin, damaged):
     from offlinefixtures import ConnectionRecorder
 
