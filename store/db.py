@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import struct
 from contextlib import contextmanager
 
 import lmdb
@@ -81,6 +82,43 @@ def loads(data: bytes):
     return json.loads(data)
 
 
+_META = struct.Struct("<II")  # magic, version: at byte 16 of each of the two meta pages
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def _refuse_truncated(data_file: str) -> None:
+    """IntegrityError for an LMDB file shorter than its newest meta page says it is. LMDB maps
+    the file and would read past its end: SIGBUS, a crash of every command, no error line.
+    Layout (lmdb.h, 64-bit): each of pages 0 and 1 holds a meta record at byte 16 (magic,
+    version, address, map size, two 48-byte db records whose first u32 is the page size),
+    then the last page number and the transaction id (bytes 136 and 144)."""
+    try:
+        with open(data_file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8192) if size else b""
+    except FileNotFoundError:
+        return
+    if not head:
+        return  # a new database
+    need = None
+    for off in (0, 4096):
+        if len(head) < off + 152:
+            break
+        magic, _ = _META.unpack_from(head, off + 16)
+        if magic != _LMDB_MAGIC:
+            continue  # not a meta page LMDB would take: its own check reports it
+        psize = struct.unpack_from("<I", head, off + 40)[0]
+        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
+        if need is None or txnid > need[1]:
+            need = ((last_pg + 1) * psize, txnid)
+    if need is None and size < 8192:
+        raise IntegrityError(f"store database '{data_file}' is truncated ({size} bytes)",
+                             "restore the database from a backup")
+    if need is not None and size < need[0]:
+        raise IntegrityError(f"store database '{data_file}' is truncated: {size} bytes of the {need[0]} its "
+                             "last commit wrote", "restore the database from a backup")
+
+
 class Database:
     """A thin wrapper that names the sub-databases and opens transactions."""
 
@@ -89,6 +127,7 @@ class Database:
         store already holds paths: they would all look unregistered, and be collected)."""
         self._may_start = may_start
         os.makedirs(path, exist_ok=True)
+        _refuse_truncated(os.path.join(path, "data.mdb"))
         try:
             self.env = lmdb.open(path, max_dbs=len(_DBS) + 1, map_size=1 << 38, subdir=True, sync=True)
         except lmdb.Error as e:

@@ -568,3 +568,14 @@ def test_a_blob_chmod_ed_through_a_store_path_is_not_reused(cli, tmp_path):
     proc = cli("verify", "--check-contents")
     assert_one_error_line(proc, 4)
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"{a}/f"], proc.stdout
+
+
+@pytest.mark.parametrize("size", [100, 8192, 12288])
+def test_a_truncated_database_is_one_error_line_not_a_crash(cli, tmp_path, size):
+    """LMDB maps its file: one cut short would make every command die of SIGBUS."""
+    for i in range(3):
+        (tmp_path / f"f{i}").write_text(f"{i}\n" * 1000)
+        cli.out("add", tmp_path / f"f{i}")
+    os.truncate(cli.root / "db" / "data.mdb", size)
+    for command in (["verify"], ["gc"], ["add", tmp_path / "f0"]):
+        assert_one_error_line(cli(*command), 4, "is truncated", "restore the database")
