@@ -137,8 +137,10 @@ def verify(opts, check_contents, repair, substituters, as_json):
     if as_json:
         emit_json({"ok": not problems, "problems": [{**p.__dict__, "physical": physical(p)} for p in problems]})
     else:
-        for p in problems:  # physical paths on stdout, as every command prints them
-            where = f"{physical(p)}/{p.file}" if p.file and p.file != "." else physical(p)
+        from fimio.store.treediff import shown
+
+        for p in problems:  # physical paths on stdout, as every command prints them; one line each
+            where = f"{physical(p)}/{shown(p.file)}" if p.file and p.file != "." else physical(p)
             click.echo(f"{where}: {p.what}")
         if not problems:
             info(opts, f"verified {len(store.all_paths())} paths: no problems")

@@ -579,3 +579,21 @@ def test_a_truncated_database_is_one_error_line_not_a_crash(cli, tmp_path, size)
     os.truncate(cli.root / "db" / "data.mdb", size)
     for command in (["verify"], ["gc"], ["add", tmp_path / "f0"]):
         assert_one_error_line(cli(*command), 4, "is truncated", "restore the database")
+
+
+def test_verify_shows_each_problem_on_one_line_whatever_the_name(cli, tmp_path):
+    d = tmp_path / "odd"
+    d.mkdir()
+    for name in (b"new\nline", b"bad\xff"):
+        with open(os.path.join(os.fsencode(d), name), "wb") as f:
+            f.write(b"contents\n")
+    p = cli.out("add", d)
+    for name in (b"new\nline", b"bad\xff"):
+        victim = os.path.join(os.fsencode(p), name)
+        os.chmod(victim, 0o644)
+        with open(victim, "r+b") as f:
+            f.write(b"C")
+    proc = cli("verify", "--check-contents")
+    assert_one_error_line(proc, 4)
+    lines = sorted(proc.stdout.splitlines())
+    assert [line.partition(": ")[0] for line in lines] == [f'{p}/"bad\\xff"', f'{p}/"new\\nline"'], lines
