@@ -157,8 +157,9 @@ def test_max_freed(cli, tmp_path):
     assert sum(valid(cli, p) for p in paths) == 1
     assert gc(cli)["freed"] == 1000
     assert_verify_clean(cli)
-    proc = cli("gc", "--max-freed", "lots")
-    assert proc.returncode == 2 and "invalid size" in proc.stderr
+    for bad in ("lots", ""):  # an empty size is no "no limit"
+        proc = cli("gc", "--max-freed", bad)
+        assert proc.returncode == 2 and "invalid size" in proc.stderr
 
 
 def test_links_blobs_of_deleted_paths_are_removed(cli, tmp_path):
