@@ -316,7 +316,7 @@ class _Differ:
             out.append(Finding("same-contents", "contents", "the contents are identical (same root digest); only the paths differ"))
         else:
             files = Finding("files", "files", "", children=self._files(ia, ib))
-            files.what = f"the contents differ: {_count(len(files.children), 'path')} (root blake3:{ia.root.hex()[:16]}… vs blake3:{ib.root.hex()[:16]}…)"
+            files.what = f"the contents differ: {_count(len(files.children), 'file')} (root blake3:{ia.root.hex()[:16]}… vs blake3:{ib.root.hex()[:16]}…)"
             out.append(files)
         ra, rb = sorted(r.base for r in ia.references), sorted(r.base for r in ib.references)
         own = {ia.path.base, ib.path.base}  # a self-reference and a .check's reference to its original

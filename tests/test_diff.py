@@ -98,7 +98,7 @@ def test_host_path_change_between_two_builds_is_named(cli, tmp_path):
     # the output and its .check: the files, and the builds behind them
     check_path = e["outputs"][0]["checkPaths"][0]
     text = cli.out("diff", out, check_path)
-    assert "• the contents differ: 1 path" in text
+    assert "• the contents differ: 1 file" in text
     assert f"  • host path {tool} changed" in text
     # @3 is the control build, @4 the delayed one that confirmed the cause; @-1 is the newest record;
     # out-of-range ids are "not found"
@@ -185,7 +185,7 @@ def test_diff_of_two_50k_file_outputs_takes_under_2s(cli, tmp_path):
     t0 = time.perf_counter()
     text = cli.out("diff", pa, pb)
     elapsed = time.perf_counter() - t0
-    assert "the contents differ: 10 paths" in text
+    assert "the contents differ: 10 files" in text
     assert elapsed < 2.0, elapsed
 
 
