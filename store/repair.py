@@ -135,6 +135,8 @@ def _repair_one(store, path: StorePath, subs, reasons: list[str]) -> bool:
     url = subs.subs[0].url
     found = subs.query([path])
     if path not in found:
+        if subs.errors or not subs.subs:
+            return False  # unreachable or broken: its error is the reason, not "does not have it"
         reasons.append(f"{url} does not have it (or not signed by a trusted key)")
         return False
     sub, remote = found[path]

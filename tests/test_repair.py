@@ -193,12 +193,13 @@ def test_without_a_usable_substituter_repair_reports_why(origin, damaged, tmp_pa
     p = fim(origin, damaged, "verify", "--check-contents", "--repair", config=unreachable)
     assert_one_error_line(p, 4)
     assert "not repaired" in p.stdout and "127.0.0.1:9" in p.stdout, p.stdout
+    assert "does not have it" not in p.stdout, "an unreachable cache was said to lack the path"
     empty = tmp_path / "empty-cache"
     empty.mkdir()
     lacking = write_config(tmp_path / "lacking.toml", trusted=[origin["pk"]], substituters=[f"file://{empty}"])
     p = fim(origin, damaged, "verify", "--check-contents", "--repair", config=lacking)
     assert_one_error_line(p, 4)
-    assert "not repaired" in p.stdout
+    assert "not repaired" in p.stdout and "does not have it" in p.stdout
     fim(origin, damaged, "verify", "--check-contents", "--repair", check=0)  # the real cache fixes it
 
 
