@@ -202,10 +202,10 @@ class Realiser:
             except (IntegrityError, RemoteError) as e:
                 url = getattr(e, "cache_url", None)
                 if url is not None:
-                    self.warn(f"{e.message}; not using '{url}' again (building instead what no other cache has)")
+                    self.warn(f"{e.message}; not using '{url}' again; {self._instead('what no other cache has')}")
                     self.options.substituters.drop(url)
                 else:  # not one cache's fault that we can tell: substitute nothing more
-                    self.warn(f"{e.message}; building instead")
+                    self.warn(f"{e.message}; {self._instead()}")
                     self._substitution_failed = True
                 needed = self._plan_needed(roots)
                 continue
@@ -295,7 +295,12 @@ class Realiser:
         try:
             self._planned.merge(self.options.substituters.plan_outputs(wanted))
         except (IntegrityError, RemoteError) as e:
-            self.warn(f"{e.message}; building instead")
+            self.warn(f"{e.message}; {self._instead()}")
+
+    def _instead(self, what: str = "") -> str:
+        """What a refused substitution leads to: offline, a fixed output cannot be built."""
+        text = "building instead" + (f" {what}" if what else "")
+        return text + (" (offline, a fixed output cannot be)" if self.options.offline else "")
 
     def realise_drvs(self, drvs: list[Derivation]) -> list[str]:
         """Make every output of the loaded ``drvs`` valid (substituting, else building what they

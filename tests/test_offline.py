@@ -189,6 +189,20 @@ def test_prefetch_into_the_local_store_then_rebuild_offline(online, tmp_path):
     assert out["substituted"] == []
 
 
+def test_offline_with_a_cache_signed_by_an_untrusted_key_says_what_it_can_build(online, prefetched, tmp_path):
+    """Offline, a cache whose records no trusted key signed is not used: the warning says a
+    fixed output cannot be built instead, and the missing fixed output is named (exit 5)."""
+    _, cache, _ = prefetched
+    secret, public = make_key(tmp_path)  # a key the cache was not signed with
+    config = write_config(tmp_path / "other.toml", trusted_public_keys=[public])
+    cli = Fimio(tmp_path / "airgapped")
+    proc = cli("realise", "--offline", "--no-out-link", "--substituter", f"file://{cache}", *online.targets,
+               env={"FIMIO_CONFIG": config})
+    assert proc.returncode == 5, proc.stderr
+    assert "building instead (offline, a fixed output cannot be)" in proc.stderr, proc.stderr
+    assert online.fod_output in proc.stderr
+
+
 def test_prefetch_is_idempotent(online, prefetched):
     cli, cache, first = prefetched
     again = json.loads(cli.out("prefetch", "--json", "--to", f"file://{cache}", *online.targets, env=online.env))
