@@ -315,7 +315,11 @@ def plan_export(store, targets, closure: bool = False, with_sources: bool = Fals
                 if r is not None:
                     realisations[r.key] = r
         else:
-            path, sub = store.resolve(target)
+            try:
+                path, sub = store.resolve(target)
+            except NotFound as e:  # named with every other missing item
+                missing.append(e.message)
+                continue
             if sub:
                 raise UsageError(f"'{target}' is a file inside a store path", "give the store path itself")
             deriver = store.info(path).deriver

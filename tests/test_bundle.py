@@ -703,3 +703,13 @@ def test_a_bomb_of_logs_or_records_is_refused_before_it_costs_much(tmp_path, kin
     assert bundle.stat().st_size < 1 << 20
     proc = Fimio(tmp_path / "root")("import", bundle)
     assert_one_error_line(proc, 4, "logs and build records expand to more than")
+
+
+def test_export_names_every_missing_target(tmp_path):
+    cli = Fimio(tmp_path / "root")
+    (tmp_path / "f").write_text("f\n")
+    here = cli.out("add", tmp_path / "f")
+    gone = [f"/fimio/store/{c * 32}-gone" for c in "ab"]
+    proc = cli("export", here, *gone, "-o", tmp_path / "x.bundle")
+    assert proc.returncode == 5 and "2 item(s) to export are not valid here" in proc.stderr, proc.stderr
+    assert all(g in proc.stderr for g in gone) and not (tmp_path / "x.bundle").exists()
