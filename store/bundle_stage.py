@@ -70,13 +70,18 @@ class Staging:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, kind, value, tb):
+        self.close(interrupted=kind is not None and issubclass(kind, KeyboardInterrupt))
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
+        """Remove what is staged. ``interrupted`` (Ctrl-C): leave it to the next command's
+        recovery, which removes ``tmp/`` entries of dead processes, so that the command ends
+        at once: removing files the background flush is writing back waits for the disk."""
         if self._records is not None:
             self._records.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if interrupted:
+            return
         self.flush.join()
         for tree in self.trees:
             fsutil.remove_tree(os.fsdecode(tree))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 import pathlib
 import subprocess
 import sys
@@ -713,3 +714,39 @@ def test_export_names_every_missing_target(tmp_path):
     proc = cli("export", here, *gone, "-o", tmp_path / "x.bundle")
     assert proc.returncode == 5 and "2 item(s) to export are not valid here" in proc.stderr, proc.stderr
     assert all(g in proc.stderr for g in gone) and not (tmp_path / "x.bundle").exists()
+
+
+def test_ctrl_c_while_importing_from_a_pipe_ends_at_once_and_registers_nothing(tmp_path, vector_key, trusting):
+    """Ctrl-C (SIGINT, handled as at a terminal) in the middle of an import from stdin: exit
+    130 with one line, nothing registered; what was staged goes with the next command."""
+    import signal
+    import subprocess
+
+    from conftest import fimio_env, fimio_executable
+
+    src = Fimio(tmp_path / "src")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for i in range(40):
+        (tree / f"f{i}").write_bytes(os.urandom(256 << 10))
+    path = src.out("add", tree)
+    data = src("export", path, "-o", "-", "--key", vector_key, "--level", "-7", text=False, check=0).stdout
+    cli = Fimio(tmp_path / "root")
+    proc = subprocess.Popen([fimio_executable(), "import", "-"], env=fimio_env(cli.root, trusting),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc.stdin.write(data[:len(data) // 2])  # the rest never comes
+    proc.stdin.flush()
+    deadline = time.monotonic() + 30
+    while not any(e.startswith("import-") for e in os.listdir(cli.root / "tmp")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "fimio: error: interrupted", err
+    assert time.monotonic() - start < 5, "the import went on after Ctrl-C"
+    assert cli("path-info", path).returncode == 5
+    cli.out("verify")
+    assert os.listdir(cli.root / "tmp") == []
