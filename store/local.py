@@ -94,6 +94,9 @@ class PathInfo:
         return info
 
 
+DAMAGED_RECORD = "has a damaged record in the database"
+
+
 @dataclass
 class Problem:
     """One finding of ``verify``: the store path, the file inside it (if any), what is wrong."""
@@ -674,8 +677,7 @@ class LocalStore:
                 try:
                     infos.append(PathInfo.from_record(value))
                 except IntegrityError:
-                    problems.append(Problem(f"{self.store_dir}/{key.decode(errors='replace')}…",
-                                            "has a damaged record in the database"))
+                    problems.append(Problem(f"{self.store_dir}/{key.decode(errors='replace')}…", DAMAGED_RECORD))
         for info in infos:
             logical = self.logical(info.path)
             found = [Problem(logical, f"references '{self.logical(ref)}', which is not valid")

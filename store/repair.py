@@ -28,7 +28,7 @@ from contextlib import ExitStack
 
 from . import fsutil
 from .errors import FimioError
-from .local import Problem, compare_trees
+from .local import DAMAGED_RECORD, Problem, compare_trees
 from .paths import StorePath
 from .tree import blob_sizes, format_digest, hash_file, iter_dirs, scan
 
@@ -68,7 +68,8 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
         path = _store_path(p.path)
         info = store.query(path) if path is not None else None
         if info is None:
-            other.append(p)
+            other.append(_annotate(p, "not repaired: repair fetches files, not database records; restore the "
+                                      "database from a backup") if p.what == DAMAGED_RECORD else p)
         elif p.what.startswith("references '"):
             for ref in info.references:
                 if not store.is_valid(ref):

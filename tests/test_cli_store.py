@@ -348,6 +348,10 @@ def test_a_damaged_path_record_is_reported_never_a_traceback(cli, tmp_path, dama
     assert_one_error_line(proc, 4)
     assert proc.stdout == f"{cli.physical_store}/{victim.name[:32]}…: has a damaged record in the database\n"
     assert (victim / "data.bin").exists()  # not removed as garbage
+    repair = cli("verify", "--repair")  # says why it leaves the record as it is
+    assert_one_error_line(repair, 4)
+    assert "has a damaged record in the database (not repaired: repair fetches files, not database records" \
+        in repair.stdout, repair.stdout
     assert_one_error_line(cli("path-info", victim), 4, "damaged")
     assert cli.out("path-info", other).startswith(other)
 
