@@ -82,41 +82,40 @@ def loads(data: bytes):
     return json.loads(data)
 
 
-_META = struct.Struct("<II")  # magic, version: at byte 16 of each of the two meta pages
 _LMDB_MAGIC = 0xBEEFC0DE
+_META_END = 152  # a meta page's bytes up to its transaction id
 
 
 def _refuse_truncated(data_file: str) -> None:
     """IntegrityError for an LMDB file shorter than its newest meta page says it is. LMDB maps
     the file and would read past its end: SIGBUS, a crash of every command, no error line.
-    Layout (lmdb.h, 64-bit): each of pages 0 and 1 holds a meta record at byte 16 (magic,
-    version, address, map size, two 48-byte db records whose first u32 is the page size),
-    then the last page number and the transaction id (bytes 136 and 144)."""
+    Layout (lmdb.h, 64-bit): the first two pages each hold a meta record at byte 16 (magic,
+    version, address, map size, two 48-byte db records, the first of which starts with the
+    page size), then the last page number and the transaction id (bytes 136 and 144)."""
     try:
         with open(data_file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(8192) if size else b""
+            if size == 0:
+                return  # a new database
+            first = f.read(_META_END)
+            if len(first) < _META_END:
+                raise _truncated(data_file, f"{size} bytes")
+            if struct.unpack_from("<I", first, 16)[0] != _LMDB_MAGIC:
+                return  # not a file LMDB would map: its own check reports it
+            psize = struct.unpack_from("<I", first, 40)[0]
+            f.seek(psize)
+            metas = [m for m in (first, f.read(_META_END))
+                     if len(m) == _META_END and struct.unpack_from("<I", m, 16)[0] == _LMDB_MAGIC]
     except FileNotFoundError:
         return
-    if not head:
-        return  # a new database
-    need = None
-    for off in (0, 4096):
-        if len(head) < off + 152:
-            break
-        magic, _ = _META.unpack_from(head, off + 16)
-        if magic != _LMDB_MAGIC:
-            continue  # not a meta page LMDB would take: its own check reports it
-        psize = struct.unpack_from("<I", head, off + 40)[0]
-        last_pg, txnid = struct.unpack_from("<QQ", head, off + 136)
-        if need is None or txnid > need[1]:
-            need = ((last_pg + 1) * psize, txnid)
-    if need is None and size < 8192:
-        raise IntegrityError(f"store database '{data_file}' is truncated ({size} bytes)",
-                             "restore the database from a backup")
-    if need is not None and size < need[0]:
-        raise IntegrityError(f"store database '{data_file}' is truncated: {size} bytes of the {need[0]} its "
-                             "last commit wrote", "restore the database from a backup")
+    last_pg, _ = max((struct.unpack_from("<QQ", m, 136) for m in metas), key=lambda meta: meta[1])
+    need = max((last_pg + 1) * psize, 2 * psize)
+    if size < need:
+        raise _truncated(data_file, f"{size} bytes of the {need} its last commit wrote")
+
+
+def _truncated(data_file: str, what: str) -> IntegrityError:
+    return IntegrityError(f"store database '{data_file}' is truncated: {what}", "restore the database from a backup")
 
 
 class Database:
