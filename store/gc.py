@@ -69,7 +69,8 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
         if not dry_run:
             # what a crashed writer or a killed gc left half-deleted goes too, then the blobs
             # only it linked to
-            store.remove_garbage({h for h in infos if store.logical(infos[h].path) not in result.deleted})
+            deleted = set(result.deleted)
+            store.remove_garbage({h for h, i in infos.items() if store.logical(i.path) not in deleted})
             _remove_unused_blobs(store)
     return result
 
