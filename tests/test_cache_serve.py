@@ -295,3 +295,56 @@ def test_slow_clients_are_cut_off_after_the_idle_timeout(tmp_path):
         assert http("GET", f"{srv.url}/{key}")[0] == 401  # reads need a token here
     finally:
         srv.stop()
+
+
+def test_a_token_never_follows_a_redirect_to_another_server(monkeypatch):
+    """spec/cache.md §1: a client sends its token to no other server. A cache that answers
+    every request with a redirect elsewhere: the other server never sees the token."""
+    import http.server
+    import threading
+
+    from fimio.store.cache.backend import HttpBackend
+
+    seen = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_POST = do_PUT = _answer
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirecting(Elsewhere):
+        def _answer(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{other.server_port}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = do_POST = do_PUT = _answer
+
+    cache = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    for srv in (other, cache):
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.delenv("FIMIO_TOKEN", raising=False)
+    try:
+        backend = HttpBackend(f"http://127.0.0.1:{cache.server_port}", "secret-token-abcdef")
+        try:
+            backend.missing([f"info/{c * 32}.json" for c in "abcdefghij"])
+        except Exception:
+            pass  # however it ends, the token stays here
+        try:
+            backend.put(f"info/{'a' * 32}.json", b"{}")
+        except Exception:
+            pass
+        assert seen and all(h is None or "secret-token" not in h for h in seen), seen
+    finally:
+        for srv in (other, cache):
+            srv.shutdown()

@@ -66,13 +66,15 @@ def too_big(url: str, key: str, size: int, max_size: int) -> IntegrityError:
                           "the cache is corrupt or hostile", expected=max_size, got=size)
 
 
-def map_error(url: str, key: str, e: Exception, writing: bool = False) -> Exception:
-    """Turn an obstore exception into a FimioError with one line of text."""
+def map_error(url: str, key: str, e: Exception, writing: bool = False, status: int | None = None) -> Exception:
+    """Turn an obstore exception (or, with its ``status``, an HTTP error) into a FimioError
+    with one line of text."""
     from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 
     text = str(e)
-    m = _STATUS_RE.search(text)
-    status = int(m.group(1)) if m else None
+    if status is None:
+        m = _STATUS_RE.search(text)
+        status = int(m.group(1)) if m else None
     verb = "upload" if writing else "read"
     if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
         if not url.startswith("http"):
@@ -174,7 +176,12 @@ class HttpBackend(ObstoreBackend):
         self._smart: bool | None = None
 
     def put(self, key: str, data: bytes) -> bool:
-        # fimio serve refuses overwrites itself; HTTPStore cannot send If-None-Match.
+        # fimio serve refuses overwrites itself (200 for an object it has, 201 for a new one);
+        # HTTPStore cannot send If-None-Match nor tell 200 from 201. Where it matters -- the
+        # commit points, whose "already there" means another machine published the path or
+        # the realisation first -- the PUT is sent here, to read the status.
+        if key.startswith(_EXACT_PUT_PREFIXES):
+            return self._put_exact(key, data)
         import obstore
 
         try:
@@ -182,6 +189,27 @@ class HttpBackend(ObstoreBackend):
             return True
         except (obstore.exceptions.BaseError, FileNotFoundError) as e:
             raise map_error(self.url, key, e, writing=True) from None
+
+    def _put_exact(self, key: str, data: bytes) -> bool:
+        import urllib.error
+
+        try:
+            with self._open(key, data, "PUT", "application/octet-stream") as resp:
+                return resp.status == 201
+        except urllib.error.HTTPError as e:
+            raise map_error(self.url, key, e, writing=True, status=e.code) from None
+        except OSError as e:
+            raise RemoteError(f"cannot reach cache '{self.url}'", f"{getattr(e, 'reason', e)}") from None
+
+    def _open(self, key: str, data: bytes, method: str, content_type: str):
+        """One request with our token, never following a redirect: a token goes to no other
+        server (spec/cache.md §1), and a redirect is answered as the HTTP error it is."""
+        import urllib.request
+
+        req = urllib.request.Request(self.base + key, data=data, method=method, headers={"Content-Type": content_type})
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        return _no_redirects().open(req, timeout=60)
 
     def missing(self, keys) -> set[str]:
         keys = list(dict.fromkeys(keys))
@@ -207,21 +235,16 @@ class HttpBackend(ObstoreBackend):
     def _post_missing(self, keys: list[str]) -> set[str] | None:
         import http.client
         import urllib.error
-        import urllib.request
 
         body = json.dumps({"keys": keys}).encode()
-        req = urllib.request.Request(self.base + "_api/v1/missing", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
+            with self._open("_api/v1/missing", body, "POST", "application/json") as resp:
                 answer = json.loads(resp.read(64 << 20))
         except urllib.error.HTTPError as e:
             if e.code in (401, 403):
                 raise RemoteError(f"cache '{self.url}' refused the query (HTTP {e.code})", _TOKEN_HINT) from None
-            if e.code in (400, 404, 405, 501):
-                self._smart = False  # a static file server
+            if e.code in (400, 404, 405, 501) or 300 <= e.code < 400:
+                self._smart = False  # a static file server (maybe behind a redirect, which HEADs follow)
                 return None
             raise RemoteError(f"cache '{self.url}' answered HTTP {e.code} to the missing-objects query") from None
         except (urllib.error.URLError, OSError) as e:
@@ -234,6 +257,19 @@ class HttpBackend(ObstoreBackend):
         self._smart = True
         wanted = set(keys)
         return {k for k in missing if isinstance(k, str) and k in wanted}
+
+
+_EXACT_PUT_PREFIXES = ("info/", "realisations/")
+
+
+def _no_redirects():
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # urllib then raises the 3xx as an HTTPError
+
+    return urllib.request.build_opener(NoRedirect)
 
 
 # Retries hide flaky networks but make "unreachable" take minutes; two quick retries.
