@@ -278,6 +278,7 @@ def challenge(opts, target, caches, as_json):
     store, config = opts.store(), opts.config()
     backends = [open_with_config(u, config) for u in caches]
     for b in backends:  # a cache down or for another store directory must not read as "absent"
+        b.check_there()
         cache_params(b, store.store_dir, create=False)
     if is_derivation_target(store, target):
         from fimio.store.realise import resolve_outputs

@@ -310,6 +310,9 @@ def test_challenge_asks_the_caches_for_a_bare_hash_and_never_takes_a_dead_cache_
     text = fim(world, "B", "challenge", hash_part, "--cache", cache, check=0).stdout
     assert text.startswith(f"{tmp_path / 'B' / 'store'}/{path.rsplit('/', 1)[1]}: ") and "blake3:" in text
     assert_one_error_line(fim(world, "A", "challenge", path, "--cache", "http://127.0.0.1:9"), 6, "cannot reach")
+    # a file:// cache whose directory is not there (an unmounted share) is down too, not "absent"
+    gone = f"file://{tmp_path / 'not-mounted'}"
+    assert_one_error_line(fim(world, "A", "challenge", path, "--cache", gone), 6, "does not exist")
     other = tmp_path / "other"
     elsewhere = fim(world, "O", "add", tmp_path / "f.txt", env={"FIMIO_STORE_DIR": "/other/store"}, check=0)
     fim(world, "O", "push", f"file://{other}", elsewhere.stdout.strip(), env={"FIMIO_STORE_DIR": "/other/store"},

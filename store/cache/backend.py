@@ -57,6 +57,9 @@ class Backend:
     def barrier(self) -> None:
         """Order point: objects put before are durable before objects put after become visible."""
 
+    def check_there(self) -> None:
+        """RemoteError if the cache itself is not there (rather than there and empty)."""
+
     def close(self) -> None:
         pass
 

@@ -79,6 +79,11 @@ class FileBackend(Backend):
         os.makedirs(self._tmp, exist_ok=True)
         self._made.add(d)
 
+    def check_there(self) -> None:
+        if not os.path.isdir(self.root):  # an unmounted share is a cache that is down, not an empty one
+            raise RemoteError(f"cache '{self.url}' does not exist (no directory '{self.root}')",
+                              "check the path, and that its file system is mounted")
+
     def barrier(self) -> None:
         if os.path.isdir(self.root):
             fsutil.syncfs(self.root)
