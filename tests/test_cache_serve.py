@@ -134,7 +134,7 @@ def test_without_tokens_the_server_is_read_only(world, tmp_path):
                      env={"FIMIO_CONFIG": world["cfg"]}).returncode == 0
     srv, empty = Serve(f"file://{cache}", tmp_path), Serve(f"file://{tmp_path / 'empty'}", tmp_path)
     try:
-        assert_one_error_line(push(world, empty.url, WRITE_TOKEN), 6, "HTTP 403")
+        assert_one_error_line(push(world, empty.url, WRITE_TOKEN), 6, "HTTP 403", "the server is read-only")
         assert http("PUT", srv.url + "/logs/" + "a" * 64 + ".zst", b"x")[0] == 403
         assert copy(world, srv.url, "B").returncode == 0
     finally:

@@ -82,6 +82,8 @@ def map_error(url: str, key: str, e: Exception, writing: bool = False, status: i
     if isinstance(e, (PermissionDeniedError, UnauthenticatedError)) or status in (401, 403):
         if not url.startswith("http"):
             hint = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        elif status == 403 and writing and "read-only" in text:
+            hint = "the server is read-only: start 'fimio serve' with --tokens, and push with a write token"
         elif status == 403 and writing:
             hint = "the token lacks write rights: use one marked 'write' in the server's tokens file"
         else:
@@ -90,7 +92,7 @@ def map_error(url: str, key: str, e: Exception, writing: bool = False, status: i
     if "NoSuchBucket" in text:
         return RemoteError(f"the bucket of cache '{url}' does not exist", "create it first")
     if status is not None:
-        hint = "raise the server's --max-upload" if status == 413 else "check the server's log"
+        hint = {413: "raise the server's --max-upload", 507: "the cache's disk is full"}.get(status, "check the server's log")
         return RemoteError(f"cache '{url}' answered HTTP {status} for '{key}'", hint)
     first = text.splitlines()[0] if text else type(e).__name__
     if "error sending request" in text or "connect" in text.lower():
