@@ -459,3 +459,20 @@ def test_a_large_blob_given_up_takes_no_late_chunk(tmp_path):
         assert other.read_bytes() == b""
     finally:
         store.close()
+
+
+def test_a_forged_manifest_size_above_the_cap_is_refused_before_anything_is_fetched(tmp_path):
+    """The manifest's size is not signed: an info claiming more than 256 MiB (MAX_MANIFEST) is
+    refused as it is parsed, before a reader would allocate it."""
+    import json
+
+    from fimio.store.cache.layout import RemoteInfo
+    from fimio.store.errors import IntegrityError
+    from fimio.store.paths import StorePath
+
+    path = StorePath.parse("0" * 32 + "-x")
+    info = json.loads(RemoteInfo(path, b"\xaa" * 32, 1, [], b"\xbb" * 32, 100, None, None, []).to_json("/fimio/store"))
+    RemoteInfo.parse(json.dumps(info).encode(), "/fimio/store", path.hash_part, "test")  # as written: fine
+    info["manifest"]["size"] = 512 << 20  # a manifest of half a GiB: millions of files, or a forgery
+    with pytest.raises(IntegrityError, match="manifest size"):
+        RemoteInfo.parse(json.dumps(info).encode(), "/fimio/store", path.hash_part, "test")

@@ -137,13 +137,21 @@ def _unpack(store, data: bytes, blobs, key: str, wanted: dict) -> None:
             ingest.write_blob(store, digest, executable, piece)
 
 
+# Manifests are fetched several at a time; large ones one at a time, so that forged sizes
+# (unsigned, see layout.MAX_MANIFEST) cannot add up to several times that much memory.
+_LARGE_MANIFEST = 16 << 20
+_one_large_manifest = threading.Lock()
+
+
 @_blamed(lambda item, *_: item.backend)
 def _fetch_manifest(item: _Item, stats: FetchStats, store_dir: str) -> None:
     info = item.info
     key = object_key("trees", info.manifest)
-    raw = _get(item.backend, key, info.manifest_size, stats)
-    packing.check_digest(raw, info.manifest, key)
-    item.manifest = manifest.decode(raw, info.root, info.size, key)
+    with _one_large_manifest if info.manifest_size > _LARGE_MANIFEST else contextlib.nullcontext():
+        raw = _get(item.backend, key, info.manifest_size, stats)
+        packing.check_digest(raw, info.manifest, key)
+        item.manifest = manifest.decode(raw, info.root, info.size, key)
+        del raw
     root = item.manifest.root
     wrong = content_address_error(store_dir, info.path, info.ca, root.digest, text_blob(root), info.references)
     if wrong:

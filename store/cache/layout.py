@@ -19,7 +19,9 @@ PROTOCOL_VERSION = 1
 MAX_CACHE_INFO = 64 << 10
 MAX_INFO = 4 << 20
 MAX_REALISATION = 64 << 10
-MAX_MANIFEST = 1 << 30  # hard ceiling; the info's declared size is the real cap
+# A manifest's size is not signed (the root digest it must produce is): what a reader may
+# have to hold before it can tell. 256 MiB describes millions of files.
+MAX_MANIFEST = 256 << 20
 MAX_OBJECT = 64 << 20  # chunks and packs are at most a few MiB; a bound for the server
 
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
