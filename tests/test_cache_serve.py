@@ -13,7 +13,7 @@ import blake3
 import pytest
 import zstandard
 
-from cachefixtures import READ_TOKEN, WRITE_TOKEN, Serve, make_keys, write_config
+from cachefixtures import READ_TOKEN, WRITE_TOKEN, Serve, make_keys, write_config, moto_s3  # noqa: F401
 from conftest import assert_one_error_line, run_fimio
 
 STORE_DIR = "/fimio/store"
@@ -294,6 +294,57 @@ def test_slow_clients_are_cut_off_after_the_idle_timeout(tmp_path):
         assert http("PUT", f"{srv.url}/{key}", frame, WRITE_TOKEN)[0] == 201
         assert http("GET", f"{srv.url}/{key}")[0] == 401  # reads need a token here
     finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("kind", ["file", "s3"])
+def test_a_client_that_stops_reading_is_cut_off_too(tmp_path, kind, request):
+    """Readers that ask for a large object and never read it: their connections are closed
+    about the idle timeout after their data stops being acknowledged, so they hold neither
+    a handler, a descriptor nor memory for long."""
+    if kind == "s3":
+        s3 = request.getfixturevalue("moto_s3")
+        url = s3.url(f"stall-{os.urandom(3).hex()}")
+        from fimio.store.cache.url import open_backend
+
+        put = open_backend(url).put
+    else:
+        cache = tmp_path / "cache"
+        url = f"file://{cache}"
+
+        def put(key, data):
+            (cache / key).parent.mkdir(parents=True, exist_ok=True)
+            (cache / key).write_bytes(data)
+    raw = os.urandom(8 << 20)
+    digest = blake3.blake3(raw).hexdigest()
+    key = f"chunks/{digest[:2]}/{digest}.zst"
+    put(key, zstandard.ZstdCompressor(level=1).compress(raw))
+    srv = Serve(url, tmp_path, anonymous_read=True, tokens={WRITE_TOKEN: "write"}, extra=("--idle-timeout", "2"))
+    host, port = srv.url.removeprefix("http://").split(":")
+    readers = []
+    try:
+        for _ in range(5):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect((host, int(port)))
+            s.sendall(f"GET /{key} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            readers.append(s)
+        time.sleep(10)
+        still_open = 0
+        for s in readers:
+            s.setblocking(False)
+            try:
+                while s.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                still_open += 1  # nothing more, yet no end: the server holds it open
+            except OSError:
+                pass  # reset or timed out by the server
+        assert still_open == 0, f"{still_open} stalled readers still held open"
+        assert http("GET", f"{srv.url}/fimio-cache.json")[0] in (200, 404)  # and the server still serves
+    finally:
+        for s in readers:
+            s.close()
         srv.stop()
 
 

@@ -27,6 +27,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import sys
 
@@ -101,6 +102,17 @@ class CacheServer:
                 return scope
         return None
 
+    def _drop_stalled_reader(self, request) -> None:
+        """Let the kernel close this connection when what we send stays unacknowledged for
+        ``idle_timeout`` (TCP_USER_TIMEOUT, which also bounds zero-window probing): a client
+        that stops reading a response can hold neither its handler nor its memory for long."""
+        sock = request.transport.get_extra_info("socket") if request.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.idle_timeout * 1000))
+            except (OSError, AttributeError):
+                pass  # a platform without it: the slow-reader bound is then the OS's own
+
     def _require(self, request, want: str) -> None:
         if want == "read" and self.anonymous_read:
             return
@@ -123,6 +135,7 @@ class CacheServer:
 
     async def get(self, request):
         self._require(request, "read")
+        self._drop_stalled_reader(request)
         key = _key(request)
         if self.root:
             path = os.path.join(self.root, key)
@@ -345,6 +358,10 @@ def parse_listen(text: str) -> tuple[str, int]:
 def run(server: CacheServer, host: str, port: int, ready=None) -> None:
     """Serve until SIGTERM/SIGINT. ``ready(url)`` is called once the socket listens."""
 
+    import logging
+
+    logging.getLogger("aiohttp.server").addFilter(_drop_client_gone)
+
     async def main():
         # keepalive_timeout also bounds the wait for a new connection's first request head
         # (aiohttp >= 3.14.4), and nothing the client trickles in meanwhile extends it. After
@@ -370,3 +387,11 @@ def run(server: CacheServer, host: str, port: int, ready=None) -> None:
         await runner.cleanup()
 
     asyncio.run(main())
+
+
+def _drop_client_gone(record) -> bool:
+    """A logging filter: a client that went away (a reset, or a stalled reader whose
+    connection the kernel timed out, see CacheServer._drop_stalled_reader) is no server error
+    worth a traceback on stderr."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not isinstance(exc, (ConnectionError, TimeoutError))
