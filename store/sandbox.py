@@ -76,8 +76,10 @@ class SandboxSpec:
         argv += [
             *build,
             "--proc", "/proc", "--dev", "/dev",
-            "--chdir", self.build_mount,
         ]
+        for path in PROC_READ_ONLY:  # bound from the host's procfs: see PROC_READ_ONLY
+            argv += ["--ro-bind-try", path, path]
+        argv += ["--chdir", self.build_mount]
         for path, fd in (data_fds or {}).items():
             argv += ["--ro-bind-data", str(fd), path]
         for key, value in self.env:
@@ -86,6 +88,13 @@ class SandboxSpec:
         argv += ["--remount-ro", "/", "--", self.builder, *self.args]  # the sandbox root tmpfs: read-only
         return argv
 
+
+# The procfs entries that change the host, not the sandbox: kernel settings, the SysRq
+# trigger, IRQ affinity, PCI and filesystem knobs. The build's user is mapped to whoever runs
+# fimio, so when that is root their owner checks would let a build write them (as Docker,
+# they are made read-only). Bound from the host's procfs read-only: /proc/sys shows each
+# reader the values of its own namespaces (its hostname, its network), whoever mounted it.
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
 
 # What procfs shows of the host that is the same for every build on one machine, and so a
 # silent difference between machines: their fixed contents inside every sandbox.

@@ -612,6 +612,21 @@ def test_machine_identities_in_proc_are_masked(cli, tmp_path):
     assert text == "00000000-0000-0000-0000-000000000000\n\n" and host_boot_id not in text
 
 
+def test_a_build_cannot_change_the_hosts_kernel_settings(cli, tmp_path):
+    """The build's user is whoever runs fimio outside: run as root, procfs's owner checks
+    alone would let it write host-wide settings. Writing a setting's own value back must be
+    refused (it is harmless even if it were not), and so must the SysRq trigger."""
+    text = _built_text(cli, tmp_path, "sysctl", """{
+        for f in /proc/sys/kernel/printk_ratelimit /proc/sys/vm/swappiness; do
+          if ( cat $f > $f ) 2>/dev/null; then echo "WROTE $f"; else echo "denied $f"; fi
+        done
+        if ( echo > /proc/sysrq-trigger ) 2>/dev/null; then echo "WROTE sysrq"; else echo "denied sysrq"; fi
+        cat /proc/sys/kernel/hostname
+        } > $out""")
+    assert text.splitlines() == ["denied /proc/sys/kernel/printk_ratelimit", "denied /proc/sys/vm/swappiness",
+                                 "denied sysrq", "localhost"], text
+
+
 def test_the_build_cores_are_the_cpus_fimio_may_use(cli, tmp_path):
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: nothing to narrow")
