@@ -7,6 +7,7 @@ compare them with the registered ones (``--check``).
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from .derivation import Derivation
 from .errors import BuildError, IntegrityError, NotFound
 from .paths import StorePath
 from .sandbox import SandboxSpec, builder_visible, masked_proc_fds
-from .tree import DirNode, FileNode, Node, SymlinkNode
+from .tree import MAX_DEPTH, DirNode, FileNode, Node, SymlinkNode
 
 SOURCE_DATE_EPOCH = "315532800"
 LOG_TAIL_LINES = 25
@@ -312,13 +313,24 @@ class Builder:
             if not os.path.lexists(tmp):
                 raise BuildError(f"builder for '{drv.drv_path.base}' did not create output '{name}' (${name})")
             found: set[bytes] = set()
-            node = self._normalise(os.fsencode(tmp), candidates, found)
+            where = f"output '{name}' of '{drv.drv_path.base}'"
+            try:
+                node = self._normalise(os.fsencode(tmp), candidates, found)
+            except _TooDeep:
+                raise BuildError(f"{where} has entries nested deeper than {MAX_DEPTH} levels",
+                                 "the store's limit (spec/tree.md): a tree that deep cannot be archived") from None
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
+                raise BuildError(f"{where} has a file whose path is longer than the system allows",
+                                 "shorten its names or its nesting") from None
             refs = sorted(candidates[h] for h in found)
             result[name] = BuiltOutput(name, path, tmp, node, refs)
         return result
 
-    def _normalise(self, path: bytes, candidates, found: set) -> Node:
-        """Make the output canonical (mtime 1, 0444/0555, no setuid), hash it, scan references."""
+    def _normalise(self, path: bytes, candidates, found: set, depth: int = 0) -> Node:
+        """Make the output canonical (mtime 1, 0444/0555, no setuid), hash it, scan references.
+        _TooDeep for entries nested deeper than the store allows (spec/tree.md §3)."""
         st = os.lstat(path)
         mode = st.st_mode
         if stat.S_ISLNK(mode):
@@ -336,13 +348,19 @@ class Builder:
             node = DirNode()
             with os.scandir(path) as it:
                 names = [e.name for e in it]
+            if names and depth >= MAX_DEPTH:
+                raise _TooDeep()
             for name in names:
                 scan_refs(name, candidates, found)  # a file name can carry a reference too, as in a NAR
-                node.entries[name] = self._normalise(path + b"/" + name, candidates, found)
+                node.entries[name] = self._normalise(path + b"/" + name, candidates, found, depth + 1)
             os.utime(path, (1, 1))
             os.chmod(path, 0o555)
             return node
         raise BuildError(f"output contains '{os.fsdecode(path)}', which is not a file, directory or symlink")
+
+
+class _TooDeep(Exception):
+    pass
 
 
 def scan_refs(data: bytes, candidates, found: set) -> None:

@@ -262,13 +262,29 @@ def remove_tree(path: str) -> None:
     if stat.S_ISDIR(st.st_mode):
         import shutil
 
-        make_writable(path)
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            make_writable(path)
+            shutil.rmtree(path)
+        except (OSError, RecursionError):
+            _remove_by_descriptors(path)
     else:
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _remove_by_descriptors(path: str) -> None:
+    """What Python's walk cannot delete -- names too long for one path, nesting deeper than
+    it recurses, a tree changing meanwhile -- coreutils can: they walk by directory
+    descriptors, at any depth. What even they leave stays garbage, for the next try."""
+    import subprocess
+
+    for argv in (["chmod", "-R", "u+w", "--", path], ["rm", "-rf", "--", path]):
+        try:
+            subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return
 
 
 @contextmanager

@@ -409,7 +409,13 @@ def test_failing_builder(cli, tmp_path):
     ("echo no output", "did not create output 'out'"),
     ("mkdir $out && /usr/bin/mkfifo $out/pipe", "not a file, directory or symlink"),
     ("kill -9 $$", "exit code 137"),  # bwrap reports a killed builder as 128 + signal
-], ids=["no-output", "fifo-in-output", "killed"])
+    # deeper than the store allows (spec/tree.md §3): never registered, as add refuses it
+    ("mkdir $out && cd $out && for i in $(seq 600); do mkdir d && cd d; done && echo x > f",
+     "has entries nested deeper than 512 levels"),
+    # deeper than a path can name: refused, and its scratch directory still removed
+    ("mkdir $out && cd $out && /usr/bin/python3 -c 'import os\nfor i in range(30): os.mkdir(\"n\" * 200); "
+     "os.chdir(\"n\" * 200)'", "has a file whose path is longer than the system allows"),
+], ids=["no-output", "fifo-in-output", "killed", "too-deep", "path-too-long"])
 def test_other_build_failures(cli, tmp_path, script, needle):
     f = write_drv(tmp_path / "x.toml", "x", "echo the builder ran; " + script)
     out = outputs_of(cli, f)["out"]
@@ -419,6 +425,7 @@ def test_other_build_failures(cli, tmp_path, script, needle):
     not_registered(cli, out)
     assert cli.out("log", f).startswith("the builder ran")  # the log of a failed build is kept
     assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("build-")] == []
+    cli.out("verify")  # and the store is whole
 
 
 def test_builder_outside_the_sandbox(cli, tmp_path):
