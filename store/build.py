@@ -21,7 +21,7 @@ import blake3
 
 from . import fsutil
 from .derivation import Derivation
-from .errors import BuildError, IntegrityError, NotFound
+from .errors import BuildError, IntegrityError, NotFound, UsageError
 from .paths import StorePath
 from .sandbox import SandboxSpec, builder_visible, masked_proc_fds
 from .tree import MAX_DEPTH, DirNode, FileNode, Node, SymlinkNode
@@ -359,6 +359,9 @@ class Builder:
         raise BuildError(f"output contains '{os.fsdecode(path)}', which is not a file, directory or symlink")
 
 
+_LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
 class _TooDeep(Exception):
     pass
 
@@ -434,6 +437,7 @@ def fetch(store, drv: Derivation, offline: bool = False, interrupted=lambda: Fal
     import hashlib
     import http.client
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     from .hostfp import host_info
@@ -449,6 +453,12 @@ def fetch(store, drv: Derivation, offline: bool = False, interrupted=lambda: Fal
     os.makedirs(os.path.join(scratch, "store"))
     tmp = os.path.join(scratch, "store", path.base)
     start = time.time()
+    if url.lower().startswith("file:"):
+        local = urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+        if os.path.exists(local) and not os.path.isfile(local):  # a device would never end
+            fsutil.remove_tree(scratch)
+            raise UsageError(f"'{drv.name}' would fetch {url}, which is not a regular file",
+                             "a file:// fetch reads one file")
     try:
         with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
             while chunk := resp.read(1 << 20):
@@ -461,6 +471,9 @@ def fetch(store, drv: Derivation, offline: bool = False, interrupted=lambda: Fal
         raise
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         fsutil.remove_tree(scratch)
+        if isinstance(e, OSError) and e.errno in _LOCAL_WRITE_ERRNOS:
+            # our disk, not the URL: the one-line "check free space" error, exit 1
+            raise OSError(e.errno, e.strerror, os.path.dirname(scratch)) from None
         if isinstance(e, http.client.HTTPException):  # a bad status line, a body cut short, ...
             reason = f"a broken answer ({type(e).__name__})"
         else:

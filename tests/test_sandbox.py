@@ -568,6 +568,50 @@ def test_a_malformed_fetch_url_is_bad_input(cli, tmp_path, url):
     assert_one_error_line(cli("instantiate", d / "fetch.toml"), 2, "[fetch] url")
 
 
+def test_a_fetch_of_a_device_is_refused_at_once(cli, tmp_path):
+    """A fetch of file:///dev/zero would never end (it filled a disk): a device is refused, one
+    line, exit 2, nothing written. (/dev/null here: it would end at once were it not refused.)"""
+    drv = tmp_path / "null.toml"
+    drv.write_text(f'name = "null"\n[fetch]\nurl = "file:///dev/null"\nhash = "sha256:{"0" * 64}"\n')
+    assert_one_error_line(cli("realise", "--no-out-link", drv), 2, "not a regular file")
+    assert [e for e in os.listdir(cli.root / "tmp") if e.startswith("fetch-")] == []
+
+
+def test_a_full_disk_during_a_fetch_is_the_disk_s_error_not_the_url_s(cli, tmp_path, monkeypatch):
+    """ENOSPC while writing a download: exit 1 with the free-space hint, not 'cannot fetch'
+    (exit 5) with a hint about the network."""
+    import errno as errno_
+
+    from fimio.store import build
+    from fimio.store.local import LocalStore
+
+    (tmp_path / "data.txt").write_text("data\n")
+    drv = tmp_path / "data.toml"
+    drv.write_text(f'name = "data.txt"\n[fetch]\nurl = "file://{tmp_path / "data.txt"}"\nhash = "sha256:{"0" * 64}"\n')
+    store = LocalStore.open(str(cli.root))
+    try:
+        from fimio.store.instantiate import Graph
+
+        d = Graph(store).from_file(str(drv))
+        real_open = open
+
+        def full_disk_open(path, mode="r", *args, **kw):
+            f = real_open(path, mode, *args, **kw)
+            if "w" in mode and "fetch-" in str(path):
+                def write(_data):
+                    raise OSError(errno_.ENOSPC, "No space left on device")
+                f.write = write
+            return f
+
+        monkeypatch.setattr("builtins.open", full_disk_open)
+        with pytest.raises(OSError) as e:
+            build.fetch(store, d)
+        assert e.value.errno == errno_.ENOSPC and e.value.filename and "fetch-" not in e.value.filename
+    finally:
+        monkeypatch.undo()
+        store.close()
+
+
 def test_fixed_output_unreachable_url(cli, tmp_path, file_server):
     d = fetch_example_copy(tmp_path / "fetch", f"{file_server.url}/no-such-file.txt")
     out = outputs_of(cli, d / "fetch.toml")["out"]
