@@ -25,6 +25,7 @@ DEFAULT_HOST_PATHS = ["/usr", "/bin", "/lib", "/lib64"]
 RESERVED_ENV = {"HOME", "TMPDIR", "TZ", "LANG", "SOURCE_DATE_EPOCH", "FIMIO_BUILD_CORES", "FIMIO_STORE"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NUL = "a NUL character cannot be passed to a program (in its arguments or environment)"
 _TOP_KEYS = {"name", "builder", "args", "system", "outputs", "env", "inputs", "sandbox", "fetch"}
 _HASH_RE = re.compile(r"(sha256|blake3):([0-9a-f]{64})")
 
@@ -278,15 +279,23 @@ def _validate(rd: RawDerivation) -> None:
         _expect(rd, d["builder"], str, "builder")
         if not d["builder"]:
             raise rd.error("'builder' must not be empty", "builder")
+        if "\0" in d["builder"]:
+            raise rd.error(_NUL, "builder")
     args = _expect(rd, d.get("args", []), list, "args")
     if not all(isinstance(a, str) for a in args):
         raise rd.error("'args' must be a list of strings", "args")
+    if any("\0" in a for a in args):
+        raise rd.error(_NUL, "args")
     _expect(rd, d.get("system", ""), str, "system")
     outputs = _expect(rd, d.get("outputs", ["out"]), list, "outputs")
     if not outputs or len(set(outputs)) != len(outputs) or not all(
         isinstance(o, str) and _OUTPUT_NAME.fullmatch(o) for o in outputs
     ):
         raise rd.error("'outputs' must be a non-empty list of distinct names like \"out\", \"bin\"", "outputs")
+    for o in outputs:  # each output is an environment variable of the build: $out, $bin
+        if o in RESERVED_ENV or o.startswith("FIMIO_") or o == "PATH":
+            raise rd.error(f"output name '{o}' is a variable fimio sets (or PATH) and cannot name an output",
+                           "outputs")
     # the names the derivation gives its store paths: <name>.drv and <name>-<output>
     longest = max([len(".drv")] + [len(o) + 1 for o in outputs if o != "out"])
     if len(d["name"]) + longest > 211:
@@ -300,13 +309,16 @@ def _validate(rd: RawDerivation) -> None:
         if key in RESERVED_ENV or key.startswith("FIMIO_") or key in outputs:
             raise rd.error(f"'{key}' is set by fimio and cannot be overridden", key, "env")
         _expect(rd, value, str, key, "env", "a string (environment values are strings only)")
+        if "\0" in value:
+            raise rd.error(_NUL, key, "env")
     inputs = _expect(rd, d.get("inputs", {}), dict, "inputs")
     for var, spec in inputs.items():
         _validate_input(rd, var, spec, outputs, env)
     sandbox = _expect(rd, d.get("sandbox", {}), dict, "sandbox")
     for key, value in sandbox.items():
         if key == "host_paths":
-            if not isinstance(value, list) or not all(isinstance(p, str) and p.startswith("/") for p in value):
+            if not isinstance(value, list) or not all(isinstance(p, str) and p.startswith("/") and "\0" not in p
+                                                      for p in value):
                 raise rd.error("'host_paths' must be a list of absolute paths", key, "sandbox")
         elif key == "timeout":
             if _expect(rd, value, int, key, "sandbox") < 0:

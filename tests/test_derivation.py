@@ -108,6 +108,14 @@ BAD = [
      2, "cannot have 'builder'"),
     ("fetch-with-inputs", 'name = "x"\n[inputs]\ns = { path = "." }\n[fetch]\nurl = "http://h/x"\nhash = "sha256:'
      + "0" * 64 + '"\n', 2, "cannot have 'inputs'"),
+    # no program can be given a NUL: refused here, never a traceback where the build starts
+    ("nul-in-env", 'name = "x"\n' + SH + '[env]\nA = "a\\u0000b"\n', 4, "a NUL character"),
+    ("nul-in-args", 'name = "x"\nbuilder = "/bin/sh"\nargs = ["-c", "a\\u0000b"]\n', 3, "a NUL character"),
+    ("nul-in-builder", 'name = "x"\nbuilder = "/bin/sh\\u0000x"\n', 2, "a NUL character"),
+    ("nul-in-host-path", 'name = "x"\n' + SH + '[sandbox]\nhost_paths = ["/usr\\u0000"]\n', 4, "'host_paths' must be"),
+    # an output is a variable of the build: $HOME would be /homeless-shelter, not the output
+    ("output-named-home", 'name = "x"\n' + SH + 'outputs = ["out", "HOME"]\n', 3, "output name 'HOME'"),
+    ("output-named-fimio", 'name = "x"\n' + SH + 'outputs = ["FIMIO_STORE"]\n', 3, "output name 'FIMIO_STORE'"),
 ]
 
 
