@@ -34,9 +34,9 @@ def stat_signature(path: str) -> str:
         try:
             st = os.lstat(p)
         except OSError:
-            h.update(f"{p}\0missing\n".encode())
+            h.update(os.fsencode(p) + b"\0missing\n")  # fsencode: names need not be UTF-8
             continue
-        h.update(f"{p}\0{_stat_line(st)}".encode())
+        h.update(os.fsencode(p) + f"\0{_stat_line(st)}".encode())
         if stat.S_ISDIR(st.st_mode):
             try:
                 names = sorted(os.listdir(p))
@@ -52,7 +52,7 @@ def _stat_line(st) -> str:
 
 
 def cache_key(file: str, store_dir: str) -> bytes:
-    return f"{store_dir}\0{os.path.abspath(file)}".encode()
+    return store_dir.encode() + b"\0" + os.fsencode(os.path.abspath(file))  # names need not be UTF-8
 
 
 def make_entry(drv_base: str, signatures: dict[str, str]) -> bytes:

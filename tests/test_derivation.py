@@ -538,3 +538,22 @@ def run_other(root, *args) -> str:
     from conftest import run_fimio
 
     return run_fimio(list(args), root, check=0).stdout.strip()
+
+
+def test_names_that_are_not_utf8_in_sources_and_derivation_directories(tmp_path):
+    """File names are bytes: a source holding one that is not UTF-8, and a derivation file in
+    such a directory, instantiate and realise (twice: the evaluation cache keys them too)."""
+    from conftest import Fimio
+
+    cli = Fimio(tmp_path / "root")
+    d = os.path.join(os.fsencode(tmp_path), b"lat\xe9")
+    os.makedirs(os.path.join(d, b"src"))
+    with open(os.path.join(d, b"src", b"caf\xe9"), "wb") as f:
+        f.write(b"y")
+    with open(os.path.join(d, b"d.toml"), "wb") as f:
+        f.write(b'name = "d"\n' + SH.encode() + b'args = ["-c", "echo > $out"]\n[inputs]\nsrc = { path = "src" }\n')
+    drv_file = os.fsdecode(os.path.join(d, b"d.toml"))
+    first = cli.out("instantiate", drv_file)
+    assert cli.out("instantiate", drv_file) == first
+    out = cli.out("realise", "--no-out-link", drv_file)
+    assert cli.out("realise", "--no-out-link", drv_file) == out
