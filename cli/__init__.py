@@ -99,4 +99,10 @@ def _fail(what: str, hint: str | None = None) -> None:
 
         traceback.print_exc()
     line = f"fimio: error: {what}" + (f" ({hint})" if hint else "")
-    print(line.replace("\n", " "), file=sys.stderr)
+    # one line whatever it quotes: a newline becomes a space, another control character (a
+    # NUL in a name) its escape
+    line = line.replace("\n", " ").translate(_CONTROL_ESCAPES)
+    print(line, file=sys.stderr)
+
+
+_CONTROL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F] if c != 0x0A}

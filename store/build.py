@@ -316,6 +316,10 @@ class Builder:
             where = f"output '{name}' of '{drv.drv_path.base}'"
             try:
                 node = self._normalise(os.fsencode(tmp), candidates, found)
+            except _Unstorable as e:
+                rel = os.fsdecode(e.path[len(os.fsencode(tmp)):])
+                raise BuildError(f"{where} contains a {e.kind} at '${name}{rel}'",
+                                 "only files, directories and symlinks can be stored") from None
             except _TooDeep:
                 raise BuildError(f"{where} has entries nested deeper than {MAX_DEPTH} levels",
                                  "the store's limit (spec/tree.md): a tree that deep cannot be archived") from None
@@ -356,7 +360,7 @@ class Builder:
             os.utime(path, (1, 1))
             os.chmod(path, 0o555)
             return node
-        raise BuildError(f"output contains '{os.fsdecode(path)}', which is not a file, directory or symlink")
+        raise _Unstorable(path, _KINDS.get(stat.S_IFMT(mode), "special file"))
 
 
 _LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
@@ -364,6 +368,16 @@ _LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
 
 class _TooDeep(Exception):
     pass
+
+
+class _Unstorable(Exception):
+    def __init__(self, path: bytes, kind: str):
+        super().__init__(kind)
+        self.path, self.kind = path, kind
+
+
+_KINDS = {stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+          stat.S_IFBLK: "block device"}
 
 
 def scan_refs(data: bytes, candidates, found: set) -> None:

@@ -301,7 +301,7 @@ def _validate(rd: RawDerivation) -> None:
     if len(d["name"]) + longest > 211:
         raise rd.error(f"name of {len(d['name'])} characters is too long: with "
                        f"'{'.drv' if longest == 4 else '-' + max(outputs, key=len)}' it must fit the 211 "
-                       "characters of a store name", "name")
+                       "characters of a store name", "name", hint="shorten the name")
     env = _expect(rd, d.get("env", {}), dict, "env")
     for key, value in env.items():
         if not _ENV_NAME.fullmatch(key):

@@ -111,6 +111,8 @@ BAD = [
     # no program can be given a NUL: refused here, never a traceback where the build starts
     ("nul-in-env", 'name = "x"\n' + SH + '[env]\nA = "a\\u0000b"\n', 4, "a NUL character"),
     ("nul-in-args", 'name = "x"\nbuilder = "/bin/sh"\nargs = ["-c", "a\\u0000b"]\n', 3, "a NUL character"),
+    ("nul-in-name", 'name = "a\\u0000b"\n' + SH, 1, "invalid store path name 'a\\x00b'"),  # shown escaped
+    ("name-too-long", 'name = "' + "n" * 210 + '"\n' + SH, 1, "(shorten the name)"),
     ("nul-in-builder", 'name = "x"\nbuilder = "/bin/sh\\u0000x"\n', 2, "a NUL character"),
     ("nul-in-host-path", 'name = "x"\n' + SH + '[sandbox]\nhost_paths = ["/usr\\u0000"]\n', 4, "'host_paths' must be"),
     # an output is a variable of the build: $HOME would be /homeless-shelter, not the output

@@ -407,7 +407,7 @@ def test_failing_builder(cli, tmp_path):
 
 @pytest.mark.parametrize("script,needle", [
     ("echo no output", "did not create output 'out'"),
-    ("mkdir $out && /usr/bin/mkfifo $out/pipe", "not a file, directory or symlink"),
+    ("mkdir $out && /usr/bin/mkfifo $out/pipe", "contains a fifo at '$out/pipe'"),
     ("kill -9 $$", "exit code 137"),  # bwrap reports a killed builder as 128 + signal
     # deeper than the store allows (spec/tree.md §3): never registered, as add refuses it
     ("mkdir $out && cd $out && for i in $(seq 600); do mkdir d && cd d; done && echo x > f",
