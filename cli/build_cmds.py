@@ -140,7 +140,14 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
     if options.substituters is not None and progress.enabled:
         options.substituters.stats.progress = progress.substituting
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
-    realiser.warn = lambda message: info(opts, f"fimio: warning: {message}")
+    warned: set[str] = set()
+
+    def warn(message: str) -> None:  # once each: a refusal met again as the graph is planned further
+        if message not in warned:
+            warned.add(message)
+            info(opts, f"fimio: warning: {message}")
+
+    realiser.warn = warn
     outcome, checks, links = None, None, {}
     try:
         try:

@@ -171,6 +171,23 @@ def test_unsigned_push_warns(world, tmp_path):
     assert "unsigned" in proc.stderr
 
 
+def test_a_refused_cache_is_warned_about_once(world, tmp_path):
+    """A cache whose record of a dependency no trusted key signed: realise builds instead
+    and says so once, however often planning meets the refusal."""
+    app = graph(tmp_path / "g")
+    cache = tmp_path / "c"
+    out = fim(world, "A", "realise", app, "--no-out-link", check=0).stdout.strip()
+    fim(world, "A", "push", f"file://{cache}", app, "--key", world["sk"], check=0)
+    for info in (cache / "info").iterdir():  # every record but the target's loses its signature
+        if not os.path.basename(out).startswith(info.name[:32]):
+            record = json.loads(info.read_text())
+            record["signatures"] = []
+            info.write_text(json.dumps(record))
+    proc = fim(world, "B", "realise", app, "--no-out-link", "--substituter", f"file://{cache}", check=0)
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("fimio: warning:")]
+    assert warnings and len(warnings) == len(set(warnings)), proc.stderr
+
+
 @pytest.mark.parametrize("url,code,needle", [
     ("nope://x", 2, "unknown scheme"),
     ("file:relative", 2, "absolute path"),
