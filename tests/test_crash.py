@@ -92,6 +92,8 @@ def test_sigkill_during_add_never_leaves_a_half_valid_path(big_tree, tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             outcomes["killed-running"] += 1
+        else:  # it finished first (a calibration slowed by a busy machine, or blobs kept from
+            typical = min(typical, delay)  # earlier kills): draw the next delays within what it took
         _, err = proc.communicate(timeout=60)
         assert proc.returncode in (0, -signal.SIGKILL), err.decode(errors="replace")
 
