@@ -193,7 +193,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
             from fimio.store.realise import gravest
 
             error = gravest(failures, f"{len(failures)} failure(s)", f"see {where}")
-    except FimioError as e:
+    except (FimioError, OSError) as e:
         if as_json and not dry_run:  # a script learns what was done before the failure
             emit_json(_realise_json(store, outcome, links, checks, e))
         raise
@@ -219,14 +219,20 @@ def _realise_json(store, outcome, links: dict, checks, error) -> dict:
     failure ``error`` (exit code, message, details) beside what was done before it."""
     return {
         "ok": error is None,
-        "error": None if error is None else {"exitCode": error.exit_code, "message": error.message,
-                                             "details": error.details},
+        "error": None if error is None else _error_json(error),
         "targets": [_drv_json(store, d) for d, _ in outcome.targets] if outcome else [],
         "built": [store.logical_base(b) for b in outcome.built] if outcome else [],
         "substituted": outcome.substituted if outcome else [],
         "outLinks": links,
         "checks": checks.to_json() if checks is not None else None,
     }
+
+
+def _error_json(error) -> dict:
+    if isinstance(error, OSError):  # the system failed (a full disk): exit 1, as the error line says
+        where = f" '{os.fsdecode(error.filename)}'" if error.filename else ""
+        return {"exitCode": 1, "message": f"{error.strerror or error}{where}", "details": []}
+    return {"exitCode": error.exit_code, "message": error.message, "details": error.details}
 
 
 def _print_log_tails(e, named: bool = False) -> None:

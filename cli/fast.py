@@ -64,7 +64,13 @@ def _realise(opts, targets) -> int | None:
     from fimio.store.config import config_path, load_config, resolve_root
 
     if os.path.exists(config_path()):
-        load_config()  # a bad config file is bad usage whatever the outputs' state: the full path says so
+        # a bad config file is bad usage whatever the outputs' state: the full path says so
+        config = load_config()
+        if config.substituters:
+            from fimio.store.cache.url import parse_cache_url
+
+            for url in config.substituters:
+                parse_cache_url(url)
     root = resolve_root(opts.get("--root"))
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
@@ -85,9 +91,12 @@ def _realise_locked(opts, targets, root) -> int | None:
 
     from fimio.store.config import resolve_store_dir
 
+    from fimio.store.db import refuse_truncated
+
     store_dir = resolve_store_dir(opts.get("--store-dir"))
     store = os.path.join(root, "store")
     db_path = os.path.join(root, "db")
+    refuse_truncated(os.path.join(db_path, "data.mdb"))  # mapped, a short file would be a SIGBUS
     env = lmdb.open(db_path, max_dbs=16, readonly=True, lock=True, subdir=True)
     try:
         with env.begin() as txn:

@@ -179,9 +179,9 @@ def _flat_hash(path: str, algo: str) -> tuple[str, int]:
     import blake3
 
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening: a fifo's open would block
+            raise UsageError(f"'{path}' is not a file", "--flat hashes one file's bytes; drop it for a tree")
         with open(path, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise UsageError(f"'{path}' is not a file", "--flat hashes one file's bytes; drop it for a tree")
             hasher = hashlib.sha256() if algo == "sha256" else blake3.blake3()
             size = 0
             while chunk := f.read(1 << 20):
@@ -189,6 +189,6 @@ def _flat_hash(path: str, algo: str) -> tuple[str, int]:
                 size += len(chunk)
     except FileNotFoundError:
         raise NotFound(f"'{path}' does not exist", "check the name") from None
-    except IsADirectoryError:
-        raise UsageError(f"'{path}' is not a file", "--flat hashes one file's bytes; drop it for a tree") from None
+    except PermissionError:
+        raise UsageError(f"cannot read '{path}': permission denied") from None
     return f"{algo}:{hasher.hexdigest()}", size

@@ -52,8 +52,8 @@ class Blobs:
 
     def prepare_bulk(self) -> None:
         """Before publishing many blobs: learn once whether new files get their exact mode
-        at creation, which saves a chmod per blob (see :func:`_creation_mode_exact`)."""
-        self.exact_mode = _creation_mode_exact(self.links)
+        at creation, which saves a chmod per blob (see :func:`creation_mode_exact`)."""
+        self.exact_mode = creation_mode_exact(self.links)
 
     def ingest_file(self, src: bytes, size: int, executable: bool) -> tuple[bytes, int]:
         """Copy one regular file's contents into ``.links`` (once per distinct content).
@@ -157,12 +157,14 @@ class Blobs:
         key = self.path(digest, executable)
         os.chmod(path, 0o555 if executable else 0o444)
         os.utime(path, (1, 1))
+        size = os.lstat(path).st_size
         while True:
             try:
                 os.link(path, key)
                 return
             except FileExistsError:
-                pass
+                if not _blob_intact(key, size):
+                    continue  # a damaged blob (torn, or chmod-ed by hand): removed; ours takes its name
             try:
                 if os.path.samestat(os.stat(path), os.stat(key)):
                     return  # a hard link of a file adopted before (a build's own hard links)
@@ -203,13 +205,13 @@ def _read_all(fd: int, size: int) -> bytes:
 
 def _normalise_fd(fd: int, mode: int, exact: bool = False) -> None:
     """Give a new blob its normal form: mtime 1 and its exact mode, which creation already
-    gave it when ``exact`` (see :func:`_creation_mode_exact`)."""
+    gave it when ``exact`` (see :func:`creation_mode_exact`)."""
     if not exact:
         os.fchmod(fd, mode)
     os.utime(fd, (1, 1))
 
 
-def _creation_mode_exact(directory: str) -> bool:
+def creation_mode_exact(directory: str) -> bool:
     """Whether a file created in ``directory`` with mode 0o444 or 0o555 gets exactly that
     mode: the process umask clears none of those bits and the directory has no default ACL
     (either could narrow the mode). Checked once per add: it saves a chmod per new blob."""

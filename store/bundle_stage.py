@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import blake3
 
 from . import fsutil
+from .blobs import creation_mode_exact
 from .errors import IntegrityError
 from .tree import DirNode, FileNode, SymlinkNode
 
@@ -63,6 +64,8 @@ class Staging:
         self._copies: dict[tuple[bytes, bool], bytes] = {}  # (digest, executable) -> a file of ours with it
         self._stash: dict[bytes, bytes] = {}  # blobs received before any tree needed them
         self._records = None  # the file of build records kept (keep_record)
+        global _exact_mode
+        _exact_mode = creation_mode_exact(os.fsdecode(self.dir))
         # An empty .links (a fresh store) has nothing to link from: skip two stats per file.
         # A blob another writer publishes meanwhile is merely not shared (publish tolerates it).
         self._links_empty = store.blobs.empty()
@@ -193,7 +196,7 @@ class Staging:
         plan = self._plan(digest, size)
         self.flush.wrote(size)
         h = blake3.blake3()  # AUTO threading costs more than it saves on 1 MiB updates
-        fd = os.open(plan[0][0], _CREATE, 0o555 if plan[0][1] else 0o444) if plan else None
+        fd = _create(plan[0][0], plan[0][1]) if plan else None
         try:
             left = size
             while left:
@@ -245,6 +248,24 @@ def _publish_links(links) -> None:
                 raise
 
 
+def _create(path: bytes, executable: bool) -> int:
+    """A new blob file with its normal mode, whatever the umask (a chmod where creation
+    alone does not give it: see blobs.creation_mode_exact)."""
+    mode = 0o555 if executable else 0o444
+    fd = os.open(path, _CREATE, mode)
+    if not _exact_mode:
+        try:
+            os.fchmod(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+# whether files created under tmp/ get their exact mode (set per import: Staging)
+_exact_mode = False
+
+
 def _link_or_copy(src: bytes, dst: bytes, executable: bool) -> None:
     try:
         os.link(src, dst)
@@ -258,7 +279,7 @@ def _copy(src: bytes, dst: bytes, executable: bool, digest: bytes | None) -> Non
     """Copy a blob file to a new inode with the given executable bit (checked when ``digest``)."""
     h = blake3.blake3()
     with open(src, "rb") as f:
-        fd = os.open(dst, _CREATE, 0o555 if executable else 0o444)
+        fd = _create(dst, executable)
         try:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
@@ -285,7 +306,7 @@ def _write_batch(batch) -> None:
             raise mismatch(digest)
         if plan:
             path, executable, _ = plan[0]
-            fd = os.open(path, _CREATE, 0o555 if executable else 0o444)
+            fd = _create(path, executable)
             try:
                 fsutil.write_all(fd, data)
                 os.utime(fd, (1, 1))

@@ -86,7 +86,7 @@ _LMDB_MAGIC = 0xBEEFC0DE
 _META_END = 152  # a meta page's bytes up to its transaction id
 
 
-def _refuse_truncated(data_file: str) -> None:
+def refuse_truncated(data_file: str) -> None:
     """IntegrityError for an LMDB file shorter than its newest meta page says it is. LMDB maps
     the file and would read past its end: SIGBUS, a crash of every command, no error line.
     Layout (lmdb.h, 64-bit): the first two pages each hold a meta record at byte 16 (magic,
@@ -126,7 +126,7 @@ class Database:
         store already holds paths: they would all look unregistered, and be collected)."""
         self._may_start = may_start
         os.makedirs(path, exist_ok=True)
-        _refuse_truncated(os.path.join(path, "data.mdb"))
+        refuse_truncated(os.path.join(path, "data.mdb"))
         try:
             self.env = lmdb.open(path, max_dbs=len(_DBS) + 1, map_size=1 << 38, subdir=True, sync=True)
         except lmdb.Error as e:

@@ -93,10 +93,14 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
                     log(f"substituted the missing reference '{store.logical(ref)}'")
                 else:
                     remaining += [_annotate(p, f"not repaired: no substituter has '{store.logical(ref)}'") for p in ps]
+        down: dict[int, str] = {}  # cache (its index) -> why it was dropped: the reason for every path after
         for path, ps in sorted(damaged.items()):
             reasons = []
             fixed = False
-            for s in subs:
+            for i, s in enumerate(subs):
+                if i in down:
+                    reasons.append(down[i])
+                    continue
                 try:
                     fixed = _repair_one(store, path, s, reasons)
                 except FimioError as e:
@@ -104,8 +108,10 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
                 if fixed:
                     log(f"repaired '{store.logical(path)}' from {s.subs[0].url}")
                     break
-            for s in subs:
+            for i, s in enumerate(subs):
                 reasons += [f"{e.message}" for e in s.errors]
+                if s.errors and not s.subs:
+                    down[i] = s.errors[-1].message
                 s.errors.clear()
             if not fixed:
                 why = "; ".join(dict.fromkeys(reasons)) or "no substituter has it"

@@ -186,6 +186,9 @@ def _make_root(store, link: str, target: StorePath, flag: str) -> str:
 
 
 def _check_link(store, link: str, target: StorePath, flag: str) -> None:
+    if not os.path.isdir(os.path.dirname(link)):
+        raise UsageError(f"cannot make the link '{link}': its directory does not exist",
+                         f"create it, or choose another name with {flag}")
     in_the_way = _in_the_way(link, (os.path.dirname(store.physical(target)), store.store_dir))
     if in_the_way:
         raise UsageError(f"cannot make the link '{link}': {in_the_way} is in the way "
@@ -247,7 +250,12 @@ def _base_in_store(target: str, real_store: str, store_dir: str) -> str | None:
     store path itself may be a symlink."""
     logical = os.path.normpath(target)
     if logical.startswith(store_dir.rstrip("/") + "/"):
-        return logical[len(store_dir.rstrip("/")) + 1:].split("/", 1)[0]
+        base = logical[len(store_dir.rstrip("/")) + 1:].split("/", 1)[0]
+        try:
+            StorePath.parse(base)
+            return base
+        except Exception:
+            pass  # not a store path's name (an out-link kept under the store directory's parent?)
     parent = os.path.realpath(os.path.dirname(target.rstrip("/")))
     if parent == real_store:
         return os.path.basename(target.rstrip("/"))

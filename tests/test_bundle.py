@@ -750,3 +750,18 @@ def test_ctrl_c_while_importing_from_a_pipe_ends_at_once_and_registers_nothing(t
     assert cli("path-info", path).returncode == 5
     cli.out("verify")
     assert os.listdir(cli.root / "tmp") == []
+
+
+def test_an_import_under_a_restrictive_umask_gives_normal_modes(tmp_path, vector_key, trusting):
+    """Blobs are 0444/0555 whatever the importer's umask (as add and substitution give)."""
+    src = Fimio(tmp_path / "src")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "f").write_text("f\n")
+    (tmp_path / "t" / "x").write_text("#!/bin/sh\n")
+    os.chmod(tmp_path / "t" / "x", 0o755)
+    path = src.out("add", tmp_path / "t")
+    src.out("export", path, "-o", tmp_path / "t.bundle", "--key", vector_key)
+    cli = Fimio(tmp_path / "root")
+    imported = pathlib.Path(cli.out("import", tmp_path / "t.bundle", env=trusting,
+                                    preexec_fn=lambda: os.umask(0o077)))
+    assert [os.stat(imported / n).st_mode & 0o777 for n in ("f", "x")] == [0o444, 0o555]

@@ -399,3 +399,26 @@ def test_a_token_never_follows_a_redirect_to_another_server(monkeypatch):
     finally:
         for srv in (other, cache):
             srv.shutdown()
+
+
+def test_a_malformed_answer_to_an_upload_is_one_error_not_a_traceback(monkeypatch):
+    import socketserver
+    import threading
+
+    from fimio.store.cache.backend import HttpBackend
+    from fimio.store.errors import RemoteError
+
+    class Garbage(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(65536)
+            self.request.sendall(b"garbage\r\n\r\n")
+
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        backend = HttpBackend(f"http://127.0.0.1:{srv.server_address[1]}", "secret-token-abcdef")
+        with pytest.raises(RemoteError, match="malformed answer"):
+            backend.put(f"info/{'a' * 32}.json", b"{}")
+    finally:
+        srv.shutdown()
+        srv.server_close()

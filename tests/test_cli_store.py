@@ -542,6 +542,8 @@ def test_hash_flat_gives_what_a_fetch_declares(cli, tmp_path, algo):
     assert json.loads(cli.out("hash", "--flat", "--json", "--type", algo, data)) == \
         {"path": str(data), "digest": flat, "size": 13}
     assert_one_error_line(cli("hash", "--flat", tmp_path), 2, "is not a file")
+    os.mkfifo(tmp_path / "fifo")  # refused before it is opened: an open would wait for a writer
+    assert_one_error_line(cli("hash", "--flat", tmp_path / "fifo", timeout=20), 2, "is not a file")
 
 
 @pytest.mark.parametrize("loss", ["emptied", "removed"])
@@ -580,8 +582,12 @@ def test_a_truncated_database_is_one_error_line_not_a_crash(cli, tmp_path, size)
     for i in range(3):
         (tmp_path / f"f{i}").write_text(f"{i}\n" * 1000)
         cli.out("add", tmp_path / f"f{i}")
+    drv = tmp_path / "d.toml"
+    drv.write_text('name = "d"\nbuilder = "/bin/sh"\nargs = ["-c", "echo > $out"]\n')
+    cli.out("realise", "--no-out-link", drv)
     os.truncate(cli.root / "db" / "data.mdb", size)
-    for command in (["verify"], ["gc"], ["add", tmp_path / "f0"]):
+    # (realise: its outputs are valid, so the no-op fast path, which maps the file itself, is tried)
+    for command in (["verify"], ["gc"], ["add", tmp_path / "f0"], ["realise", "--no-out-link", drv]):
         assert_one_error_line(cli(*command), 4, "is truncated", "restore the database")
 
 

@@ -438,3 +438,18 @@ def test_gc_roots_by_logical_name_and_never_removes_a_user_s_link(cli, tmp_path)
     cli.out("gc")
     assert a.exists(), "a root by logical name did not keep its path"
     assert sorted(os.listdir(gcroots)) == sorted(set(before) - set(auto)), "gc pruned a user's link, or kept a stale one"
+
+
+def test_an_out_link_inside_the_logical_store_directory_s_tree_is_still_a_root(tmp_path):
+    """With the logical store directory at /X, an out-link at /X/proj/result (no store path's
+    name) is an out-link, not a direct root by logical name: gc keeps its output."""
+    from conftest import Fimio
+
+    logical = tmp_path / "Lg"
+    (logical / "proj").mkdir(parents=True)
+    cli = Fimio(tmp_path / "root")
+    env = {"FIMIO_STORE_DIR": str(logical)}
+    f = write_drv(tmp_path / "d.toml", "d", "echo d > $out")
+    cli.out("realise", f, "-o", logical / "proj" / "result", env=env)
+    cli.out("gc", env=env)
+    assert (logical / "proj" / "result").read_text() == "d\n", "gc deleted a rooted output"

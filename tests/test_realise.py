@@ -354,6 +354,30 @@ def test_json_is_printed_when_realise_fails(cli, tmp_path):
         assert drv["path"] == drv["drvPath"] and drv["physical"].endswith("/" + drv["path"].rsplit("/", 1)[1])
 
 
+def test_json_is_printed_when_the_system_fails_too(cli, tmp_path, monkeypatch, capsys):
+    """A full disk (an OSError, exit 1) under --json: the object is printed as for any failure."""
+    import errno
+    import gc as collector
+
+    import fimio.cli
+    from fimio.store.realise import Realiser
+
+    def full_disk(self, targets, before_build=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(cli.root / "tmp"))
+
+    f = write_drv(tmp_path / "d.toml", "d", "echo d > $out")
+    monkeypatch.setattr(Realiser, "realise", full_disk)
+    monkeypatch.setenv("FIMIO_ROOT", str(cli.root))
+    monkeypatch.setenv("FIMIO_CONFIG", str(tmp_path / "no-config.toml"))
+    try:
+        assert fimio.cli.run(["realise", "--json", "--no-out-link", str(f)]) == 1
+    finally:
+        collector.enable()
+    result = json.loads(capsys.readouterr().out)
+    assert result["ok"] is False and result["error"]["exitCode"] == 1, result
+    assert result["error"]["message"].startswith("No space left on device"), result
+
+
 def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
     """-k with a build failure (1), a fetch of nothing (5) and a fixed-output hash mismatch
     (4): exit 4 whichever finished first, all named; without the mismatch, 5."""
@@ -385,6 +409,15 @@ def test_a_bad_config_value_is_one_usage_error(cli, tmp_path, setting, needle):
     # the same when the outputs are valid already (the no-op fast path)
     cli.out("realise", "--no-out-link", f)
     assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, str(config), needle)
+
+
+def test_a_bad_substituter_in_the_config_is_bad_usage_even_for_a_no_op(cli, tmp_path):
+    f = write_drv(tmp_path / "c.toml", "c", "echo c > $out")
+    config = tmp_path / "config.toml"
+    config.write_text('substituters = ["ftp://x"]\n')
+    assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, "ftp://x")
+    cli.out("realise", "--no-out-link", f)  # valid now: the no-op fast path
+    assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, "ftp://x")
 
 
 def test_no_out_link_and_an_out_link_name_exclude_each_other(cli, tmp_path):
@@ -553,6 +586,7 @@ def test_an_out_link_in_the_way_fails_before_the_build(cli, tmp_path):
     (tmp_path / "taken").write_text("mine\n")
     slow = write_drv(tmp_path / "slow.toml", "slow", "echo 1 > $out")
     assert_one_error_line(cli("realise", "-o", tmp_path / "taken", slow), 2, "taken", "a file")
+    assert_one_error_line(cli("realise", "-o", tmp_path / "no-dir" / "r", slow), 2, "its directory does not exist")
     assert cli.out("realise", "-n", slow).startswith("1 derivation(s) would be built"), "it was built"
 
 

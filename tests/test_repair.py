@@ -194,6 +194,14 @@ def test_without_a_usable_substituter_repair_reports_why(origin, damaged, tmp_pa
     assert_one_error_line(p, 4)
     assert "not repaired" in p.stdout and "127.0.0.1:9" in p.stdout, p.stdout
     assert "does not have it" not in p.stdout, "an unreachable cache was said to lack the path"
+    # a second damaged path: its reason is the same unreachable cache, not "no substituter has it"
+    g = damaged / "store" / origin["paths"]["t2"] / "own.txt"
+    flip(g, 0)
+    p = fim(origin, damaged, "verify", "--check-contents", "--repair", config=unreachable)
+    lines = [line for line in p.stdout.splitlines() if "not repaired" in line]
+    assert len(lines) == 2 and all("127.0.0.1:9" in line for line in lines), p.stdout
+    os.chmod(g, 0o644)
+    g.write_text("only in t2\n")  # whole again: the rest of this test repairs t1 alone
     empty = tmp_path / "empty-cache"
     empty.mkdir()
     lacking = write_config(tmp_path / "lacking.toml", trusted=[origin["pk"]], substituters=[f"file://{empty}"])

@@ -710,3 +710,15 @@ def test_a_build_that_cannot_start_leaks_no_descriptor(store, tmp_path, monkeypa
             realiser.build(drv)
     realiser.close()
     assert len(os.listdir("/proc/self/fd")) <= before
+
+
+def test_a_build_output_never_links_to_a_blob_chmod_ed_by_hand(cli, tmp_path):
+    """A store file is its blob: a build producing the same bytes as a damaged (chmod-ed)
+    one gets a fresh, normal blob of its own."""
+    (tmp_path / "same.txt").write_text("same-bytes\n")
+    damaged = pathlib.Path(cli.out("add", tmp_path / "same.txt"))
+    os.chmod(damaged, 0o644)
+    f = write_drv(tmp_path / "same.toml", "same", "printf 'same-bytes\\n' > $out")
+    out = pathlib.Path(out_of(realise_json(cli, f))[1])
+    assert out.read_text() == "same-bytes\n"
+    assert os.stat(out).st_mode & 0o777 == 0o444 and not os.path.samefile(out, damaged)

@@ -196,6 +196,7 @@ class HttpBackend(ObstoreBackend):
             raise map_error(self.url, key, e, writing=True) from None
 
     def _put_exact(self, key: str, data: bytes) -> bool:
+        import http.client
         import urllib.error
 
         try:
@@ -205,6 +206,9 @@ class HttpBackend(ObstoreBackend):
             raise map_error(self.url, key, e, writing=True, status=e.code) from None
         except OSError as e:
             raise RemoteError(f"cannot reach cache '{self.url}'", f"{getattr(e, 'reason', e)}") from None
+        except http.client.HTTPException as e:
+            raise RemoteError(f"cache '{self.url}' sent a malformed answer to the upload of '{key}' "
+                              f"({type(e).__name__})") from None
 
     def _open(self, key: str, data: bytes, method: str, content_type: str):
         """One request with our token, never following a redirect: a token goes to no other
