@@ -186,9 +186,10 @@ def _make_root(store, link: str, target: StorePath, flag: str) -> str:
 
 
 def _check_link(store, link: str, target: StorePath, flag: str) -> None:
-    if not os.path.isdir(os.path.dirname(link)):
-        raise UsageError(f"cannot make the link '{link}': its directory does not exist",
-                         f"create it, or choose another name with {flag}")
+    parent = os.path.dirname(link)
+    if not os.path.isdir(parent):
+        what = f"'{parent}' is not a directory" if os.path.lexists(parent) else "its directory does not exist"
+        raise UsageError(f"cannot make the link '{link}': {what}", f"choose another name with {flag}")
     in_the_way = _in_the_way(link, (os.path.dirname(store.physical(target)), store.store_dir))
     if in_the_way:
         raise UsageError(f"cannot make the link '{link}': {in_the_way} is in the way "

@@ -567,7 +567,8 @@ def test_an_out_link_never_replaces_what_is_not_an_earlier_link_into_the_store(c
     # a link that only names the store on its way elsewhere is the user's too
     os.symlink(f"{cli.physical_store}/../../../etc", work / "escape")
     assert_one_error_line(cli("realise", "-o", work / "escape", one), 2, "a link to")
-    assert_one_error_line(cli("realise", "-o", tmp_path / "one.toml" / "x", one), 2, "cannot make the link", "Not a directory")
+    assert_one_error_line(cli("realise", "-o", tmp_path / "one.toml" / "x", one), 2, "cannot make the link",
+                          "is not a directory")
     # every link is checked before any is made: result-dev in the way leaves result unmade
     multi = write_drv(tmp_path / "multi.toml", "multi", "echo o > $out; echo d > $dev", outputs=["out", "dev"])
     (work / "m-dev").write_text("mine\n")
