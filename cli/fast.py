@@ -64,13 +64,7 @@ def _realise(opts, targets) -> int | None:
     from fimio.store.config import config_path, load_config, resolve_root
 
     if os.path.exists(config_path()):
-        # a bad config file is bad usage whatever the outputs' state: the full path says so
-        config = load_config()
-        if config.substituters:
-            from fimio.store.cache.url import parse_cache_url
-
-            for url in config.substituters:
-                parse_cache_url(url)
+        load_config()  # a bad config file is bad usage whatever the outputs' state: the full path says so
     root = resolve_root(opts.get("--root"))
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):

@@ -137,4 +137,11 @@ def load_config(path: str | None = None) -> Config:
         if kind is int and value < 0:
             raise UsageError(f"{path}: '{key}' must be 0 (the default) or more, not {value}")
         setattr(config, key.replace("-", "_"), value)
+    if config.substituters:  # here, so that every command (the no-op fast path too) refuses a bad one
+        from .cache.url import parse_cache_url
+
+        for url in config.substituters:
+            if not isinstance(url, str):
+                raise UsageError(f"{path}: 'substituters' must be a list of cache URLs")
+            parse_cache_url(url)
     return config

@@ -55,6 +55,7 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
         alive = reachable(store, roots)
         infos = {i.path.hash_part: i for i in store.all_paths()}
         dead = {h: i for h, i in infos.items() if h not in alive}
+        gone: set[str] = set()  # hash parts deleted
         for info in _referrers_first(dead):
             if max_freed is not None and result.freed >= max_freed:
                 break
@@ -64,13 +65,13 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
                 continue
             with store.db.write() as txn:
                 store.invalidate(txn, info)
+            gone.add(info.path.hash_part)
             fsutil.remove_tree(store.physical(info.path))
         result.kept = len(infos) - len(result.deleted)  # reachable, and (--max-freed) left for later
         if not dry_run:
             # what a crashed writer or a killed gc left half-deleted goes too, then the blobs
             # only it linked to
-            deleted = set(result.deleted)
-            store.remove_garbage({h for h, i in infos.items() if store.logical(i.path) not in deleted})
+            store.remove_garbage(set(infos) - gone)
             _remove_unused_blobs(store)
     return result
 

@@ -93,13 +93,13 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
                     log(f"substituted the missing reference '{store.logical(ref)}'")
                 else:
                     remaining += [_annotate(p, f"not repaired: no substituter has '{store.logical(ref)}'") for p in ps]
-        down: dict[int, str] = {}  # cache (its index) -> why it was dropped: the reason for every path after
+        down: dict = {}  # a cache dropped as unreachable -> why: the reason for every path after
         for path, ps in sorted(damaged.items()):
             reasons = []
             fixed = False
-            for i, s in enumerate(subs):
-                if i in down:
-                    reasons.append(down[i])
+            for s in subs:
+                if s in down:
+                    reasons.append(down[s])
                     continue
                 try:
                     fixed = _repair_one(store, path, s, reasons)
@@ -108,10 +108,10 @@ def repair_paths(store, problems: list[Problem], opts, log=None) -> list[Problem
                 if fixed:
                     log(f"repaired '{store.logical(path)}' from {s.subs[0].url}")
                     break
-            for i, s in enumerate(subs):
+            for s in subs:
                 reasons += [f"{e.message}" for e in s.errors]
                 if s.errors and not s.subs:
-                    down[i] = s.errors[-1].message
+                    down[s] = s.errors[-1].message
                 s.errors.clear()
             if not fixed:
                 why = "; ".join(dict.fromkeys(reasons)) or "no substituter has it"

@@ -255,7 +255,7 @@ def _base_in_store(target: str, real_store: str, store_dir: str) -> str | None:
         try:
             StorePath.parse(base)
             return base
-        except Exception:
+        except UsageError:
             pass  # not a store path's name (an out-link kept under the store directory's parent?)
     parent = os.path.realpath(os.path.dirname(target.rstrip("/")))
     if parent == real_store:
