@@ -61,10 +61,9 @@ def try_realise(argv: list[str]) -> int | None:
 
 
 def _realise(opts, targets) -> int | None:
-    from fimio.store.config import config_path, load_config, resolve_root
+    from fimio.store.config import load_config, resolve_root
 
-    if os.path.exists(config_path()):
-        load_config()  # a bad config file is bad usage whatever the outputs' state: the full path says so
+    load_config()  # a bad config file is bad usage whatever the outputs' state: the full path says so
     root = resolve_root(opts.get("--root"))
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):

@@ -110,12 +110,18 @@ def _token_scope(url: str) -> tuple[tuple, str]:
 
 
 def load_config(path: str | None = None) -> Config:
-    """Read the config file (missing file = defaults). UsageError on bad TOML, keys or types."""
+    """Read the config file. UsageError on bad TOML, keys, types or values, and when
+    ``FIMIO_CONFIG`` names a file that does not exist (a typo there must not silently drop
+    the user's keys and caches); a missing default file means the defaults."""
+    named = path or os.environ.get("FIMIO_CONFIG")
     path = path or config_path()
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
+        if named:
+            raise UsageError(f"config file '{path}' (FIMIO_CONFIG) does not exist",
+                             "fix the name, or set FIMIO_CONFIG=/dev/null for no config file") from None
         return Config()
     except OSError as e:
         raise UsageError(f"cannot read config '{path}': {e.strerror}") from None
@@ -137,11 +143,29 @@ def load_config(path: str | None = None) -> Config:
         if kind is int and value < 0:
             raise UsageError(f"{path}: '{key}' must be 0 (the default) or more, not {value}")
         setattr(config, key.replace("-", "_"), value)
-    if config.substituters:  # here, so that every command (the no-op fast path too) refuses a bad one
+    _check_values(path, config)
+    return config
+
+
+def _check_values(path: str, config: Config) -> None:
+    """Refuse malformed values here, so that every command (the no-op fast path too) refuses
+    them, not only the command that happens to use them."""
+    for key, what in (("substituters", "cache URLs"), ("trusted-public-keys", "public keys"),
+                      ("secret-key-files", "file names")):
+        if not all(isinstance(v, str) for v in getattr(config, key.replace("-", "_"))):
+            raise UsageError(f"{path}: '{key}' must be a list of {what} (strings)")
+    if not all(isinstance(v, str) for v in config.tokens.values()):
+        raise UsageError(f"{path}: every value under [tokens] must be a token (a string)")
+    if config.substituters:
         from .cache.url import parse_cache_url
 
         for url in config.substituters:
-            if not isinstance(url, str):
-                raise UsageError(f"{path}: 'substituters' must be a list of cache URLs")
             parse_cache_url(url)
-    return config
+    if config.trusted_public_keys:
+        from .cache.keys import PublicKey
+
+        for key in config.trusted_public_keys:
+            try:
+                PublicKey.parse(key)
+            except UsageError as e:
+                raise UsageError(f"{path}: 'trusted-public-keys': {e.message}", e.hint) from None

@@ -210,9 +210,7 @@ def read_toml(path: str) -> RawDerivation:
     except UnicodeDecodeError:
         raise DrvFileError(f"{path}:1: not UTF-8 text") from None
     except RecursionError:
-        # (or this file is reached through a chain of derivations thousands deep)
-        raise DrvFileError(f"{path}:1: nested too deeply to read (arrays or tables, or a chain of "
-                           "thousands of derivations)") from None
+        raise DrvFileError(f"{path}:1: arrays or tables nested too deeply to read") from None
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"\(at line (\d+), column \d+\)", str(e))
         line = m.group(1) if m else str(max(1, len(text.splitlines())))  # "at end of document"

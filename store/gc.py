@@ -85,16 +85,21 @@ def _referrers_first(dead: dict) -> list:
             if ref.hash_part in referrers and ref.hash_part != h:
                 referrers[ref.hash_part].append(h)
 
-    def visit(h, stack=()):
-        if h in done or h in stack:
-            return
-        for r in referrers[h]:
-            visit(r, stack + (h,))
-        done.add(h)
-        order.append(dead[h])
-
-    for h in sorted(dead):
-        visit(h)
+    for start in sorted(dead):  # depth first without recursion: a chain may be any length
+        if start in done:
+            continue
+        stack, open_ = [(start, iter(referrers[start]))], {start}
+        while stack:
+            h, rest = stack[-1]
+            r = next((r for r in rest if r not in done and r not in open_), None)
+            if r is not None:
+                stack.append((r, iter(referrers[r])))
+                open_.add(r)
+                continue
+            stack.pop()
+            open_.discard(h)
+            done.add(h)
+            order.append(dead[h])
     return order
 
 

@@ -45,6 +45,16 @@ def note_lack(lines: dict[str, str], hash_part: str, line: str) -> None:
         lines[hash_part] = line
 
 
+class _Frame:
+    """A derivation file being instantiated: its inputs still to resolve (the next one
+    last) and those resolved."""
+
+    def __init__(self, file: str, rd):
+        self.file, self.rd = file, rd
+        self.todo = list(rd.inputs.items())[::-1]
+        self.inputs: dict[str, Input] = {}
+
+
 class Graph:
     """The derivations reachable from some targets, by logical ``.drv`` path."""
 
@@ -101,23 +111,34 @@ class Graph:
         self._sigs.setdefault(path, evalcache.stat_signature(path))
 
     def load(self, drv_logical: str) -> Derivation:
-        """Read a ``.drv`` from the store (memoised)."""
-        drv = self.drvs.get(drv_logical)
-        if drv is not None:
-            return drv
+        """Read a ``.drv`` from the store, and the ``.drv`` files it needs, inputs first
+        (memoised; without recursion, so a chain may be any length)."""
+        stack = [] if drv_logical in self.drvs else [(drv_logical, self._read_drv(drv_logical))]
+        while stack:
+            logical, drv = stack[-1]
+            unread = next((p for p in drv.input_drvs() if p not in self.drvs), None)
+            if unread is not None:
+                if any(unread == other for other, _ in stack):
+                    raise IntegrityError(f"derivation '{logical}' depends on itself", "the .drv file was forged")
+                stack.append((unread, self._read_drv(unread)))
+                continue
+            stack.pop()
+            claimed = dict(drv.outputs)
+            assign_outputs(drv, self.drv_hash)  # sets drv_hash and the outputs it implies
+            if claimed != drv.outputs:
+                # a .drv from elsewhere (a cache, a bundle) must not claim another build's outputs
+                raise IntegrityError(f"derivation '{logical}' names output paths its contents do not hash to",
+                                     "the .drv file was forged or corrupted", expected=drv.outputs, got=claimed)
+            self.drvs[logical] = drv
+        return self.drvs[drv_logical]
+
+    def _read_drv(self, drv_logical: str) -> Derivation:
         path = StorePath.parse(drv_logical.rsplit("/", 1)[1])
         if not self.store.is_valid(path):
             raise NotFound(f"derivation '{drv_logical}' is not in this store")
         with open(self.store.physical(path), "rb") as f:
             drv = parse_drv_json(f.read(), drv_logical, self.store.store_dir)
         drv.drv_path = path
-        claimed = dict(drv.outputs)
-        assign_outputs(drv, self.drv_hash)  # sets drv_hash and the outputs it implies
-        if claimed != drv.outputs:
-            # a .drv from elsewhere (a cache, a bundle) must not claim another build's outputs
-            raise IntegrityError(f"derivation '{drv_logical}' names output paths its contents do not hash to",
-                                 "the .drv file was forged or corrupted", expected=drv.outputs, got=claimed)
-        self.drvs[drv_logical] = drv
         return drv
 
     def drv_hash(self, drv_logical: str) -> str:
@@ -125,21 +146,66 @@ class Graph:
             self._hashes[drv_logical] = self.load(drv_logical).drv_hash
         return self._hashes[drv_logical]
 
-    def from_file(self, file: str, stack: tuple[str, ...] = ()) -> Derivation:
-        """Instantiate a derivation file and everything it depends on."""
-        file = os.path.abspath(file)
-        if file in stack:
-            cycle = " -> ".join(os.path.relpath(f) for f in stack[stack.index(file):] + (file,))
-            raise UsageError(f"{os.path.relpath(stack[-1])}: dependency cycle: {cycle}")
-        if file in self._by_file:
-            return self.drvs[self._by_file[file]]
+    def from_file(self, file: str) -> Derivation:
+        """Instantiate a derivation file and everything it depends on.
+
+        Depth first with an explicit stack, not recursion: a chain of derivations may be
+        any length. ``stack`` holds the files being instantiated, outermost first."""
+        top = os.path.abspath(file)
+        if top in self._by_file:
+            return self.drvs[self._by_file[top]]
+        stack = [_Frame(top, self._read(top))]
+        open_files = {top}
+        while True:
+            frame = stack[-1]
+            if frame.todo:
+                var, spec = frame.todo[-1]
+                dep_file = self._unmade_dependency(frame, var, spec, stack, open_files)
+                if dep_file is not None:
+                    stack.append(_Frame(dep_file, self._read(dep_file)))
+                    open_files.add(dep_file)
+                    continue
+                frame.todo.pop()
+                frame.inputs[var] = self._resolve_input(frame, var, spec)
+                continue
+            stack.pop()
+            open_files.discard(frame.file)
+            drv = self._make(frame)
+            if not stack:
+                break
+        # the whole graph is known: write every new .drv in one commit
+        self._refuse_missing_store_inputs()
+        if not self.unavailable:
+            self.store.add_texts(self._pending)
+            self._pending.clear()
+            self._remember(top, drv)
+        return drv
+
+    def _read(self, file: str):
         self._signature(file)
         self._deps[file] = {file}
-        rd = read_toml(file)
-        d = rd.data
-        base = os.path.dirname(file)
-        inputs = {var: self._resolve_input(rd, var, spec, base, stack + (file,)) for var, spec in rd.inputs.items()}
+        return read_toml(file)
+
+    def _unmade_dependency(self, frame: _Frame, var: str, spec: dict, stack: list, open_files: set) -> str | None:
+        """The derivation file input ``var`` names, if it still has to be instantiated first."""
+        if "drv" not in spec:
+            return None
+        dep_file = os.path.abspath(os.path.join(os.path.dirname(frame.file), spec["drv"]))
+        if not os.path.exists(dep_file):
+            raise frame.rd.error(f"input '{var}': derivation file '{spec['drv']}' does not exist", var, "inputs")
+        if dep_file in self._by_file:
+            return None
+        if dep_file in open_files:
+            files = [f.file for f in stack]
+            chain = files[files.index(dep_file):] + [dep_file]
+            raise frame.rd.error("dependency cycle: " + " -> ".join(os.path.basename(f) for f in chain), var, "inputs")
+        return dep_file
+
+    def _make(self, frame: _Frame) -> Derivation:
+        """The derivation of a file whose inputs are all resolved; queued to be written."""
+        d = frame.rd.data
         fetch = d.get("fetch")
+        inputs = {var: frame.inputs[var] for var in frame.rd.inputs}  # the file's order
         drv = Derivation(
             name=d["name"],
             system=d.get("system") or host_system(),
@@ -152,7 +218,7 @@ class Graph:
             timeout=int(d.get("sandbox", {}).get("timeout", 0)),
             fetch=dict(fetch) if fetch else None,
             store_dir=self.store.store_dir,
-            source=file,
+            source=frame.file,
         )
         assign_outputs(drv, self.drv_hash)
         refs = sorted(StorePath.parse(p.rsplit("/", 1)[1]) for p in {i.path for i in inputs.values()})
@@ -162,25 +228,15 @@ class Graph:
         logical = self.store.logical(drv.drv_path)
         self.drvs[logical] = drv
         self._hashes[logical] = drv.drv_hash
-        self._by_file[file] = logical
-        if not stack:  # the whole graph is known: write every new .drv in one commit
-            self._refuse_missing_store_inputs()
-            if not self.unavailable:
-                self.store.add_texts(self._pending)
-                self._pending.clear()
-                self._remember(file, drv)
+        self._by_file[frame.file] = logical
         return drv
 
-    def _resolve_input(self, rd, var, spec, base, stack) -> Input:
+    def _resolve_input(self, frame: _Frame, var: str, spec: dict) -> Input:
+        rd, base = frame.rd, os.path.dirname(frame.file)
         if "drv" in spec:
-            dep_file = os.path.join(base, spec["drv"])
-            if not os.path.exists(dep_file):
-                raise rd.error(f"input '{var}': derivation file '{spec['drv']}' does not exist", var, "inputs")
-            if os.path.abspath(dep_file) in stack:
-                chain = stack[stack.index(os.path.abspath(dep_file)):] + (os.path.abspath(dep_file),)
-                raise rd.error("dependency cycle: " + " -> ".join(os.path.basename(f) for f in chain), var, "inputs")
-            dep = self.from_file(dep_file, stack)
-            self._deps[stack[-1]] |= self._deps[os.path.abspath(dep_file)]
+            dep_file = os.path.abspath(os.path.join(base, spec["drv"]))
+            dep = self.drvs[self._by_file[dep_file]]
+            self._deps[frame.file] |= self._deps[dep_file]
             output = spec.get("output", "out")
             if output not in dep.outputs:
                 raise rd.error(f"input '{var}': '{spec['drv']}' has no output '{output}'", var, "inputs",
@@ -197,7 +253,7 @@ class Graph:
                 name = "source"
             src = os.path.abspath(src)
             self._signature(src)
-            self._deps[stack[-1]].add(src)
+            self._deps[frame.file].add(src)
             try:
                 info = self.store.add_path(src, name)
             except UsageError as e:
@@ -252,19 +308,24 @@ class Graph:
     # ---- walking ---------------------------------------------------------------------
 
     def closure(self, roots: list[Derivation]) -> list[Derivation]:
-        """All derivations reachable from ``roots``, dependencies before dependents."""
+        """All derivations reachable from ``roots``, dependencies before dependents
+        (depth-first post-order, without recursion)."""
         order: list[Derivation] = []
         seen: set[str] = set()
-
-        def visit(drv: Derivation):
-            key = self.store.logical(drv.drv_path)
-            if key in seen:
-                return
-            seen.add(key)
-            for path in drv.input_drvs():
-                visit(self.load(path))
-            order.append(drv)
-
-        for r in roots:
-            visit(r)
+        for root in roots:
+            stack = [(root, None)]
+            while stack:
+                drv, deps = stack.pop()
+                if deps is None:
+                    key = self.store.logical(drv.drv_path)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    deps = iter(drv.input_drvs())
+                dep = next(deps, None)
+                if dep is None:
+                    order.append(drv)
+                    continue
+                stack.append((drv, deps))
+                stack.append((self.load(dep), None))
         return order

@@ -39,10 +39,10 @@ def fimio_executable() -> str:
 
 def fimio_env(root, env: dict | None = None) -> dict:
     """The environment of a fimio subprocess: no inherited FIMIO_* settings, our root and
-    a nonexistent config file, then ``env`` on top."""
+    no config file (``/dev/null``), then ``env`` on top."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("FIMIO_")}
     base["FIMIO_ROOT"] = str(root)
-    base["FIMIO_CONFIG"] = os.path.join(str(root), "no-such-config.toml")
+    base["FIMIO_CONFIG"] = os.devnull
     if env:
         base.update({k: str(v) for k, v in env.items()})
     return base

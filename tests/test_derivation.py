@@ -509,6 +509,22 @@ def test_absurdly_nested_toml_is_one_line_not_a_traceback(cli, tmp_path):
     assert_one_error_line(cli("realise", "--no-out-link", ok, env={"FIMIO_CONFIG": config}), 2, f"{config}: ", "nested")
 
 
+def test_a_chain_of_thousands_of_derivations_is_planned_and_collected(cli, tmp_path):
+    """Graph walks (instantiation, loading .drv files, planning, gc) use no recursion: the
+    interpreter's limit does not bound a chain's length (2000 levels took 10000 frames)."""
+    n = 2000
+    for i in range(n):
+        dep = f'[inputs]\nprev = {{ drv = "d{i - 1}.toml" }}\n' if i else ""
+        write(tmp_path, f"d{i}.toml", f'name = "d{i}"\nbuilder = "/bin/sh"\nargs = ["-c", "echo {i} > $out"]\n{dep}')
+    top = tmp_path / f"d{n - 1}.toml"
+    drv = cli.out("instantiate", top)
+    plan = cli("realise", "-n", drv, env={"FIMIO_NO_FAST_PATH": "1"})  # reads the .drv chain back
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert f"{n} derivation(s) would be built" in plan.stderr + plan.stdout, plan.stderr[-2000:]
+    assert len(json.loads(cli.out("gc", "--json"))["deleted"]) == n
+    assert cli("verify").returncode == 0
+
+
 def test_store_inputs_not_valid_here_are_substituted_or_all_named(cli, tmp_path):
     """`store` inputs this store lacks: not found (exit 5) naming every one, nothing written;
     with a substituter that has them, they are taken from it and the build runs."""

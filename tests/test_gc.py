@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import subprocess
+import sys
 import threading
 import time
 
@@ -398,7 +399,7 @@ def test_a_gc_while_realise_makes_its_out_link_keeps_the_output(cli, tmp_path, m
 
     monkeypatch.setattr(roots, "add_roots", gc_first)
     monkeypatch.setenv("FIMIO_ROOT", str(cli.root))
-    monkeypatch.setenv("FIMIO_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("FIMIO_CONFIG", os.devnull)
     try:
         assert fimio.cli.run(["realise", str(f), "-o", str(tmp_path / "result")]) == 0
     finally:
@@ -453,3 +454,15 @@ def test_an_out_link_inside_the_logical_store_directory_s_tree_is_still_a_root(t
     cli.out("realise", f, "-o", logical / "proj" / "result", env=env)
     cli.out("gc", env=env)
     assert (logical / "proj" / "result").read_text() == "d\n", "gc deleted a rooted output"
+
+
+def test_the_deletion_order_of_a_chain_deeper_than_the_recursion_limit():
+    """gc deletes referrers first; a dead chain of any length is ordered without recursion."""
+    from types import SimpleNamespace
+
+    from fimio.store.gc import _referrers_first
+
+    n = 3 * sys.getrecursionlimit()
+    ref = [SimpleNamespace(hash_part=f"h{i}") for i in range(n)]
+    dead = {f"h{i}": SimpleNamespace(name=i, references=[ref[i - 1]] if i else []) for i in range(n)}
+    assert [info.name for info in _referrers_first(dead)] == list(range(n - 1, -1, -1))

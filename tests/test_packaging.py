@@ -68,7 +68,7 @@ def test_the_installed_wheel_alone_adds_and_dumps_a_tree(wheel, tmp_path):
               "assert fimio.store.__file__.startswith(sys.path[0]), fimio.store.__file__; "
               "from fimio.cli import main; main()")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FIMIO_")}
-    env.update(FIMIO_ROOT=str(tmp_path / "root"), FIMIO_CONFIG=str(tmp_path / "none.toml"))
+    env.update(FIMIO_ROOT=str(tmp_path / "root"), FIMIO_CONFIG=os.devnull)
 
     def fimio(*args) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", script, str(site), *args],

@@ -218,7 +218,7 @@ def test_jobs(tmp_path):
     assert len(json.loads(parallel.stdout)["built"]) == 4
     iv = _intervals(tmp_path / "r4", [t["drvHash"] for t in json.loads(parallel.stdout)["targets"]])
     assert max(s for s, _ in iv) < min(e for _, e in iv), f"-j 4 did not run the 4 builds at once: {iv}"
-    assert_one_error_line(run_fimio(["realise", "-j", "0", *targets(0.3)], tmp_path / "r4"), 2, "-j")
+    assert_one_error_line(run_fimio(["realise", "-j", "-1", *targets(0.3)], tmp_path / "r4"), 2, "-j")
 
 
 # ---- out-links -------------------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_json_is_printed_when_the_system_fails_too(cli, tmp_path, monkeypatch, c
     f = write_drv(tmp_path / "d.toml", "d", "echo d > $out")
     monkeypatch.setattr(Realiser, "realise", full_disk)
     monkeypatch.setenv("FIMIO_ROOT", str(cli.root))
-    monkeypatch.setenv("FIMIO_CONFIG", str(tmp_path / "no-config.toml"))
+    monkeypatch.setenv("FIMIO_CONFIG", os.devnull)
     try:
         assert fimio.cli.run(["realise", "--json", "--no-out-link", str(f)]) == 1
     finally:
@@ -400,6 +400,10 @@ def test_keep_going_exits_with_the_gravest_failure(cli, tmp_path):
     ('jobs = "4"', "'jobs' must be a whole number"),
     ("offline = 1", "'offline' must be true or false"),
     ('substituters = "file:///c"', "'substituters' must be a list"),
+    ('trusted-public-keys = ["team-1:AAAA"]', "'trusted-public-keys': invalid public key 'team-1:AAAA'"),
+    ("trusted-public-keys = [1]", "'trusted-public-keys' must be a list of public keys"),
+    ("secret-key-files = [true]", "'secret-key-files' must be a list of file names"),
+    ('[tokens]\n"http://h" = 5', "every value under [tokens] must be a token"),
 ])
 def test_a_bad_config_value_is_one_usage_error(cli, tmp_path, setting, needle):
     f = write_drv(tmp_path / "c.toml", "c", "echo c > $out")
@@ -418,6 +422,23 @@ def test_a_bad_substituter_in_the_config_is_bad_usage_even_for_a_no_op(cli, tmp_
     assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, "ftp://x")
     cli.out("realise", "--no-out-link", f)  # valid now: the no-op fast path
     assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": config}), 2, "ftp://x")
+
+
+def test_a_config_file_named_by_fimio_config_must_exist(cli, tmp_path):
+    """A typo in FIMIO_CONFIG must not silently drop the keys and caches; /dev/null means none."""
+    f = write_drv(tmp_path / "c.toml", "c", "echo c > $out")
+    missing = tmp_path / "conf.tmol"
+    assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": missing}), 2,
+                          f"config file '{missing}' (FIMIO_CONFIG) does not exist", "FIMIO_CONFIG=/dev/null")
+    cli.out("realise", "--no-out-link", f, env={"FIMIO_CONFIG": os.devnull})
+    assert_one_error_line(cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": missing}), 2, "does not exist")
+    # no FIMIO_CONFIG and no file at the default place: the defaults
+    assert cli("realise", "--no-out-link", f, env={"FIMIO_CONFIG": "", "XDG_CONFIG_HOME": tmp_path}).returncode == 0
+
+
+def test_jobs_zero_means_the_default_as_in_the_config_file(cli, tmp_path):
+    f = write_drv(tmp_path / "j.toml", "j", "echo j > $out")
+    assert open(cli.out("realise", "--no-out-link", "-j", "0", f)).read() == "j\n"
 
 
 def test_no_out_link_and_an_out_link_name_exclude_each_other(cli, tmp_path):
