@@ -11,7 +11,7 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fimio`` console script: run a command, map errors to exit codes."""
     try:
-        code = run(argv)
+        code = run(argv) if _standard_streams_open(argv) else 2
     except KeyboardInterrupt:  # during start-up, before run's own handlers are in place
         _fail("interrupted")
         code = 130
@@ -26,6 +26,33 @@ def main(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(130)
     sys.exit(code)
+
+
+def _standard_streams_open(argv) -> bool:
+    """Put /dev/null on a closed stdin, stdout or stderr, so that no file fimio opens lands
+    on fd 1 or 2 (its results and messages would be written into it, or mixed up). False,
+    after saying so, when stdout was closed: results would be lost (``fimio serve`` prints
+    none, and may run so)."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            closed.append(fd)
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one, as 0-2 go in order
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if 2 in closed:
+        sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+    if 1 not in closed:
+        return True
+    sys.stdout = open(1, "w", closefd=False)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "serve":
+        return True
+    _fail("standard output is closed", "fimio prints its results there: redirect it to a file or /dev/null")
+    return False
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -116,29 +116,36 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
 
     if (rounds or vary) and not check:
         check = True
-    if dry_run and check:
-        raise click.UsageError("--dry-run and --check exclude each other (a check builds)")
-    if out_link is not None and not out_link:
-        raise click.UsageError("the out-link name given to -o/--out-link is empty")
-    if no_out_link and out_link:
-        raise click.UsageError("--no-out-link and -o/--out-link exclude each other")
-    config = opts.config()
-    offline = opts.offline(offline)
-    store = opts.store()
-    progress = BuildProgress(opts)
-    options = RealiseOptions(
-        jobs=jobs or config.jobs or 0,
-        cores=config.cores if cores is None else cores,  # --cores 0 overrides a config's cores = N
-        keep_failed=keep_failed,
-        keep_going=keep_going,
-        offline=offline,
-        substituters=open_substituters(opts, store, substituters, no_substitute, offline),
-        log_sink=_log_sink if opts.verbosity >= 1 else None,
-        progress=progress,
-        dry_run=dry_run,
-    )
-    if options.substituters is not None and progress.enabled:
-        options.substituters.stats.progress = progress.substituting
+    try:  # a usage error too gives --json its object: a script reads one on every failure
+        if dry_run and check:
+            raise click.UsageError("--dry-run and --check (or --rounds, --vary) exclude each other (a check builds)")
+        if no_substitute and substituters:
+            raise click.UsageError("--no-substitute and --substituter exclude each other")
+        if out_link is not None and not out_link:
+            raise click.UsageError("the out-link name given to -o/--out-link is empty")
+        if no_out_link and out_link:
+            raise click.UsageError("--no-out-link and -o/--out-link exclude each other")
+        config = opts.config()
+        offline = opts.offline(offline)
+        store = opts.store()
+        progress = BuildProgress(opts)
+        options = RealiseOptions(
+            jobs=jobs or config.jobs or 0,
+            cores=config.cores if cores is None else cores,  # --cores 0 overrides a config's cores = N
+            keep_failed=keep_failed,
+            keep_going=keep_going,
+            offline=offline,
+            substituters=open_substituters(opts, store, substituters, no_substitute, offline),
+            log_sink=_log_sink if opts.verbosity >= 1 else None,
+            progress=progress,
+            dry_run=dry_run,
+        )
+        if options.substituters is not None and progress.enabled:
+            options.substituters.stats.progress = progress.substituting
+    except (FimioError, OSError, click.UsageError) as e:
+        if as_json and not dry_run:
+            emit_json(_realise_json(None, None, {}, None, e))
+        raise
     realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
     warned: set[str] = set()
 
@@ -232,7 +239,7 @@ def _error_json(error) -> dict:
     if isinstance(error, OSError):  # the system failed (a full disk): exit 1, as the error line says
         where = f" '{os.fsdecode(error.filename)}'" if error.filename else ""
         return {"exitCode": 1, "message": f"{error.strerror or error}{where}", "details": []}
-    return {"exitCode": error.exit_code, "message": error.message, "details": error.details}
+    return {"exitCode": error.exit_code, "message": error.message, "details": getattr(error, "details", [])}
 
 
 def _print_log_tails(e, named: bool = False) -> None:
@@ -420,4 +427,5 @@ def run(opts, target, command):
         found = shutil.which(name) is not None or os.path.exists(os.path.join(store.physical(path), "bin", name))
     if not found:
         raise UsageError(f"command '{name}' not found in {logical}/bin or on PATH")
+    store.close()  # the command must not inherit the database's descriptors (LMDB opens them inheritable)
     os.execvpe(argv[0], argv, env)

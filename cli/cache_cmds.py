@@ -17,6 +17,7 @@ from .render import human_size, names_json
 
 
 @click.group()
+@global_options
 def key():
     """Ed25519 signing keys in Nix's name:base64 form."""
 
@@ -186,6 +187,7 @@ def copy(opts, src, dst, key_files, no_check_sigs, jobs, paths, as_json):
         config = opts.config()
         with SubstituterSet(store, [src], config.trusted_public_keys, jobs=jobs,
                             require_sigs=config.require_sigs and not no_check_sigs, config=config) as subs:
+            subs.subs[0].backend.check_there()  # a cache that is down is not one lacking the paths
             wanted = [_remote_path(store, subs, p) for p in paths]
             progress = ByteProgress(opts, f"copying from {src}")
             subs.stats.progress = progress.callback
@@ -230,7 +232,8 @@ def _not_in_cache(store, subs, path, src: str) -> str:
               help="Address to listen on (port 0: any free port, printed on stderr).")
 @click.option("--tokens", "tokens_file", metavar="FILE", help="Bearer tokens, one 'TOKEN read|write' per line.")
 @click.option("--anonymous-read", is_flag=True, help="With --tokens: let anyone read.")
-@click.option("--max-upload", default=256 << 20, show_default=True, metavar="BYTES", help="Largest accepted PUT.")
+@click.option("--max-upload", default=256 << 20, show_default=True, metavar="BYTES", type=click.IntRange(min=1),
+              help="Largest accepted PUT.")
 @click.option("--idle-timeout", default=60.0, show_default=True, metavar="SECONDS",
               type=click.FloatRange(min=0.1, max=86400),
               help="Close a connection that takes longer to send a request head; answer 408 to a body "

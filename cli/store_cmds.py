@@ -150,8 +150,8 @@ def restore(dest):
 @click.argument("path", type=click.Path())
 @click.option("--flat", is_flag=True,
               help="The digest of a file's bytes alone, as a [fetch] hash declares it (not the tree digest).")
-@click.option("--type", "algo", type=click.Choice(["blake3", "sha256"]), default="blake3", show_default=True,
-              help="With --flat: the hash function.")
+@click.option("--type", "algo", type=click.Choice(["blake3", "sha256"]),
+              help="With --flat: the hash function [default: blake3].")
 @json_option
 @global_options
 def hash_(path, flat, algo, as_json):
@@ -159,8 +159,10 @@ def hash_(path, flat, algo, as_json):
 
     With --flat, the hash of a file's bytes: what a derivation's [fetch] hash = "..." takes.
     """
+    if algo and not flat:
+        raise click.UsageError("--type needs --flat: a tree's digest is always blake3")
     if flat:
-        digest, size = _flat_hash(path, algo)
+        digest, size = _flat_hash(path, algo or "blake3")
     else:
         from fimio.store.tree import format_digest, scan, tree_size
 

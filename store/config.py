@@ -27,14 +27,21 @@ _KEYS = {
 _KIND_NAMES = {list: "a list", bool: "true or false", int: "a whole number", dict: "a table"}
 
 
+def _xdg(variable: str, fallback: str) -> str:
+    """An XDG base directory: a relative value is ignored, as the XDG spec says."""
+    value = os.environ.get(variable, "")
+    return value if value.startswith("/") else os.path.join(os.path.expanduser("~"), fallback)
+
+
 def default_root() -> str:
-    data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(data, "fimio")
+    return os.path.join(_xdg("XDG_DATA_HOME", ".local/share"), "fimio")
 
 
 def resolve_root(flag: str | None = None) -> str:
     """The physical root, canonical (symlinks resolved): physical paths have one spelling,
     so out-links made through one spelling of the root are roots for every other."""
+    if flag == "":
+        raise UsageError("--root needs a directory, not ''", "omit it for FIMIO_ROOT or the default")
     return os.path.realpath(flag or os.environ.get("FIMIO_ROOT") or default_root())
 
 
@@ -62,8 +69,7 @@ def resolve_store_dir(flag: str | None = None) -> str:
 def config_path() -> str:
     if os.environ.get("FIMIO_CONFIG"):
         return os.environ["FIMIO_CONFIG"]
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "fimio", "config.toml")
+    return os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "fimio", "config.toml")
 
 
 class Config:

@@ -34,8 +34,23 @@ def is_derivation_file(store, text: str) -> bool:
     if text.startswith((store.store + "/", store.store_dir + "/")):
         return False
     if os.path.lexists(text):
-        return not os.path.realpath(text).startswith(store.store + "/")
+        real = os.path.realpath(text)
+        return not real.startswith(store.store + "/") and not _in_another_store(real)
     return text.endswith(".toml")
+
+
+def _in_another_store(real: str) -> bool:
+    """Whether a real path is (inside) a path of another fimio store, such as an out-link
+    made with another root: that is "not in this store", not a broken derivation file."""
+    parts = real.split("/")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1] == "store" and not parts[i].endswith(".toml"):
+            try:
+                StorePath.parse(parts[i])
+                return True
+            except UsageError:
+                continue
+    return False
 
 
 def note_lack(lines: dict[str, str], hash_part: str, line: str) -> None:

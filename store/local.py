@@ -139,7 +139,11 @@ class LocalStore:
         root, store_dir = resolve_root(root), resolve_store_dir(store_dir)
         try:
             return cls(root, store_dir)
-        except PermissionError as e:
+        except (PermissionError, NotADirectoryError) as e:
+            raise UsageError(f"cannot create the store at '{root}': {e.strerror}", "use --root") from None
+        except FileNotFoundError as e:  # a root under /proc, say: what is missing cannot be made
+            if os.path.isdir(root):
+                raise
             raise UsageError(f"cannot create the store at '{root}': {e.strerror}", "use --root") from None
 
     def close(self) -> None:

@@ -132,6 +132,7 @@ def test_without_tokens_the_server_is_read_only(world, tmp_path):
     cache = tmp_path / "cache"
     assert run_fimio(["push", f"file://{cache}", world["path"], "--key", world["key"]], world["A"],
                      env={"FIMIO_CONFIG": world["cfg"]}).returncode == 0
+    (tmp_path / "empty").mkdir()
     srv, empty = Serve(f"file://{cache}", tmp_path), Serve(f"file://{tmp_path / 'empty'}", tmp_path)
     try:
         assert_one_error_line(push(world, empty.url, WRITE_TOKEN), 6, "HTTP 403", "the server is read-only")

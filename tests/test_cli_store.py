@@ -367,6 +367,28 @@ def test_add_nonexistent_path(cli, tmp_path):
     assert_one_error_line(cli("hash", tmp_path / "does-not-exist"), 5, "does-not-exist")
 
 
+def test_a_closed_stderr_never_sends_messages_into_the_results(cli, tmp_path):
+    """With fd 2 closed, messages must not fall back to stdout (a script's `$(...)` would
+    take them for results), nor may a file fimio opens land on fd 2."""
+    (tmp_path / "f.txt").write_text("f\n")
+    no_stderr = dict(preexec_fn=lambda: os.close(2))
+    added = cli("add", tmp_path / "f.txt", **no_stderr)
+    assert added.returncode == 0 and added.stdout.strip() == str(cli.physical_store / os.listdir(cli.physical_store)[0])
+    missing = cli("path-info", "--json", tmp_path / "gone", **no_stderr)
+    assert (missing.returncode, missing.stdout, missing.stderr) == (5, "", "")
+    fail = tmp_path / "fail.toml"
+    fail.write_text('name = "fail"\nbuilder = "/bin/sh"\nargs = ["-c", "echo oops; exit 3"]\n')
+    proc = cli("realise", "--json", "--no-out-link", fail, **no_stderr)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["ok"] is False
+
+
+def test_a_closed_stdout_is_one_error_line_not_a_traceback_or_lost_results(cli, tmp_path):
+    (tmp_path / "f.txt").write_text("f\n")
+    for args in (["add", tmp_path / "f.txt"], ["path-info", "--json", tmp_path / "f.txt"], ["cat", tmp_path / "f.txt"]):
+        assert_one_error_line(cli(*args, preexec_fn=lambda: os.close(1)), 2, "standard output is closed")
+    assert not os.path.exists(cli.physical_store) or not os.listdir(cli.physical_store)
+
+
 def _drop_root_read_bypass() -> list[str]:
     """A command prefix under which root is subject to file permissions like anyone else."""
     if os.geteuid() != 0:

@@ -33,7 +33,9 @@ def _split(text: str, what: str, size: int) -> tuple[str, bytes]:
     except (binascii.Error, ValueError):
         raw = b""
     if not sep or not _NAME_RE.fullmatch(name) or len(raw) != size:
-        raise UsageError(f"invalid {what} '{_abbrev(text)}'", f"expected <name>:<base64 of {size} bytes>")
+        # never a secret key's characters in a message (logs keep them): at most its name
+        shown = _abbrev(text) if what != "secret key" else (_abbrev(name) if sep else "…")
+        raise UsageError(f"invalid {what} '{shown}'", f"expected <name>:<base64 of {size} bytes>")
     return name, raw
 
 
@@ -119,7 +121,10 @@ def load_secret_key_file(path: str) -> SecretKey:
                          "give the file 'fimio key generate NAME' wrote") from None
     except UnicodeDecodeError:
         raise UsageError(f"secret key file '{path}' is not text") from None
-    return SecretKey.parse(text)
+    try:
+        return SecretKey.parse(text)
+    except UsageError as e:
+        raise UsageError(f"secret key file '{path}': {e.message}", e.hint) from None
 
 
 class TrustedKeys:

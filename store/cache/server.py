@@ -87,6 +87,11 @@ class CacheServer:
         if self.root:
             from .filebackend import clean_tmp
 
+            if "write" not in (tokens or {}).values() and not os.path.isdir(self.root):
+                # nothing could ever be uploaded: a mistyped or unmounted directory, not a new cache
+                raise RemoteError(f"cache '{self.url.text}' does not exist (no directory '{self.root}')",
+                                  "check the path, and that its file system is mounted; a server with "
+                                  "write tokens creates it")
             clean_tmp(self.root)
             os.makedirs(os.path.join(self.root, ".tmp"), exist_ok=True)
 
