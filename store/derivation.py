@@ -22,6 +22,7 @@ from .paths import StorePath, check_name, output_path
 
 DRV_VERSION = 1
 DEFAULT_HOST_PATHS = ["/usr", "/bin", "/lib", "/lib64"]
+FETCH_BUILDER = "builtin:fetchurl"  # the builder of a fixed-output derivation ([fetch])
 RESERVED_ENV = {"HOME", "TMPDIR", "TZ", "LANG", "SOURCE_DATE_EPOCH", "FIMIO_BUILD_CORES", "FIMIO_STORE"}
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -141,9 +142,44 @@ def assign_outputs(drv: Derivation, input_hash) -> None:
 
 
 def parse_drv_json(data: bytes, where: str, store_dir: str) -> Derivation:
-    """Read a canonical ``.drv`` file back. IntegrityError-free: a bad file is a UsageError."""
+    """Read a canonical ``.drv`` file back. IntegrityError-free: a bad file is a UsageError,
+    and so is one that is not byte for byte the canonical form of what it says, or that says
+    what the TOML front end refuses (spec/derivation.md §2): another implementation hashing
+    the same file must reach the same output paths, and run the same build."""
+    drv = _parse_drv_json(data, where, store_dir)
+    if drv.canonical() != data:
+        raise UsageError(f"{where}: not a valid fimio derivation (not in the canonical form)")
+    problem = _drv_problem(drv)
+    if problem:
+        raise UsageError(f"{where}: not a valid fimio derivation ({problem})")
+    return drv
+
+
+def _drv_problem(drv: Derivation) -> str | None:
+    fixed = drv.fetch is not None
+    if fixed != (drv.builder == FETCH_BUILDER) or (fixed and (drv.args or drv.inputs)):
+        return f"a fixed-output derivation has builder '{FETCH_BUILDER}', no args and no inputs"
+    if drv.timeout < 0:
+        return "a negative timeout"
+    if not all(p.startswith("/") for p in drv.host_paths):
+        return "a host path that is not absolute"
+    if any("\0" in s for s in (drv.name, drv.system, drv.builder, *drv.args, *drv.env.values(), *drv.host_paths)):
+        return "a NUL character"
+    names = [*drv.outputs, *drv.env, *drv.inputs]
+    if len(set(names)) != len(names):
+        return "a name given to more than one of outputs, env and inputs"
+    for n in names:
+        if n in RESERVED_ENV or n.startswith("FIMIO_") or (n == "PATH" and n not in drv.env):
+            return f"'{n}' is a variable fimio sets"
+    return None
+
+
+def _parse_drv_json(data: bytes, where: str, store_dir: str) -> Derivation:
     try:
         obj = json.loads(data)
+        if obj["fimio"] != DRV_VERSION:
+            raise UsageError(f"{where}: a derivation of format version {obj['fimio']!r}, not {DRV_VERSION}",
+                             "a newer fimio wrote it")
         inputs = {}
         for var, spec in obj["inputs"].items():
             if "drv" in spec:

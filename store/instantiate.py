@@ -13,6 +13,7 @@ import blake3
 from . import evalcache
 from .derivation import (
     DEFAULT_HOST_PATHS,
+    FETCH_BUILDER,
     Derivation,
     Input,
     assign_outputs,
@@ -22,8 +23,6 @@ from .derivation import (
 )
 from .errors import IntegrityError, NotFound, RemoteError, UsageError
 from .paths import StorePath, check_name, is_hash_part, text_path
-
-FETCH_BUILDER = "builtin:fetchurl"
 
 
 def is_derivation_file(store, text: str) -> bool:
@@ -153,6 +152,8 @@ class Graph:
             raise NotFound(f"derivation '{drv_logical}' is not in this store")
         with open(self.store.physical(path), "rb") as f:
             drv = parse_drv_json(f.read(), drv_logical, self.store.store_dir)
+        if path.name != drv.name + ".drv":
+            raise UsageError(f"{drv_logical}: not a valid fimio derivation (it names itself '{drv.name}')")
         drv.drv_path = path
         return drv
 

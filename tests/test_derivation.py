@@ -575,3 +575,51 @@ def test_names_that_are_not_utf8_in_sources_and_derivation_directories(tmp_path)
     assert cli.out("instantiate", drv_file) == first
     out = cli.out("realise", "--no-out-link", drv_file)
     assert cli.out("realise", "--no-out-link", drv_file) == out
+
+
+def _forged_drv_variants(good: dict) -> dict:
+    """.drv objects a bundle or cache could carry: each differs from ``good`` in one way
+    the canonical form or the TOML front end forbids."""
+    def changed(**kw):
+        obj = json.loads(json.dumps(good))
+        for path, value in kw.items():
+            *parents, last = path.split("__")
+            target = obj
+            for p in parents:
+                target = target[p]
+            target[last] = value
+        return obj
+
+    return {
+        "an extra key": {**good, "extra": 1},
+        "a timeout as text": changed(sandbox__timeout="0"),
+        "a negative timeout": changed(sandbox__timeout=-5),
+        "a relative host path": changed(sandbox__hostPaths=["usr"]),
+        "a reserved variable": changed(env__HOME="/root"),
+        "a fetch with a shell": changed(fetch={"url": "file:///x", "hash": "sha256:" + "0" * 64}),
+        "another version": changed(fimio=2),
+    }
+
+
+def test_a_drv_that_is_not_canonical_or_breaks_the_rules_is_refused(cli, tmp_path):
+    """A .drv read back from the store (from a bundle, a cache) must be the canonical form of
+    what it says and obey the rules of a derivation file; else two implementations would
+    disagree about its outputs, or fimio would build what no derivation file can say."""
+    from fimio.store.derivation import canonical_json
+    from fimio.store.local import LocalStore
+
+    good_path = cli.out("instantiate", write(tmp_path, "g.toml", 'name = "g"\nbuilder = "/bin/sh"\n'
+                                                               'args = ["-c", "echo g > $out"]\n'))
+    good = json.loads(pathlib.Path(good_path).read_bytes())
+    variants = {**{why: canonical_json(obj) for why, obj in _forged_drv_variants(good).items()},
+                "indented JSON": json.dumps(good, indent=1, sort_keys=True).encode(),
+                "another name": canonical_json({**good, "name": "other"})}
+    store = LocalStore.open(str(cli.root), STORE_DIR)
+    try:
+        added = {why: store.add_texts([("g.drv", data, [])])[0].path for why, data in variants.items()}
+    finally:
+        store.close()
+    for why, path in added.items():
+        proc = cli("realise", "--no-out-link", f"{STORE_DIR}/{path}")
+        assert_one_error_line(proc, 2, "not a valid fimio derivation" if why != "another version" else "format version")
+    assert cli("realise", "--no-out-link", good_path).returncode == 0
