@@ -343,7 +343,7 @@ class Builder:
             os.utime(path, (1, 1), follow_symlinks=False)
             return SymlinkNode(target)
         if stat.S_ISREG(mode):
-            executable = bool(mode & 0o111)
+            executable = bool(mode & stat.S_IXUSR)  # the owner's bit, as add and Nix take it
             digest, size = _hash_and_scan(path, candidates, found)
             self.store.blobs.adopt(path, digest, executable)
             return FileNode(digest, size, executable)

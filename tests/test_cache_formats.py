@@ -236,3 +236,18 @@ def test_absurdly_nested_json_is_an_integrity_error():
         RemoteInfo.parse(deep, STORE_DIR, "b88jjq6gwhwj6fjnm8zppk58kmq744vx", "i")
     with pytest.raises(IntegrityError, match="malformed"):
         load_json(b'{"a":' + deep + b"}", "header")
+
+
+@pytest.mark.parametrize("length,accepted", [(4095, True), (4096, False), (60000, False)])
+def test_a_manifest_root_symlink_is_bounded_like_any_symlink_target(length, accepted):
+    """tree.md §4: a target of 1 to 4095 bytes; a longer root target is an integrity error,
+    not an ENAMETOOLONG when the path is materialised."""
+    from fimio.store.tree import SymlinkNode
+
+    node = SymlinkNode(b"a" * length)
+    enc = manifest_mod.Manifest(node, CacheParams(STORE_DIR).large_file, [], []).encode()
+    if accepted:
+        assert manifest_mod.decode(enc, node.digest, 0, "m").root.digest == node.digest
+    else:
+        with pytest.raises(IntegrityError, match="bad symlink target"):
+            manifest_mod.decode(enc, node.digest, 0, "m")

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import blake3
 
 from ..errors import IntegrityError
-from ..tree import (KIND_DIR, KIND_FILE, KIND_SYMLINK, DIGEST_SIZE, MAX_DEPTH, DirNode, FileNode, Node, SymlinkNode,
-                    TreeError, decode_dir, iter_dirs, tree_size)
+from ..tree import (KIND_DIR, KIND_FILE, KIND_SYMLINK, DIGEST_SIZE, MAX_DEPTH, MAX_TARGET, DirNode, FileNode, Node,
+                    SymlinkNode, TreeError, decode_dir, iter_dirs, tree_size)
 from .packing import blob_order, pack_id, pack_raw_size, split_blobs
 
 MAGIC = b"fimio-manifest-1\n"
@@ -127,7 +127,7 @@ def decode(data: bytes, root_digest: bytes, size: int, where: str) -> Manifest:
     elif kind == KIND_SYMLINK:
         (tlen,) = r.unpack("<H")
         target = r.take(tlen)
-        if not target or b"\0" in target:
+        if not target or len(target) > MAX_TARGET or b"\0" in target:  # as decode_dir's (spec/tree.md §4)
             raise _bad(where, "bad symlink target")
         root_ref = SymlinkNode(target)
     else:
