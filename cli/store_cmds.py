@@ -28,6 +28,10 @@ def add(opts, path, name, as_json):
     progress = ByteProgress(opts, f"adding {os.path.basename(os.path.abspath(path))}")
     try:
         info = store.add_path(path, name, progress.callback)
+    except UsageError as e:
+        if name is None and e.message.startswith("invalid store path name"):
+            raise UsageError(e.message, f"{e.hint}; give one with --name") from None
+        raise
     except PermissionError as e:
         # files are read on worker threads, outside scan()'s own PermissionError mapping
         where = os.fsdecode(e.filename) if e.filename is not None else path

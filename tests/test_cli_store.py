@@ -447,7 +447,7 @@ def test_add_invalid_name(cli, tmp_path, name):
 
 def test_add_invalid_default_name_needs_name(cli, tmp_path):
     src = make_pkg(tmp_path / "my package")
-    assert_one_error_line(cli("add", src), 2, "my package")
+    assert_one_error_line(cli("add", src), 2, "my package", "give one with --name")
     assert cli.out("add", "--name", "my-package", src).endswith("-my-package")
 
 
