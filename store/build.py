@@ -343,12 +343,16 @@ class Builder:
             os.utime(path, (1, 1), follow_symlinks=False)
             return SymlinkNode(target)
         if stat.S_ISREG(mode):
+            if not mode & stat.S_IRUSR:  # a mode-000 output: its owner reads it like root would
+                os.chmod(path, stat.S_IMODE(mode) | stat.S_IRUSR)
+            _strip_xattrs(path)
             executable = bool(mode & stat.S_IXUSR)  # the owner's bit, as add and Nix take it
             digest, size = _hash_and_scan(path, candidates, found)
             self.store.blobs.adopt(path, digest, executable)
             return FileNode(digest, size, executable)
         if stat.S_ISDIR(mode):
             os.chmod(path, 0o755)
+            _strip_xattrs(path)
             node = DirNode()
             with os.scandir(path) as it:
                 names = [e.name for e in it]
@@ -361,6 +365,18 @@ class Builder:
             os.chmod(path, 0o555)
             return node
         raise _Unstorable(path, _KINDS.get(stat.S_IFMT(mode), "special file"))
+
+
+def _strip_xattrs(path: bytes) -> None:
+    """Extended attributes are no part of a tree (spec/tree.md), and a file's would ride along
+    in the blob its contents share with every other path; Nix removes them too."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return  # a filesystem without them
+    for name in names:
+        if name != "security.selinux":  # the system's label, not the build's
+            os.removexattr(path, name, follow_symlinks=False)
 
 
 _LOCAL_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)

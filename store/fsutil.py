@@ -128,6 +128,48 @@ def exchange(a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
+def move_tree(src: str, dst: str) -> None:
+    """``os.rename`` that also moves a read-only directory (a normalised tree) to another
+    parent. That rewrites the directory's ``..`` entry, which takes write permission on the
+    directory itself: root bypasses the check, an unprivileged owner does not. The owner's
+    write bit is lent for the rename and taken back at the new name."""
+    modes = _lend_write([src])
+    try:
+        os.rename(src, dst)
+    except BaseException:
+        _take_back(modes)
+        raise
+    _take_back({dst: mode for mode in modes.values()})
+
+
+def exchange_trees(a: str, b: str) -> bool:
+    """:func:`exchange` for read-only directories too (see :func:`move_tree`)."""
+    modes = _lend_write([a, b])
+    try:
+        swapped = exchange(a, b)
+    except BaseException:
+        _take_back(modes)
+        raise
+    _take_back({({a: b, b: a}[p] if swapped else p): mode for p, mode in modes.items()})
+    return swapped
+
+
+def _lend_write(paths) -> dict[str, int]:
+    """Make the read-only directories among ``paths`` owner-writable; their modes."""
+    modes = {}
+    for p in paths:
+        st = os.lstat(p)
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR:
+            os.chmod(p, st.st_mode | stat.S_IWUSR)
+            modes[p] = stat.S_IMODE(st.st_mode)
+    return modes
+
+
+def _take_back(modes: dict[str, int]) -> None:
+    for p, mode in modes.items():
+        os.chmod(p, mode)
+
+
 def write_all(fd: int, data) -> None:
     """Write all of ``data`` to ``fd`` (``os.write`` may write less than asked)."""
     view = memoryview(data)

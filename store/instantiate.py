@@ -128,13 +128,15 @@ class Graph:
         """Read a ``.drv`` from the store, and the ``.drv`` files it needs, inputs first
         (memoised; without recursion, so a chain may be any length)."""
         stack = [] if drv_logical in self.drvs else [(drv_logical, self._read_drv(drv_logical))]
+        loading = {drv_logical}
         while stack:
             logical, drv = stack[-1]
             unread = next((p for p in drv.input_drvs() if p not in self.drvs), None)
             if unread is not None:
-                if any(unread == other for other, _ in stack):
+                if unread in loading:
                     raise IntegrityError(f"derivation '{logical}' depends on itself", "the .drv file was forged")
                 stack.append((unread, self._read_drv(unread)))
+                loading.add(unread)
                 continue
             stack.pop()
             claimed = dict(drv.outputs)

@@ -601,7 +601,7 @@ class LocalStore:
             dest = self.physical(path)
             if os.path.lexists(dest):
                 fsutil.remove_tree(dest)  # unregistered leftover of a crashed writer
-            os.rename(tmp, dest)
+            fsutil.move_tree(tmp, dest)
             info = PathInfo(path, node.digest, tree_size(node), sorted(refs), deriver, time.time(),
                             ca[0] if ca else None)
             infos.append((info, node))

@@ -220,15 +220,15 @@ def _replace(store, new: str, dest: str) -> None:
     moment in which ``dest`` is missing; a kill then leaves it missing, which ``verify``
     reports and ``--repair`` fixes)."""
     if not os.path.lexists(dest):
-        os.rename(new, dest)
+        fsutil.move_tree(new, dest)
         fsutil.fsync_dir(os.path.dirname(dest))
         return
-    if fsutil.exchange(new, dest):
+    if fsutil.exchange_trees(new, dest):
         fsutil.fsync_dir(os.path.dirname(dest))
         fsutil.remove_tree(new)  # now the damaged copy
         return
     aside = new + ".old"
-    os.rename(dest, aside)
-    os.rename(new, dest)
+    fsutil.move_tree(dest, aside)
+    fsutil.move_tree(new, dest)
     fsutil.fsync_dir(os.path.dirname(dest))
     fsutil.remove_tree(aside)

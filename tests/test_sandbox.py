@@ -456,6 +456,7 @@ def test_outputs_are_normalised(cli, tmp_path):
         echo data > $out/file; chmod 4600 $out/file
         echo '#!/bin/sh' > $out/tool; chmod 6711 $out/tool
         echo 'not for the owner' > $out/others; chmod 0651 $out/others
+        python3 -c "import os, sys; os.setxattr(sys.argv[1], 'user.mark', b'1')" $out/others
         chmod 0700 $out/sub; chmod 1777 $out/sub/empty
         ln -s file $out/link
         touch -d '2001-02-03 04:05:06' $out/file $out/tool
@@ -471,6 +472,7 @@ def test_outputs_are_normalised(cli, tmp_path):
     # executable iff the owner's bit was set (spec/tree.md §1, as `add` and Nix decide)
     assert modes == {".": 0o555, "sub": 0o555, "sub/empty": 0o555, "file": 0o444, "tool": 0o555, "others": 0o444,
                      "link": "link"}
+    assert os.listxattr(out / "others") == []  # extended attributes are no part of a tree
     assert os.stat(out).st_uid == os.getuid()
     assert os.readlink(out / "link") == "file"
 

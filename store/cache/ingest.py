@@ -165,7 +165,7 @@ def _register_batch(store, items, realisations, held) -> list:
             dest = store.physical(remote.path)
             if os.path.lexists(dest):
                 fsutil.remove_tree(dest)  # unregistered leftover of a crashed writer
-            os.rename(tmp, dest)
+            fsutil.move_tree(tmp, dest)
             local = PathInfo(remote.path, remote.root, remote.size, sorted(remote.references), remote.deriver,
                              time.time(), remote.ca, sorted(remote.signatures))
             infos.append((local, node))
