@@ -407,6 +407,48 @@ def test_a_gc_while_realise_makes_its_out_link_keeps_the_output(cli, tmp_path, m
     assert (tmp_path / "result").exists(), "gc deleted the output before ./result rooted it"
 
 
+def test_a_gc_while_copy_relies_on_a_path_here_keeps_that_path(cli, tmp_path, monkeypatch):
+    """A substitution does not fetch a reference that is valid here: that reference is a temp
+    root from before its validity is judged, so a gc at that moment (a real one, in another
+    process) keeps it, and no valid path ever refers to a deleted one."""
+    import gc as collector
+
+    import fimio.cli
+    from cachefixtures import make_keys, write_config
+    from conftest import run_fimio
+    from fimio.store.local import LocalStore
+
+    sk, pk = make_keys("k-1")
+    (tmp_path / "sk").write_text(str(sk) + "\n")
+    (tmp_path / "dep.txt").write_text("dep\n")
+    other, cache = tmp_path / "other", f"file://{tmp_path / 'cache'}"
+    dep = run_fimio(["add", tmp_path / "dep.txt"], other, check=0).stdout.strip()
+    top = write_drv(tmp_path / "top.toml", "top", "echo $dep > $out",
+                    inputs={"dep": {"store": f"{STORE_DIR}/{os.path.basename(dep)}"}})
+    top_out = run_fimio(["realise", "--no-out-link", top], other, check=0).stdout.strip()
+    run_fimio(["push", cache, top_out, "--key", tmp_path / "sk"], other, check=0)
+    cli.out("add", tmp_path / "dep.txt")  # valid here, and no root keeps it
+
+    is_valid, collected = LocalStore.is_valid, []
+
+    def gc_after_judging(store, path):  # the first time dep is judged (no lock is held then)
+        valid = is_valid(store, path)
+        if valid and path.base == os.path.basename(dep) and not collected:
+            collected.append(cli.out("gc", timeout=60))
+        return valid
+
+    monkeypatch.setattr(LocalStore, "is_valid", gc_after_judging)
+    monkeypatch.setenv("FIMIO_ROOT", str(cli.root))
+    monkeypatch.setenv("FIMIO_CONFIG", write_config(tmp_path / "config.toml", trusted=[pk]))
+    try:
+        assert fimio.cli.run(["copy", "--from", cache, os.path.basename(top_out)]) == 0
+    finally:
+        collector.enable()  # run() turns the collector off, as for a one-shot command
+    monkeypatch.undo()
+    assert collected and cli("verify").returncode == 0
+    assert os.path.exists(cli.physical_store / os.path.basename(dep))
+
+
 def test_gc_removes_unregistered_store_entries(cli, tmp_path):
     """An entry of store/ without a record (a crashed writer's, a killed gc's half-deleted
     path) is garbage to gc as to verify; valid paths stay."""

@@ -629,8 +629,10 @@ def test_the_fast_path_trusts_no_forged_drv(cli, tmp_path):
     real_out = cli.out("realise", "--no-out-link", s)
     drv = json.loads(pathlib.Path(real_drv).read_text())
     drv["args"] = ["-c", "echo something else > $out"]  # other contents, the same "outputs"
-    (tmp_path / "forged.drv").write_text(json.dumps(drv))
-    forged = cli.out("add", tmp_path / "forged.drv")
+    from fimio.store.derivation import canonical_json
+
+    (tmp_path / "single.drv").write_bytes(canonical_json(drv))  # canonical, its own name: only its outputs lie
+    forged = cli.out("add", tmp_path / "single.drv")
     for target in (forged, os.path.basename(forged)[:32]):
         assert_one_error_line(cli("realise", "--no-out-link", target), 4, "hash to")
     assert cli.out("realise", "--no-out-link", real_drv) == real_out  # the genuine one still takes it

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 import blake3
 
 from .. import fsutil
-from ..errors import IntegrityError
+from ..errors import IntegrityError, NotFound
 from ..local import PathInfo
 
 
@@ -157,6 +157,12 @@ def _register_batch(store, items, realisations, held) -> list:
         for tmp, info, node in sorted(items, key=lambda x: x[1].path.hash_part):
             if info.path.hash_part not in held:
                 stack.enter_context(store.lock_path(info.path))
+        batch = {info.path for _, info, _ in items}
+        for _, info, _ in items:
+            for ref in info.references:
+                if ref not in batch and not store.is_valid(ref):
+                    raise NotFound(f"'{store.logical(ref)}' vanished before '{store.logical(info.path)}', "
+                                   "which refers to it, was registered (a concurrent gc?)", "run the command again")
         infos = []
         for tmp, remote, node in items:
             if store.is_valid(remote.path):

@@ -263,22 +263,19 @@ class SubstituterSet:
         :attr:`incomplete`; raises the refusal of a needed path only wrongly signed or corrupt."""
         store = self.store
         chosen: dict[StorePath, tuple] = {}
-        visited: set[StorePath] = set()
-        frontier = [p for p in wanted if not store.is_valid(p)]
+        visited: set[StorePath] = set(wanted)
+        frontier = [p for p in _held(store, wanted) if not store.is_valid(p)]
         refused_all: dict[StorePath, IntegrityError] = {}
         while frontier:
-            visited.update(frontier)
             found, refused = self._query_infos(frontier)
             refused_all.update(refused)
-            nxt = []
+            refs = []
             for p in frontier:
                 if p in found:
                     chosen[p] = found[p]
-                    for r in found[p][1].references:
-                        if r != p and r not in visited and not store.is_valid(r):
-                            visited.add(r)
-                            nxt.append(r)
-            frontier = nxt
+                    refs += [r for r in found[p][1].references if r not in visited]
+                    visited.update(refs)
+            frontier = [r for r in _held(store, refs) if not store.is_valid(r)]
         complete = _complete(store, chosen)
         self.incomplete = {p: _lacking(store, chosen, p) for p in wanted if p in chosen and p not in complete}
         # a needed path that only exists wrongly signed or corrupt is an alarm, not a miss
@@ -351,6 +348,14 @@ def _writing(store):
 
     writing = getattr(store, "writing", None)
     return writing() if writing is not None else contextlib.nullcontext()
+
+
+def _held(store, paths: list) -> list:
+    """``paths``, recorded as temp roots (when the store keeps them) before their validity is
+    judged: a path found valid here is not fetched, so a concurrent gc must not take it."""
+    if getattr(store, "temp_roots", None) is not None and paths:
+        store.temp_roots.add(paths)
+    return paths
 
 
 def _complete(store, chosen: dict) -> set[StorePath]:
