@@ -125,7 +125,7 @@ def _realise_locked(opts, targets, root) -> int | None:
             pass
 
         s = _Store()
-        s.root, s.store, s.store_dir = root, store, store_dir
+        s.root, s.store, s.store_dir, s.locks = root, store, store_dir, os.path.join(root, "locks")
         s.physical = lambda p: os.path.join(store, p.base)
         from fimio.store.paths import StorePath
 

@@ -135,7 +135,10 @@ def add_roots(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> li
     the way leaves all of them as they were. ``flag`` is the option that named the links
     (for the hint of an error)."""
     links = check_links(store, links, flag)
-    return [_make_root(store, link, target, flag) for link, target in links]
+    # under the shared GC lock: a gc prunes a registration whose link is missing or points
+    # elsewhere, which it would be between the two steps of _make_root
+    with gc_lock(store):
+        return [_make_root(store, link, target, flag) for link, target in links]
 
 
 def check_links(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> list[tuple[str, StorePath]]:
@@ -149,20 +152,10 @@ def check_links(store, links: list[tuple[str, StorePath]], flag: str = "-o") -> 
 
 
 def _make_root(store, link: str, target: StorePath, flag: str) -> str:
-    physical = store.physical(target)
-    tmp = fsutil.sibling_tmp(link)
-    try:
-        os.symlink(physical, tmp)
-        os.replace(tmp, link)
-    except OSError as e:  # a missing or read-only directory, a file as a parent...
-        try:
-            fsutil.unlink_if_exists(tmp)
-        except OSError:
-            pass  # it was never made
-        raise UsageError(f"cannot make the link '{link}': {e.strerror}", f"choose another name with {flag}") from None
-    # Durable before we return: a root lost to a power cut would let gc delete an output
-    # the user was told is there.
-    fsutil.fsync_dir(os.path.dirname(link))
+    """Register ``link`` as a root, then make it. Both durable before we return: a root lost
+    to a power cut would let gc delete an output the user was told is there. In this order a
+    kill in between leaves a registration without its link, which gc prunes; the other order
+    would leave a link that roots nothing, dangling after the next gc."""
     import hashlib  # here: OpenSSL's start-up is not paid by the commands that make no out-link
 
     reg = os.path.join(store.root, "gcroots", "auto-" + hashlib.sha256(link.encode()).hexdigest()[:32])
@@ -178,10 +171,19 @@ def _make_root(store, link: str, target: StorePath, flag: str) -> str:
             os.replace(tmp, reg)
             fsutil.fsync_dir(os.path.dirname(reg))
         except BaseException:
-            # an out-link that is no root would dangle after the next gc: take it back
             fsutil.unlink_if_exists(tmp)
-            fsutil.unlink_if_exists(link)
             raise
+    tmp = fsutil.sibling_tmp(link, sweep=True)  # sweep: what killed realises left here
+    try:
+        os.symlink(store.physical(target), tmp)
+        os.replace(tmp, link)
+    except OSError as e:  # a missing or read-only directory, a file as a parent...
+        try:
+            fsutil.unlink_if_exists(tmp)
+        except OSError:
+            pass  # it was never made
+        raise UsageError(f"cannot make the link '{link}': {e.strerror}", f"choose another name with {flag}") from None
+    fsutil.fsync_dir(os.path.dirname(link))
     return link
 
 

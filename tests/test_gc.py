@@ -407,6 +407,44 @@ def test_a_gc_while_realise_makes_its_out_link_keeps_the_output(cli, tmp_path, m
     assert (tmp_path / "result").exists(), "gc deleted the output before ./result rooted it"
 
 
+def test_an_out_link_is_made_after_its_registration_under_the_gc_lock(cli, tmp_path, monkeypatch):
+    """When the link appears, its registration is already there (a kill in between leaves a
+    registration gc prunes, never a link that roots nothing), and the GC lock is held: a gc
+    prunes registrations whose link is missing, as it is until the link is made."""
+    import gc as collector
+
+    import fimio.cli
+    from fimio.store import fsutil
+
+    f = write_drv(tmp_path / "d.toml", "d", "echo d > $out")
+    result = tmp_path / "result"
+    sibling_tmp, seen = fsutil.sibling_tmp, []
+
+    def look(path, sweep=False):
+        if os.fspath(path) == str(result):
+            gcroots = cli.root / "gcroots"
+            registered = any(os.readlink(gcroots / n) == str(result) for n in os.listdir(gcroots))
+            gc_could_run = subprocess.run(["flock", "-n", "-x", cli.root / "locks" / "gc.lock", "true"]).returncode == 0
+            seen.append((registered, gc_could_run))
+        return sibling_tmp(path, sweep)
+
+    monkeypatch.setattr(fsutil, "sibling_tmp", look)
+    monkeypatch.setenv("FIMIO_ROOT", str(cli.root))
+    monkeypatch.setenv("FIMIO_CONFIG", os.devnull)
+    cli.out("realise", "--no-out-link", f)
+    for no_fast_path in ("", "1"):  # the no-op fast path (which closes its database), then the full path
+        monkeypatch.setenv("FIMIO_NO_FAST_PATH", no_fast_path)
+        if os.path.lexists(result):
+            os.unlink(result)
+        for name in os.listdir(cli.root / "gcroots"):
+            os.unlink(cli.root / "gcroots" / name)
+        try:
+            assert fimio.cli.run(["realise", str(f), "-o", str(result)]) == 0
+        finally:
+            collector.enable()  # run() turns the collector off, as for a one-shot command
+    assert seen == [(True, False), (True, False)]
+
+
 def test_a_gc_while_copy_relies_on_a_path_here_keeps_that_path(cli, tmp_path, monkeypatch):
     """A substitution does not fetch a reference that is valid here: that reference is a temp
     root from before its validity is judged, so a gc at that moment (a real one, in another
