@@ -146,7 +146,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
         if as_json and not dry_run:
             emit_json(_realise_json(None, None, {}, None, e))
         raise
-    realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db))
+    realiser = Realiser(store, options, fingerprinter=HostFingerprinter(store.db, hidden=[store.root]))
     warned: set[str] = set()
 
     def warn(message: str) -> None:  # once each: a refusal met again as the graph is planned further

@@ -150,6 +150,7 @@ class Builder:
             gid=variation.gid,
             build_mount=variation.build_dir,
             build_tmpfs=variation.dir_order == "tmpfs",
+            store_root=self.store.root,
         )
         record = self._base_record(drv, variation)
         log_path = os.path.join(scratch, "log")

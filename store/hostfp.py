@@ -34,8 +34,13 @@ _WALK_LIMIT = 20000  # entries; past this a non-package path is summarised by st
 class HostFingerprinter:
     """Computes fingerprints with a persistent stat cache kept in the store database."""
 
-    def __init__(self, db=None):
+    def __init__(self, db=None, hidden=()):
+        """``hidden``: directories builds do not see (the store's physical root), left out of
+        the trees walked, as are kernel pseudo filesystems (/proc: no part of a host tree,
+        and some of its files never end when read)."""
         self.db = db
+        self._hidden = set(hidden)
+        self._skip: set[str] | None = None  # hidden + pseudo filesystem mounts, when first needed
         self._memo: dict[str, str] = {}
         self._new: dict[bytes, str] = {}  # digests computed since the last save (one transaction)
         self._lock = threading.Lock()  # builds fingerprint in parallel threads
@@ -98,13 +103,20 @@ class HostFingerprinter:
         managed = any(host_path == p or host_path.startswith(p + "/") for p in PACKAGE_MANAGED)
         if managed and os.path.exists(DPKG_STATUS):
             return {"kind": "packages", "packages": self.package_db()}
+        if self._skipped(os.path.realpath(host_path)):
+            return {"kind": "not-walked"}
         return {"kind": "tree", "digest": self._walk_digest(host_path)}
+
+    def _skipped(self, path: str) -> bool:
+        if self._skip is None:
+            self._skip = self._hidden | _pseudo_mounts()
+        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in self._skip)
 
     def _walk_digest(self, root: str) -> str:
         h = blake3.blake3()
         count = 0
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
+            dirnames[:] = sorted(d for d in dirnames if not self._skipped(os.path.join(dirpath, d)))
             for name in sorted(filenames):
                 p = os.path.join(dirpath, name)
                 count += 1
@@ -122,7 +134,10 @@ class HostFingerprinter:
                             pass
                     h.update(f"f {rel} {st.st_mode & 0o111:o} {digest}\n".encode())
                 elif stat.S_ISLNK(st.st_mode):
-                    h.update(f"l {rel} {os.readlink(p)}\n".encode())
+                    try:
+                        h.update(f"l {rel} {os.readlink(p)}\n".encode())
+                    except OSError:  # gone meanwhile, or not ours to read
+                        h.update(f"l {rel} ?\n".encode())
         return "blake3:" + h.hexdigest()
 
     def fingerprint(self, host_paths: list[str], builder: str) -> dict:
@@ -132,6 +147,26 @@ class HostFingerprinter:
             record["builder"] = {"path": builder, "digest": self.file(builder)}
         self._save()
         return record
+
+
+_PSEUDO_FS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs",
+              "pstore", "bpf", "mqueue", "hugetlbfs", "configfs", "fusectl", "binfmt_misc", "autofs", "efivarfs",
+              "rpc_pipefs", "nsfs"}
+
+
+def _pseudo_mounts() -> set[str]:
+    """Mount points of kernel pseudo filesystems, from /proc/self/mountinfo."""
+    mounts = set()
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                fstype = fields[fields.index("-") + 1]
+                if fstype in _PSEUDO_FS:
+                    mounts.add(fields[4].replace("\\040", " "))
+    except (OSError, ValueError, IndexError):
+        pass
+    return mounts
 
 
 _HOST_INFO: dict | None = None

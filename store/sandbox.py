@@ -44,6 +44,7 @@ class SandboxSpec:
     gid: int = BUILD_GID
     build_mount: str = BUILD_DIR
     build_tmpfs: bool = False  # a fresh tmpfs at build_mount instead of binding build_dir
+    store_root: str | None = None  # the physical root: hidden if a host path holds it
     extra: list[str] = field(default_factory=list)
 
     def command(self, data_fds: dict[str, int] | None = None) -> list[str]:
@@ -62,6 +63,11 @@ class SandboxSpec:
                 argv += ["--symlink", os.readlink(host), host]
             elif os.path.exists(host):
                 argv += ["--ro-bind", host, host]
+        if self.store_root and any(_holds(host, self.store_root) for host in self.host_paths):
+            # a host path such as /home holds the store's physical root: the build would see
+            # every store path, its database and its keys. An empty, read-only directory
+            # there instead (the binds below take their sources from the host, unhidden).
+            argv += ["--tmpfs", self.store_root, "--remount-ro", self.store_root]
         argv += ["--bind", self.scratch_store, self.store_dir]
         for physical, logical in self.closure:
             if os.path.islink(physical):
@@ -87,6 +93,11 @@ class SandboxSpec:
         argv += self.extra
         argv += ["--remount-ro", "/", "--", self.builder, *self.args]  # the sandbox root tmpfs: read-only
         return argv
+
+
+def _holds(host: str, path: str) -> bool:
+    real = os.path.realpath(host)
+    return path == real or path.startswith(real.rstrip("/") + "/")
 
 
 # The procfs entries that change the host, not the sandbox: kernel settings, the SysRq

@@ -668,6 +668,24 @@ def test_machine_identities_in_proc_are_masked(cli, tmp_path):
     assert text == "00000000-0000-0000-0000-000000000000\n\n" and host_boot_id not in text
 
 
+def test_a_host_path_holding_the_store_root_shows_no_store_path(cli, tmp_path):
+    """host_paths = [the directory holding the physical root]: the build must not find the
+    store's paths, database or keys there; and fingerprinting such paths, /proc among them,
+    neither walks the store nor reads a kernel file that never ends (/proc/kmsg)."""
+    (tmp_path / "secret.txt").write_text("not an input\n")
+    secret = cli.out("add", tmp_path / "secret.txt")
+    f = write_drv(tmp_path / "peek.toml", "peek", f"""
+        ls -A {cli.root} > $out.list 2>&1; cat {secret} > $out.secret 2>&1
+        mkdir $out; mv $out.list $out/list; mv $out.secret $out/secret
+        """, sandbox={"host_paths": ["/usr", "/bin", "/lib", "/lib64", str(tmp_path), "/proc"]})
+    proc = cli("realise", "--no-out-link", f, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = pathlib.Path(proc.stdout.strip())
+    assert (out / "list").read_text() == "" and "not an input" not in (out / "secret").read_text()
+    record = json.loads(cli.out("provenance", "--json", f))["records"][-1]
+    assert record["fingerprints"]["hostPaths"]["/proc"] == {"kind": "not-walked"}
+
+
 def test_a_build_cannot_change_the_hosts_kernel_settings(cli, tmp_path):
     """The build's user is whoever runs fimio outside: run as root, procfs's owner checks
     alone would let it write host-wide settings. Writing a setting's own value back must be
