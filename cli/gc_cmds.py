@@ -33,7 +33,9 @@ def gc(opts, dry_run, max_freed, as_json):
     from fimio.store.paths import StorePath
 
     store = opts.store()
-    result = collect(store, dry_run=dry_run, max_freed=parse_size(max_freed) if max_freed is not None else None)
+    result = collect(store, dry_run=dry_run, max_freed=parse_size(max_freed) if max_freed is not None else None,
+                     on_wait=lambda: info(opts, "waiting for the GC lock: a build, import or fetch is writing "
+                                                "to this store"))
     deleted = [StorePath.parse(logical.rsplit("/", 1)[1]) for logical in result.deleted]
     if as_json:
         emit_json({"deleted": [names_json(store, p) for p in deleted], "freed": result.freed,

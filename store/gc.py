@@ -11,6 +11,7 @@ GC is killed) and their files deleted after; unreferenced blobs in ``.links`` go
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import fsutil
@@ -47,10 +48,11 @@ def reachable(store, roots) -> set[str]:
     return seen
 
 
-def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcResult:
-    """Delete unreachable paths (or, with ``dry_run``, only list them)."""
+def collect(store, dry_run: bool = False, max_freed: int | None = None, on_wait=None) -> GcResult:
+    """Delete unreachable paths (or, with ``dry_run``, only list them). ``on_wait()`` is
+    called when the GC lock is busy (a writer holds it), before waiting for it."""
     result = GcResult()
-    with gc_lock(store, exclusive=True):
+    with _exclusive_lock(store, on_wait):
         roots = list(list_roots(store, prune=not dry_run).values()) + list(live_temp_roots(store))
         alive = reachable(store, roots)
         infos = {i.path.hash_part: i for i in store.all_paths()}
@@ -74,6 +76,18 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None) -> GcRes
             store.remove_garbage(set(infos) - gone)
             _remove_unused_blobs(store)
     return result
+
+
+@contextmanager
+def _exclusive_lock(store, on_wait):
+    with gc_lock(store, exclusive=True, blocking=False) as taken:
+        if taken:
+            yield
+            return
+    if on_wait is not None:
+        on_wait()
+    with gc_lock(store, exclusive=True):
+        yield
 
 
 def _referrers_first(dead: dict) -> list:

@@ -22,8 +22,8 @@ from .errors import UsageError
 from .paths import StorePath
 
 
-def gc_lock(store, exclusive: bool = False):
-    return fsutil.file_lock(os.path.join(store.locks, "gc.lock"), shared=not exclusive)
+def gc_lock(store, exclusive: bool = False, blocking: bool = True):
+    return fsutil.file_lock(os.path.join(store.locks, "gc.lock"), shared=not exclusive, blocking=blocking)
 
 
 _kept_here: set[str] = set()  # temp-roots files this process holds

@@ -546,3 +546,16 @@ def test_the_deletion_order_of_a_chain_deeper_than_the_recursion_limit():
     ref = [SimpleNamespace(hash_part=f"h{i}") for i in range(n)]
     dead = {f"h{i}": SimpleNamespace(name=i, references=[ref[i - 1]] if i else []) for i in range(n)}
     assert [info.name for info in _referrers_first(dead)] == list(range(n - 1, -1, -1))
+
+
+def test_gc_says_when_it_waits_for_a_writer(cli, tmp_path):
+    (tmp_path / "f.txt").write_text("f\n")
+    cli.out("add", tmp_path / "f.txt")
+    holder = subprocess.Popen(["flock", "-s", cli.root / "locks" / "gc.lock", "sleep", "1.5"])
+    try:
+        time.sleep(0.3)  # the writer holds the lock now
+        proc = cli("gc")
+    finally:
+        holder.wait()
+    assert proc.returncode == 0 and "waiting for the GC lock" in proc.stderr, proc.stderr
+    assert "waiting" not in cli("gc").stderr  # no writer: no wait, no message
