@@ -251,3 +251,23 @@ def test_a_manifest_root_symlink_is_bounded_like_any_symlink_target(length, acce
     else:
         with pytest.raises(IntegrityError, match="bad symlink target"):
             manifest_mod.decode(enc, node.digest, 0, "m")
+
+
+def test_the_closure_check_of_a_chain_deeper_than_the_recursion_limit():
+    """Which found paths have their whole closure here or found: a chain of any length,
+    and one missing link makes every path above it incomplete."""
+    import sys
+    from types import SimpleNamespace
+
+    from fimio.store.cache.substitute import _complete
+
+    class Store:
+        def is_valid(self, path):
+            return path == "valid-base"
+
+    n = 3 * sys.getrecursionlimit()
+    chain = {f"p{i}": (None, SimpleNamespace(references=[f"p{i - 1}" if i else "valid-base", f"p{i}"]))
+             for i in range(n)}
+    assert _complete(Store(), chain) == set(chain)
+    chain["p10"][1].references.append("missing")
+    assert _complete(Store(), chain) == {f"p{i}" for i in range(10)}

@@ -359,22 +359,24 @@ def _held(store, paths: list) -> list:
 
 
 def _complete(store, chosen: dict) -> set[StorePath]:
-    """The chosen paths whose whole closure is valid locally or chosen."""
-    ok: dict[StorePath, bool] = {}
-
-    def check(p: StorePath, stack=()) -> bool:
-        if p in ok:
-            return ok[p]
-        if p not in chosen:
-            return store.is_valid(p)
-        ok[p] = True  # provisional, for self-references
-        good = all(r == p or check(r) for r in chosen[p][1].references)
-        ok[p] = good
-        return good
-
-    for p in chosen:
-        check(p)
-    return {p for p, good in ok.items() if good and p in chosen}
+    """The chosen paths whose whole closure is valid locally or chosen: all but those that
+    reach, through chosen paths, a reference neither valid here nor chosen (found walking
+    back from such references, without recursion: a closure may be a chain of any length)."""
+    referrers: dict[StorePath, list[StorePath]] = {}
+    incomplete: list[StorePath] = []
+    for p, (_, info) in chosen.items():
+        for r in info.references:
+            if r in chosen:
+                referrers.setdefault(r, []).append(p)
+            elif not store.is_valid(r):
+                incomplete.append(p)
+    seen = set(incomplete)
+    while incomplete:
+        for q in referrers.get(incomplete.pop(), ()):
+            if q not in seen:
+                seen.add(q)
+                incomplete.append(q)
+    return set(chosen) - seen
 
 
 def _lacking(store, chosen: dict, top: StorePath) -> list[StorePath]:
