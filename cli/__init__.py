@@ -129,6 +129,10 @@ def _fail(what: str, hint: str | None = None) -> None:
     # one line whatever it quotes: a newline becomes a space, another control character (a
     # NUL in a name) its escape
     line = line.replace("\n", " ").translate(_CONTROL_ESCAPES)
+    try:  # a file name that is not UTF-8 (held as surrogate escapes) shows its bytes, as \xe9
+        line = line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        pass  # another lone surrogate: stderr escapes it
     print(line, file=sys.stderr)
 
 

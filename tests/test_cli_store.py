@@ -16,7 +16,8 @@ import subprocess
 
 import pytest
 
-from conftest import STORE_DIR, assert_one_error_line, nix_available, run_fimio, run_on_terminal
+from conftest import (STORE_DIR, assert_one_error_line, fimio_env, fimio_executable, nix_available, run_fimio,
+                      run_on_terminal)
 from fimio.store.local import LocalStore
 from fimio.store.tree import format_digest, scan
 
@@ -629,3 +630,11 @@ def test_verify_shows_each_problem_on_one_line_whatever_the_name(cli, tmp_path):
     assert_one_error_line(proc, 4)
     lines = sorted(proc.stdout.splitlines())
     assert [line.partition(": ")[0] for line in lines] == [f'{p}/"bad\\xff"', f'{p}/"new\\nline"'], lines
+
+
+def test_an_error_naming_a_non_utf8_file_shows_its_bytes(cli, tmp_path):
+    missing = os.fsencode(tmp_path) + b"/d\xe9ir/nothere"
+    proc = subprocess.run([os.fsencode(fimio_executable()), b"add", missing], env=fimio_env(cli.root),
+                          capture_output=True)
+    assert proc.returncode == 5
+    assert b"d\\xe9ir/nothere" in proc.stderr and b"udce9" not in proc.stderr, proc.stderr
