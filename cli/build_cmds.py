@@ -81,7 +81,8 @@ def open_substituters(opts, store, urls, no_substitute, offline):
 
 @click.command()
 @click.argument("targets", nargs=-1, required=True)
-@click.option("-j", "--jobs", type=click.IntRange(min=0), help="Parallel builds; 0 = the default [default: config 'jobs' or cores].")
+@click.option("-j", "--jobs", type=click.IntRange(min=0),
+              help="Parallel builds; 0 = the default [default: config 'jobs' or cores].")
 @click.option("--check", is_flag=True, help="Build again and compare bit for bit (exit 3 on a difference).")
 @click.option("--rounds", type=click.IntRange(min=2),
               help="Build N times in all (N >= 2; implies --check, whose default is 2) and compare every pair.")

@@ -47,7 +47,8 @@ def _offline(opts, flag) -> tuple[bool, str]:
 @click.option("--substituter", "substituters", multiple=True, metavar="URL",
               help="A cache to take .drv files and fixed outputs from (repeatable; replaces the config's list).")
 @click.option("--no-substitute", is_flag=True, help="Fetch every fixed output from its URL.")
-@click.option("-j", "--jobs", type=click.IntRange(min=0), help="Parallel fetches; 0 = the default [default: config 'jobs' or cores].")
+@click.option("-j", "--jobs", type=click.IntRange(min=0),
+              help="Parallel fetches; 0 = the default [default: config 'jobs' or cores].")
 @json_option
 @global_options
 @pass_options
