@@ -554,3 +554,29 @@ def test_a_broken_cache_is_dropped_and_the_others_still_serve(world, tmp_path):
         assert done["substituted"] == [lib_out] and [os.path.basename(b) for b in done["built"]] == [
             os.path.basename(done["targets"][0]["drvPath"])], done
         assert f"not using 'file://{bad}' again" in proc.stderr, proc.stderr
+
+
+def test_outputs_that_refer_to_each_other_are_fetched_across_transactions(world, monkeypatch):
+    """Registration commits in batches; two outputs referring to each other (out <-> dev) may
+    fall into two of them, and neither is a reference that vanished."""
+    import gc as collector
+
+    import fimio.cli
+    from fimio.store.cache import ingest
+    from test_sandbox import write_drv
+
+    f = write_drv(world["tmp"] / "mo.toml", "mo", "mkdir $out $dev; echo $dev > $out/d; echo $out > $dev/o",
+                  outputs=["out", "dev"])
+    out = fim(world, "A", "realise", "--no-out-link", f, check=0).stdout.split()[0]
+    cache = f"file://{world['tmp'] / 'cache'}"
+    fim(world, "A", "push", cache, f, "--key", world["sk"], check=0)
+    monkeypatch.setattr(ingest, "BATCH", 1)
+    monkeypatch.setenv("FIMIO_ROOT", str(world["tmp"] / "B"))
+    monkeypatch.setenv("FIMIO_CONFIG", world["cfg"])
+    try:
+        assert fimio.cli.run(["copy", "--from", cache, os.path.basename(out)]) == 0
+    finally:
+        collector.enable()  # run() turns the collector off, as for a one-shot command
+    monkeypatch.undo()
+    assert fim(world, "B", "verify", "--check-contents").returncode == 0
+    assert len(json.loads(fim(world, "B", "path-info", "-r", "--json", os.path.basename(out)).stdout)) == 2

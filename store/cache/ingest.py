@@ -145,22 +145,22 @@ def register(store, items, realisations=(), locks_held=()) -> list:
     fsutil.syncfs(store.root)
     ordered = _references_first(list(items))
     batches = [ordered[i:i + BATCH] for i in range(0, len(ordered), BATCH)] or [[]]
+    ours = {info.path for _, info, _ in ordered}  # a cycle (out <-> dev) may span two batches
     done = []
     for n, batch in enumerate(batches):
-        done += _register_batch(store, batch, realisations if n == len(batches) - 1 else (), held)
+        done += _register_batch(store, batch, realisations if n == len(batches) - 1 else (), held, ours)
     return done
 
 
-def _register_batch(store, items, realisations, held) -> list:
+def _register_batch(store, items, realisations, held, ours) -> list:
     done = []
     with ExitStack() as stack:
         for tmp, info, node in sorted(items, key=lambda x: x[1].path.hash_part):
             if info.path.hash_part not in held:
                 stack.enter_context(store.lock_path(info.path))
-        batch = {info.path for _, info, _ in items}
         for _, info, _ in items:
             for ref in info.references:
-                if ref not in batch and not store.is_valid(ref):
+                if ref not in ours and not store.is_valid(ref):
                     raise NotFound(f"'{store.logical(ref)}' vanished before '{store.logical(info.path)}', "
                                    "which refers to it, was registered (a concurrent gc?)", "run the command again")
         infos = []
