@@ -407,7 +407,7 @@ def run(opts, target, command):
     """
     import shutil
 
-    from fimio.store.sandbox import bwrap_path
+    from fimio.store.sandbox import bwrap_path, host_view
 
     store = opts.store(create=False)
     path, _ = store.resolve(target)
@@ -415,7 +415,7 @@ def run(opts, target, command):
     env = dict(os.environ)
     env["PATH"] = f"{logical}/bin:" + env.get("PATH", "")
     env["FIMIO_STORE"] = store.store_dir
-    argv = [bwrap_path(), "--dev-bind", "/", "/", "--ro-bind", store.store, store.store_dir,
+    argv = [bwrap_path(), *host_view(store.store_dir), "--ro-bind", store.store, store.store_dir,
             "--chdir", os.getcwd(), "--die-with-parent", "--", *command]
     name = command[0]
     # an absolute name is looked up as itself (lexists: a symlink into the logical store

@@ -14,6 +14,7 @@ for its whole run, so a path is either seen as a temp root or found invalid afte
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 
@@ -232,7 +233,13 @@ def list_roots(store, prune: bool = False) -> dict[str, StorePath]:
         if base is None:  # an indirect root: the out-link it names
             try:
                 base = _base_in_store(os.path.join(os.path.dirname(link), os.readlink(link)), *stores)
-            except OSError:
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL):
+                    # unreadable (a directory of mode 000): not gone. What it roots is unknown,
+                    # so nothing may be collected on the guess that it roots nothing
+                    raise UsageError(f"cannot read the out-link '{link}' ({e.strerror}), a GC root",
+                                     "make its directory readable, or remove the link; gc deletes "
+                                     "nothing until it knows what every root keeps") from None
                 base = None
             if base is None:
                 if prune and name.startswith("auto-"):

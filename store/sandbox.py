@@ -95,6 +95,39 @@ class SandboxSpec:
         return argv
 
 
+def host_view(mount_point: str) -> list[str]:
+    """bwrap arguments showing the host's filesystem at the same paths, with room for a
+    mount at ``mount_point`` (``fimio run``'s view of the store at its logical directory).
+
+    When ``mount_point`` exists, the host's / is bound whole. Else bwrap would have to
+    create it on the host, which only root may do (and should not): each directory from /
+    down to its deepest existing ancestor is rebuilt instead from binds of its entries, so
+    the missing part is made in bwrap's own tmpfs. Only those few directories differ from
+    the host (new files there are not kept; entries that cannot be listed are not shown)."""
+    if os.path.isdir(mount_point):
+        return ["--dev-bind", "/", "/"]
+    args: list[str] = []
+    directory = "/"
+    for part in mount_point.strip("/").split("/"):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            names = []
+        for name in names:
+            entry = os.path.join(directory, name)
+            if name == part:
+                continue
+            if os.path.islink(entry):
+                args += ["--symlink", os.readlink(entry), entry]
+            else:
+                args += ["--dev-bind", entry, entry]
+        directory = os.path.join(directory, part)
+        if os.path.islink(directory) or not os.path.isdir(directory):
+            break  # missing from here down: made in the tmpfs by the mount that follows
+        args += ["--dir", directory]
+    return args
+
+
 def _holds(host: str, path: str) -> bool:
     real = os.path.realpath(host)
     return path == real or path.startswith(real.rstrip("/") + "/")

@@ -92,3 +92,16 @@ def test_a_path_of_another_store_is_not_in_this_store(cli, tmp_path):
                  ["path-info", other]):
         proc = cli(*args)
         assert proc.returncode == 5 and "is not in the store" in proc.stderr, (args, proc.stderr)
+
+
+def test_fimio_run_with_a_store_directory_the_host_lacks_creates_nothing_there(cli, tmp_path):
+    """bwrap cannot make /<store dir> on the host for an ordinary user (and should not for
+    root): the view is rebuilt instead, and the command still sees the host and the store."""
+    store_dir = f"/fimio-run-test-{os.getpid()}/store"
+    (tmp_path / "f.txt").write_text("f\n")
+    env = {"FIMIO_STORE_DIR": store_dir}
+    path = cli.out("add", tmp_path / "f.txt", env=env)
+    logical = f"{store_dir}/{os.path.basename(path)}"
+    seen = cli.out("run", path, "--", "sh", "-c", f'cat {logical}; ls {tmp_path}; pwd', env=env, cwd=tmp_path)
+    assert seen.split("\n") == ["f", "f.txt", "root", str(tmp_path)]
+    assert not os.path.exists(os.path.dirname(store_dir))

@@ -28,8 +28,9 @@ def as_owner(tmp_path):
     (tmp_path / "sk").write_text(str(sk) + "\n")
     config = write_config(tmp_path / "config.toml", trusted=[pk], secret_key_files=[tmp_path / "sk"])
 
-    def run(root: str, *args):
-        return run_fimio(list(args), tmp_path / root, env={"FIMIO_CONFIG": config}, prefix=prefix, check=0).stdout
+    def run(root: str, *args, check=0):
+        proc = run_fimio(list(args), tmp_path / root, env={"FIMIO_CONFIG": config}, prefix=prefix, check=check)
+        return proc.stdout if check == 0 else proc
 
     return run
 
@@ -62,3 +63,20 @@ def test_every_writer_works_without_the_permission_bypass(as_owner, tmp_path):
     assert run_fimio(["verify", "--check-contents"], tmp_path / "b").returncode == 0
     as_owner("a", "gc")
     assert not os.path.exists(added) and not os.path.exists(built)
+
+
+def test_an_out_link_gc_cannot_read_stops_gc_and_keeps_what_it_roots(as_owner, tmp_path):
+    """An unreadable out-link is not a gone one: its registration stays, and gc refuses
+    rather than collect what the link may root."""
+    f = tmp_path / "u.toml"
+    f.write_text('name = "u"\nbuilder = "/bin/sh"\nargs = ["-c", "echo u > $out"]\n')
+    (tmp_path / "links").mkdir()
+    out = as_owner("a", "realise", f, "-o", tmp_path / "links" / "u").strip()
+    os.chmod(tmp_path / "links", 0)
+    try:
+        proc = as_owner("a", "gc", check=None)
+    finally:
+        os.chmod(tmp_path / "links", 0o755)
+    assert proc.returncode == 2 and "cannot read the out-link" in proc.stderr, proc.stderr
+    as_owner("a", "gc")
+    assert open(tmp_path / "links" / "u").read() == "u\n" and os.path.exists(out)
