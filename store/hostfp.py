@@ -26,6 +26,8 @@ import threading
 
 import blake3
 
+from .sandbox import hidden_roots
+
 DPKG_STATUS = "/var/lib/dpkg/status"
 PACKAGE_MANAGED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
 _WALK_LIMIT = 20000  # entries; past this a non-package path is summarised by stats only
@@ -103,20 +105,20 @@ class HostFingerprinter:
         managed = any(host_path == p or host_path.startswith(p + "/") for p in PACKAGE_MANAGED)
         if managed and os.path.exists(DPKG_STATUS):
             return {"kind": "packages", "packages": self.package_db()}
-        if self._skipped(os.path.realpath(host_path)):
-            return {"kind": "not-walked"}
-        return {"kind": "tree", "digest": self._walk_digest(host_path)}
-
-    def _skipped(self, path: str) -> bool:
         if self._skip is None:
             self._skip = self._hidden | _pseudo_mounts()
-        return any(path == d or path.startswith(d.rstrip("/") + "/") for d in self._skip)
+        real = os.path.realpath(host_path)
+        if any(real == d or real.startswith(d.rstrip("/") + "/") for d in self._skip):
+            return {"kind": "not-walked"}
+        # the skipped directories as the walk spells them (through a symlinked host path too)
+        skip = {h for d in self._skip for h in hidden_roots([host_path], d)}
+        return {"kind": "tree", "digest": self._walk_digest(host_path, skip)}
 
-    def _walk_digest(self, root: str) -> str:
+    def _walk_digest(self, root: str, skip: set[str]) -> str:
         h = blake3.blake3()
         count = 0
         for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not self._skipped(os.path.join(dirpath, d)))
+            dirnames[:] = sorted(d for d in dirnames if os.path.join(dirpath, d) not in skip)
             for name in sorted(filenames):
                 p = os.path.join(dirpath, name)
                 count += 1

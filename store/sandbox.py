@@ -63,11 +63,13 @@ class SandboxSpec:
                 argv += ["--symlink", os.readlink(host), host]
             elif os.path.exists(host):
                 argv += ["--ro-bind", host, host]
-        if self.store_root and any(_holds(host, self.store_root) for host in self.host_paths):
+        for hidden in hidden_roots(self.host_paths, self.store_root):
             # a host path such as /home holds the store's physical root: the build would see
-            # every store path, its database and its keys. An empty, read-only directory
-            # there instead (the binds below take their sources from the host, unhidden).
-            argv += ["--tmpfs", self.store_root, "--remount-ro", self.store_root]
+            # every store path, its database and its keys. An empty directory there instead
+            # (writable, as the logical store directory may have to be made inside it; what
+            # is written there is discarded). The binds below take their sources from the
+            # host, unhidden.
+            argv += ["--tmpfs", hidden]
         argv += ["--bind", self.scratch_store, self.store_dir]
         for physical, logical in self.closure:
             if os.path.islink(physical):
@@ -128,9 +130,17 @@ def host_view(mount_point: str) -> list[str]:
     return args
 
 
-def _holds(host: str, path: str) -> bool:
-    real = os.path.realpath(host)
-    return path == real or path.startswith(real.rstrip("/") + "/")
+def hidden_roots(host_paths, store_root: str | None) -> list[str]:
+    """Where the store's physical root appears inside the host paths that hold it, spelled
+    as each host path is (bound under its own name: ``/home/u`` with ``/home -> /var/home``)."""
+    hidden = []
+    for host in host_paths if store_root else ():
+        if os.path.islink(host):
+            continue  # recreated as a symlink, not bound: what it points to is bound, or absent
+        real = os.path.realpath(host).rstrip("/")
+        if store_root == real or store_root.startswith(real + "/"):
+            hidden.append(host.rstrip("/") + store_root[len(real):])
+    return list(dict.fromkeys(hidden))
 
 
 # The procfs entries that change the host, not the sandbox: kernel settings, the SysRq

@@ -686,6 +686,32 @@ def test_a_host_path_holding_the_store_root_shows_no_store_path(cli, tmp_path):
     assert record["fingerprints"]["hostPaths"]["/proc"] == {"kind": "not-walked"}
 
 
+@pytest.mark.parametrize("layout", ["through-a-symlink", "store-dir-in-root"])
+def test_the_store_root_is_hidden_however_the_host_path_reaches_it(tmp_path, layout):
+    """The root is hidden where the build sees it: under a host path spelled through a
+    symlink (/home -> /var/home), and when the logical store directory is the physical one
+    (a Nix-like layout: root /fimio, store /fimio/store), whose mount is made inside it."""
+    from conftest import run_fimio
+
+    (tmp_path / "real" / "u").mkdir(parents=True)
+    os.symlink("real", tmp_path / "lnk")
+    root = tmp_path / "real" / "u" / "fimio"
+    env = {"FIMIO_STORE_DIR": f"{root}/store"} if layout == "store-dir-in-root" else {}
+    host = tmp_path / "lnk" / "u" if layout == "through-a-symlink" else tmp_path / "real" / "u"
+    (tmp_path / "secret.txt").write_text("not an input\n")
+    run_fimio(["add", tmp_path / "secret.txt"], root, env=env, check=0)
+    f = write_drv(tmp_path / "peek.toml", "peek", f"ls -A {host}/fimio > $out",
+                  sandbox={"host_paths": ["/usr", "/bin", "/lib", "/lib64", str(host)]})
+    out = run_fimio(["realise", "--no-out-link", f], root, env=env, check=0).stdout.strip()
+    assert open(out).read() in ("", "store\n"), open(out).read()  # (the store directory's mount point)
+    record = json.loads(run_fimio(["provenance", "--json", f], root, env=env, check=0).stdout)["records"][-1]
+    walked = record["fingerprints"]["hostPaths"][str(host)]
+    (root / "extra.txt").write_text("x\n")  # a change under the hidden root: no part of the fingerprint
+    from fimio.store.hostfp import HostFingerprinter
+
+    assert HostFingerprinter(hidden=[str(root)]).path(str(host)) == walked
+
+
 def test_a_build_cannot_change_the_hosts_kernel_settings(cli, tmp_path):
     """The build's user is whoever runs fimio outside: run as root, procfs's owner checks
     alone would let it write host-wide settings. Writing a setting's own value back must be
