@@ -156,6 +156,48 @@ def parse_drv_json(data: bytes, where: str, store_dir: str) -> Derivation:
 
 
 def _drv_problem(drv: Derivation) -> str | None:
+    """What a derivation file could not say, if anything (the rules of §1, on the .drv)."""
+    return _type_problem(drv) or _rule_problem(drv)
+
+
+def _strings(xs) -> bool:
+    return isinstance(xs, list) and all(isinstance(x, str) for x in xs)
+
+
+def _type_problem(drv: Derivation) -> str | None:
+    if not all(isinstance(x, str) for x in (drv.name, drv.system, drv.builder)):
+        return "'name', 'system' and 'builder' must be strings"
+    if not _strings(drv.args) or not _strings(drv.host_paths):
+        return "'args' and 'hostPaths' must be lists of strings"
+    if not all(isinstance(k, str) and _ENV_NAME.fullmatch(k) and isinstance(v, str) for k, v in drv.env.items()):
+        return "'env' must map variable names to strings"
+    if not drv.outputs or not all(_OUTPUT_NAME.fullmatch(o) for o in drv.outputs):
+        return "'outputs' must name one or more outputs like \"out\""
+    for var, i in drv.inputs.items():
+        if not _ENV_NAME.fullmatch(var) or i.kind not in ("drv", "src", "store") or not isinstance(i.output, str) \
+                or not _store_path(i.path, drv.store_dir):
+            return f"input '{var}' is malformed"
+    if type(drv.timeout) is not int:
+        return "'timeout' must be a whole number"
+    fetch = drv.fetch
+    if fetch is not None and not (isinstance(fetch, dict) and sorted(fetch) == ["hash", "url"]
+                                  and _strings(list(fetch.values())) and _HASH_RE.fullmatch(fetch["hash"])
+                                  and _fetchable(fetch["url"])):
+        return "'fetch' must hold a well-formed 'url' and 'hash'"
+    return None
+
+
+def _store_path(text, store_dir: str) -> bool:
+    if not isinstance(text, str) or not text.startswith(store_dir + "/"):
+        return False
+    try:
+        StorePath.parse(text[len(store_dir) + 1:])
+        return True
+    except UsageError:
+        return False
+
+
+def _rule_problem(drv: Derivation) -> str | None:
     fixed = drv.fetch is not None
     if fixed != (drv.builder == FETCH_BUILDER) or (fixed and (drv.args or drv.inputs)):
         return f"a fixed-output derivation has builder '{FETCH_BUILDER}', no args and no inputs"
@@ -190,7 +232,7 @@ def _parse_drv_json(data: bytes, where: str, store_dir: str) -> Derivation:
         return Derivation(
             name=obj["name"], system=obj["system"], builder=obj["builder"], args=list(obj["args"]),
             env=dict(obj["env"]), outputs=dict(obj["outputs"]), inputs=inputs,
-            host_paths=list(obj["sandbox"]["hostPaths"]), timeout=int(obj["sandbox"]["timeout"]),
+            host_paths=list(obj["sandbox"]["hostPaths"]), timeout=obj["sandbox"]["timeout"],
             fetch=obj.get("fetch"), store_dir=store_dir,
         )
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
@@ -309,6 +351,9 @@ def _validate(rd: RawDerivation) -> None:
                 raise rd.error(f"a fixed-output derivation ([fetch]) cannot have '{key}'", key)
     elif "builder" not in d:
         raise rd.error("missing required key 'builder' (or a [fetch] table)")
+    elif d["builder"] == FETCH_BUILDER:
+        raise rd.error(f"'{FETCH_BUILDER}' is the builder of fixed-output derivations: give a [fetch] table instead",
+                       "builder")
     else:
         _expect(rd, d["builder"], str, "builder")
         if not d["builder"]:

@@ -48,6 +48,7 @@ BAD = [
     ("args-not-list", 'name = "x"\n' + SH + 'args = "-c true"\n', 3, "'args' must be a list"),
     ("args-not-strings", 'name = "x"\n' + SH + 'args = ["-c", 1]\n', 3, "'args' must be a list of strings"),
     ("builder-not-string", 'name = "x"\nbuilder = ["/bin/sh"]\n', 2, "'builder' must be a string"),
+    ("fetch-builder-without-fetch", 'name = "x"\nbuilder = "builtin:fetchurl"\n', 2, "give a [fetch] table"),
     ("builder-empty", 'name = "x"\nbuilder = ""\n', 2, "'builder' must not be empty"),
     ("system-not-string", 'name = "x"\n' + SH + "system = 64\n", 3, "'system' must be a string"),
     ("outputs-not-list", 'name = "x"\n' + SH + 'outputs = "out"\n', 3, "'outputs' must be a list"),
@@ -598,6 +599,16 @@ def _forged_drv_variants(good: dict) -> dict:
         "a reserved variable": changed(env__HOME="/root"),
         "a fetch with a shell": changed(fetch={"url": "file:///x", "hash": "sha256:" + "0" * 64}),
         "another version": changed(fimio=2),
+        "an argument that is a number": changed(args=[1]),
+        "an environment value that is a number": changed(env__A=1),
+        "an environment name with '='": changed(env={"X=Y": "1"}),
+        "a host path that is a number": changed(sandbox__hostPaths=[1]),
+        "an output name with '-'": changed(outputs={"b-c": good["outputs"]["out"]}),
+        "an input outside the store": changed(inputs={"x": {"src": "/etc/passwd"}}),
+        "a fetch without url": {**good, "builder": "builtin:fetchurl", "args": [],
+                                "fetch": {"hash": "sha256:" + "0" * 64}},
+        "a fetch with an md5 hash": {**good, "builder": "builtin:fetchurl", "args": [],
+                                     "fetch": {"hash": "md5:abc", "url": "file:///x"}},
     }
 
 
