@@ -34,7 +34,11 @@ def is_derivation_file(store, text: str) -> bool:
         return False
     if os.path.lexists(text):
         real = os.path.realpath(text)
-        return not real.startswith(store.store + "/") and not _in_another_store(real)
+        if real.startswith(store.store + "/"):
+            return False
+        # a .toml file anywhere else is one, even inside another store's path (a checkout
+        # in /nix/store); another store's path itself is "not in this store"
+        return (text.endswith(".toml") and os.path.isfile(real)) or not _in_another_store(real)
     return text.endswith(".toml")
 
 

@@ -105,3 +105,9 @@ def test_fimio_run_with_a_store_directory_the_host_lacks_creates_nothing_there(c
     seen = cli.out("run", path, "--", "sh", "-c", f'cat {logical}; ls {tmp_path}; pwd', env=env, cwd=tmp_path)
     assert seen.split("\n") == ["f", "f.txt", "root", str(tmp_path)]
     assert not os.path.exists(os.path.dirname(store_dir))
+
+
+def test_a_derivation_file_inside_another_stores_path_is_a_derivation_file(cli, tmp_path):
+    checkout = tmp_path / "nix" / "store" / "0123456789abcdfghijklmnpqrsvwxyz-source"
+    f = write_drv(checkout / "e.toml", "e", "echo e > $out")
+    assert open(cli.out("realise", "--no-out-link", f)).read() == "e\n"
