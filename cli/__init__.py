@@ -11,7 +11,8 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``fimio`` console script: run a command, map errors to exit codes."""
     try:
-        code = run(argv) if _standard_streams_open(argv) else 2
+        _open_standard_streams()
+        code = run(argv)
     except KeyboardInterrupt:  # during start-up, before run's own handlers are in place
         _fail("interrupted")
         code = 130
@@ -28,11 +29,10 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _standard_streams_open(argv) -> bool:
+def _open_standard_streams() -> None:
     """Put /dev/null on a closed stdin, stdout or stderr, so that no file fimio opens lands
-    on fd 1 or 2 (its results and messages would be written into it, or mixed up). False,
-    after saying so, when stdout was closed: results would be lost (``fimio serve`` prints
-    none, and may run so)."""
+    on fd 0-2 (results and messages would be written into it, or mixed up), and Python has
+    streams to use. A closed stdout is said once: what fimio prints there is lost."""
     closed = []
     for fd in (0, 1, 2):
         try:
@@ -43,16 +43,14 @@ def _standard_streams_open(argv) -> bool:
             if null != fd:
                 os.dup2(null, fd)
                 os.close(null)
+    if 0 in closed:
+        sys.stdin = open(0, closefd=False)
+    if 1 in closed:
+        sys.stdout = open(1, "w", closefd=False)
     if 2 in closed:
         sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-    if 1 not in closed:
-        return True
-    sys.stdout = open(1, "w", closefd=False)
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == "serve":
-        return True
-    _fail("standard output is closed", "fimio prints its results there: redirect it to a file or /dev/null")
-    return False
+    if 1 in closed:
+        print("fimio: warning: standard output is closed: what fimio prints there is lost", file=sys.stderr)
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -383,11 +383,16 @@ def test_a_closed_stderr_never_sends_messages_into_the_results(cli, tmp_path):
     assert proc.returncode == 1 and json.loads(proc.stdout)["ok"] is False
 
 
-def test_a_closed_stdout_is_one_error_line_not_a_traceback_or_lost_results(cli, tmp_path):
+def test_closed_stdout_or_stdin_is_no_traceback_and_not_silent(cli, tmp_path):
     (tmp_path / "f.txt").write_text("f\n")
-    for args in (["add", tmp_path / "f.txt"], ["path-info", "--json", tmp_path / "f.txt"], ["cat", tmp_path / "f.txt"]):
-        assert_one_error_line(cli(*args, preexec_fn=lambda: os.close(1)), 2, "standard output is closed")
-    assert not os.path.exists(cli.physical_store) or not os.listdir(cli.physical_store)
+    path = cli.out("add", tmp_path / "f.txt")
+    for args in (["add", tmp_path / "f.txt"], ["path-info", "--json", path], ["cat", path]):
+        proc = cli(*args, preexec_fn=lambda: os.close(1))
+        assert proc.returncode == 0 and proc.stderr.startswith("fimio: warning: standard output is closed"), proc.stderr
+    sk = cli.out("key", "generate", "k-1")
+    proc = cli("key", "public", preexec_fn=lambda: os.close(0))
+    assert_one_error_line(proc, 2, "no secret key on stdin")
+    assert cli.out("key", "public", input=sk + "\n").startswith("k-1:")
 
 
 def _drop_root_read_bypass() -> list[str]:
