@@ -193,6 +193,9 @@ def _check_link(store, link: str, target: StorePath, flag: str) -> None:
     if not os.path.isdir(parent):
         what = f"'{parent}' is not a directory" if os.path.lexists(parent) else "its directory does not exist"
         raise UsageError(f"cannot make the link '{link}': {what}", f"choose another name with {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):  # (a read-only checkout): say so before a long build
+        raise UsageError(f"cannot make the link '{link}': its directory is not writable",
+                         f"choose another name with {flag}, or --no-out-link")
     in_the_way = _in_the_way(link, (os.path.dirname(store.physical(target)), store.store_dir))
     if in_the_way:
         raise UsageError(f"cannot make the link '{link}': {in_the_way} is in the way "

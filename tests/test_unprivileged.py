@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 
 import pytest
 
 from cachefixtures import make_keys, write_config
-from conftest import run_fimio
+from conftest import fimio_env, fimio_executable, run_fimio
 from test_sandbox import EXAMPLES
 
 _CAPS = "-dac_override,-dac_read_search,-fowner"
+
+
+def _prefix() -> list[str]:
+    return ["setpriv", "--bounding-set", _CAPS, "--inh-caps", _CAPS] if os.geteuid() == 0 else []
 
 
 @pytest.fixture
@@ -23,7 +29,7 @@ def as_owner(tmp_path):
     """``run(root_name, *args)``: fimio as an unprivileged owner of the store."""
     if os.geteuid() == 0 and shutil.which("setpriv") is None:
         pytest.skip("running as root and setpriv is not installed: cannot drop root's permission bypass")
-    prefix = ["setpriv", "--bounding-set", _CAPS, "--inh-caps", _CAPS] if os.geteuid() == 0 else []
+    prefix = _prefix()
     sk, pk = make_keys("owner-1")
     (tmp_path / "sk").write_text(str(sk) + "\n")
     config = write_config(tmp_path / "config.toml", trusted=[pk], secret_key_files=[tmp_path / "sk"])
@@ -80,3 +86,34 @@ def test_an_out_link_gc_cannot_read_stops_gc_and_keeps_what_it_roots(as_owner, t
     assert proc.returncode == 2 and "cannot read the out-link" in proc.stderr, proc.stderr
     as_owner("a", "gc")
     assert open(tmp_path / "links" / "u").read() == "u\n" and os.path.exists(out)
+
+
+def test_an_out_link_in_a_directory_not_writable_is_refused_before_the_build(as_owner, tmp_path):
+    f = tmp_path / "v.toml"
+    f.write_text('name = "v"\nbuilder = "/bin/sh"\nargs = ["-c", "echo v > $out"]\n')
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    proc = as_owner("a", "realise", f, "-o", tmp_path / "ro" / "result", check=None)
+    assert proc.returncode == 2 and "is not writable" in proc.stderr, proc.stderr
+    assert "built" not in proc.stderr  # refused before anything was built
+
+
+def test_serve_needs_to_read_a_read_only_cache_and_to_write_a_writable_one(as_owner, tmp_path):
+    """Read-only, it writes nothing into the cache (not even .tmp/); with write tokens, a
+    directory it cannot write is refused at start, not with an error for every upload."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.chmod(cache, 0o555)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("writer-token-1 write\n")
+    proc = as_owner("a", "serve", "--cache", f"file://{cache}", "--tokens", tokens, "--listen", "127.0.0.1:0",
+                    check=None)
+    assert proc.returncode == 6 and "is not writable" in proc.stderr, proc.stderr
+    server = subprocess.Popen([*_prefix(), fimio_executable(), "serve", "--cache", f"file://{cache}", "--listen",
+                               "127.0.0.1:0"], env=fimio_env(tmp_path / "s"), stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in server.stderr.readline()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    assert os.listdir(cache) == []

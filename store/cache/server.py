@@ -87,13 +87,22 @@ class CacheServer:
         if self.root:
             from .filebackend import clean_tmp
 
-            if "write" not in (tokens or {}).values() and not os.path.isdir(self.root):
-                # nothing could ever be uploaded: a mistyped or unmounted directory, not a new cache
-                raise RemoteError(f"cache '{self.url.text}' does not exist (no directory '{self.root}')",
-                                  "check the path, and that its file system is mounted; a server with "
-                                  "write tokens creates it")
-            clean_tmp(self.root)
-            os.makedirs(os.path.join(self.root, ".tmp"), exist_ok=True)
+            if "write" not in (tokens or {}).values():
+                # read-only: it needs to read the directory, and writes nothing there
+                if not os.path.isdir(self.root):  # a mistyped or unmounted directory, not a new cache
+                    raise RemoteError(f"cache '{self.url.text}' does not exist (no directory '{self.root}')",
+                                      "check the path, and that its file system is mounted; a server with "
+                                      "write tokens creates it")
+            else:
+                try:
+                    os.makedirs(os.path.join(self.root, ".tmp"), exist_ok=True)
+                    writable = os.access(self.root, os.W_OK | os.X_OK)
+                except PermissionError:
+                    writable = False
+                if not writable:  # else every upload would fail later
+                    raise RemoteError(f"cache directory '{self.root}' is not writable, and --tokens grants writes",
+                                      "serve it as a user who may write there, or without write tokens")
+                clean_tmp(self.root)
 
     # ---- auth -------------------------------------------------------------------------
 
