@@ -197,6 +197,11 @@ def _export_atomic(store, plan, output, keys, level, progress):
             os.fsync(f.fileno())
         os.rename(tmp, output)
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        if e.filename not in (None, tmp, output):  # a file of the store, not the bundle
+            from fimio.store.errors import IntegrityError
+
+            raise IntegrityError(f"cannot read '{os.fsdecode(e.filename)}' of the store: {e.strerror}",
+                                 "run 'fimio verify --check-contents --repair'") from None
         raise UsageError(f"cannot write '{output}': {e.strerror}") from None
     finally:
         if os.path.exists(tmp):

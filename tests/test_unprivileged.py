@@ -117,3 +117,15 @@ def test_serve_needs_to_read_a_read_only_cache_and_to_write_a_writable_one(as_ow
         server.send_signal(signal.SIGTERM)
         server.wait(30)
     assert os.listdir(cache) == []
+
+
+def test_export_names_an_unreadable_store_file_not_the_bundle(as_owner, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("some unique contents 7141\n")
+    path = as_owner("a", "add", tmp_path / "d").strip()
+    os.chmod(os.path.join(path, "f"), 0)  # the blob, shared by its hard link
+    try:
+        proc = as_owner("a", "export", path, "-o", tmp_path / "x.bundle", check=None)
+    finally:
+        os.chmod(os.path.join(path, "f"), 0o444)
+    assert proc.returncode == 4 and "of the store" in proc.stderr and "x.bundle" not in proc.stderr, proc.stderr
