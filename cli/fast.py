@@ -68,6 +68,8 @@ def _realise(opts, targets) -> int | None:
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
         return None
+    if os.geteuid() == 0 and os.stat(root).st_uid != 0:
+        return None  # root in a user's store: the full path refuses it
     out_link = opts.get("-o", opts.get("--out-link"))
     if out_link == "" or (out_link and opts.get("--no-out-link")):
         return None  # flags the full command refuses, with its message

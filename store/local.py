@@ -106,6 +106,19 @@ class Problem:
     file: str | None = None
 
 
+def _refuse_root_in_a_users_store(root: str) -> None:
+    """A store is one user's. Root writing into another user's (``sudo -E``) would leave
+    files its owner can neither link (protected hard links) nor lock: every later command
+    of the owner's would fail."""
+    try:
+        owner = os.stat(root).st_uid
+    except OSError:
+        return  # not made yet: whoever makes it owns it
+    if os.geteuid() == 0 and owner != 0:
+        raise UsageError(f"the store at '{root}' belongs to uid {owner}: root must not write into it",
+                         f"run fimio as its owner (sudo -u '#{owner}' ...)")
+
+
 class LocalStore:
     """A store on this machine. Open one with :meth:`open`; close it with :meth:`close`."""
 
@@ -137,6 +150,7 @@ class LocalStore:
         from .config import resolve_root, resolve_store_dir
 
         root, store_dir = resolve_root(root), resolve_store_dir(store_dir)
+        _refuse_root_in_a_users_store(root)
         try:
             return cls(root, store_dir)
         except (PermissionError, NotADirectoryError) as e:

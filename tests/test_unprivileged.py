@@ -129,3 +129,20 @@ def test_export_names_an_unreadable_store_file_not_the_bundle(as_owner, tmp_path
     finally:
         os.chmod(os.path.join(path, "f"), 0o444)
     assert proc.returncode == 4 and "of the store" in proc.stderr and "x.bundle" not in proc.stderr, proc.stderr
+
+
+def test_root_does_not_write_into_another_users_store(cli, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("only root can act on another user's store")
+    from test_sandbox import write_drv
+
+    f = write_drv(tmp_path / "u.toml", "u", "echo u > $out")
+    cli.out("realise", "--no-out-link", f)
+    os.chown(cli.root, 1234, 1234)
+    try:
+        refused = [cli("add", f), cli("realise", f, cwd=tmp_path)]  # the no-op fast path too
+    finally:
+        os.chown(cli.root, 0, 0)
+    for proc in refused:
+        assert proc.returncode == 2 and "belongs to uid 1234" in proc.stderr, proc.stderr
+    assert not os.path.lexists(tmp_path / "result")
