@@ -213,7 +213,7 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
                 click.echo(store.physical(outs[name]))
         if outcome.built or outcome.substituted:
             info(opts, f"built {len(outcome.built)}, substituted {len(outcome.substituted)}")
-        if checks is not None:
+        if checks is not None and (opts.verbosity >= 0 or not checks.ok):  # -q: only a difference is shown
             click.echo(checks.render(), err=True)
     if error is not None:
         if opts.verbosity >= 0 and options.log_sink is None:

@@ -154,6 +154,9 @@ class LocalStore:
         try:
             return cls(root, store_dir)
         except (PermissionError, NotADirectoryError) as e:
+            if os.path.isdir(os.path.join(root, "db")):  # there, but another user's
+                raise UsageError(f"the store at '{root}' is not yours to use: {e.strerror}",
+                                 "a store is one user's: use your own with --root") from None
             raise UsageError(f"cannot create the store at '{root}': {e.strerror}", "use --root") from None
         except FileNotFoundError as e:  # a root under /proc, say: what is missing cannot be made
             if os.path.isdir(root):

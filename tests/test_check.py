@@ -410,3 +410,12 @@ def test_keep_going_goes_on_when_a_check_cannot_have_its_inputs_again(cli, tmp_p
     proc = cli("realise", "--no-out-link", "--check", "-k", tmp_path / "t.toml", random)
     assert proc.returncode == 3, proc.stderr
     assert "✗ random: NOT reproducible" in proc.stderr and "✗ check not done: cannot fetch" in proc.stderr
+
+
+def test_quiet_shows_a_check_report_only_when_it_found_a_difference(cli, tmp_path):
+    same = write_drv(tmp_path, "hostname", PLANTED["hostname"][0])
+    proc = cli("realise", "--no-out-link", "--check", "-q", same)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    differs = write_drv(tmp_path, "time", PLANTED["time"][0])
+    proc = cli("realise", "--no-out-link", "--check", "-q", differs)
+    assert proc.returncode == 3 and "non-deterministic" in proc.stderr
