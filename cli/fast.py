@@ -61,15 +61,14 @@ def try_realise(argv: list[str]) -> int | None:
 
 
 def _realise(opts, targets) -> int | None:
-    from fimio.store.config import load_config, resolve_root
+    from fimio.store.config import load_config, refuse_root_in_a_users_store, resolve_root
 
     load_config()  # a bad config file is bad usage whatever the outputs' state: the full path says so
     root = resolve_root(opts.get("--root"))
     locks = os.path.join(root, "locks")
     if not os.path.isdir(os.path.join(root, "db")) or not os.path.isdir(locks):
         return None
-    if os.geteuid() == 0 and os.stat(root).st_uid != 0:
-        return None  # root in a user's store: the full path refuses it
+    refuse_root_in_a_users_store(root)  # (any error: the full path says it)
     out_link = opts.get("-o", opts.get("--out-link"))
     if out_link == "" or (out_link and opts.get("--no-out-link")):
         return None  # flags the full command refuses, with its message
@@ -85,7 +84,6 @@ def _realise_locked(opts, targets, root) -> int | None:
     import lmdb
 
     from fimio.store.config import resolve_store_dir
-
     from fimio.store.db import refuse_truncated
 
     store_dir = resolve_store_dir(opts.get("--store-dir"))

@@ -45,6 +45,21 @@ def resolve_root(flag: str | None = None) -> str:
     return os.path.realpath(flag or os.environ.get("FIMIO_ROOT") or default_root())
 
 
+def refuse_root_in_a_users_store(root: str) -> None:
+    """A store is one user's. Root writing into another user's (``sudo -E``) would leave
+    files its owner can neither link (protected hard links) nor lock: every later command
+    of the owner's would fail."""
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = os.stat(root).st_uid
+    except OSError:
+        return  # not made yet: whoever makes it owns it
+    if owner != 0:
+        raise UsageError(f"the store at '{root}' belongs to uid {owner}: root must not write into it",
+                         f"run fimio as its owner (sudo -u '#{owner}' ...)")
+
+
 # what the build sandbox mounts: a store bound at, above or inside one would hide it
 _SANDBOX_MOUNTS = ("/usr", "/bin", "/lib", "/lib64", "/build", "/proc", "/dev")
 

@@ -24,6 +24,12 @@ DRV_VERSION = 1
 DEFAULT_HOST_PATHS = ["/usr", "/bin", "/lib", "/lib64"]
 FETCH_BUILDER = "builtin:fetchurl"  # the builder of a fixed-output derivation ([fetch])
 RESERVED_ENV = {"HOME", "TMPDIR", "TZ", "LANG", "SOURCE_DATE_EPOCH", "FIMIO_BUILD_CORES", "FIMIO_STORE"}
+
+
+def _set_by_fimio(name: str) -> bool:
+    """A variable fimio sets in every build: no output, input or [env] entry may take it."""
+    return name in RESERVED_ENV or name.startswith("FIMIO_")
+
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OUTPUT_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUL = "a NUL character cannot be passed to a program (in its arguments or environment)"
@@ -211,7 +217,7 @@ def _rule_problem(drv: Derivation) -> str | None:
     if len(set(names)) != len(names):
         return "a name given to more than one of outputs, env and inputs"
     for n in names:
-        if n in RESERVED_ENV or n.startswith("FIMIO_") or (n == "PATH" and n not in drv.env):
+        if _set_by_fimio(n) or (n == "PATH" and n not in drv.env):
             return f"'{n}' is a variable fimio sets"
     return None
 
@@ -372,7 +378,7 @@ def _validate(rd: RawDerivation) -> None:
     ):
         raise rd.error("'outputs' must be a non-empty list of distinct names like \"out\", \"bin\"", "outputs")
     for o in outputs:  # each output is an environment variable of the build: $out, $bin
-        if o in RESERVED_ENV or o.startswith("FIMIO_") or o == "PATH":
+        if _set_by_fimio(o) or o == "PATH":
             raise rd.error(f"output name '{o}' is a variable fimio sets (or PATH) and cannot name an output",
                            "outputs")
     # the names the derivation gives its store paths: <name>.drv and <name>-<output>
@@ -385,7 +391,7 @@ def _validate(rd: RawDerivation) -> None:
     for key, value in env.items():
         if not _ENV_NAME.fullmatch(key):
             raise rd.error(f"invalid environment variable name '{key}'", key, "env")
-        if key in RESERVED_ENV or key.startswith("FIMIO_") or key in outputs:
+        if _set_by_fimio(key) or key in outputs:
             raise rd.error(f"'{key}' is set by fimio and cannot be overridden", key, "env")
         _expect(rd, value, str, key, "env", "a string (environment values are strings only)")
         if "\0" in value:
@@ -409,7 +415,7 @@ def _validate(rd: RawDerivation) -> None:
 def _validate_input(rd, var, spec, outputs, env) -> None:
     if not _ENV_NAME.fullmatch(var):
         raise rd.error(f"input name '{var}' is not a valid environment variable name", var, "inputs")
-    if var in RESERVED_ENV or var.startswith("FIMIO_") or var in outputs or var in env or var == "PATH":
+    if _set_by_fimio(var) or var in outputs or var in env or var == "PATH":
         raise rd.error(f"input '{var}' clashes with an output, [env] or a variable fimio sets", var, "inputs")
     if not isinstance(spec, dict):
         raise rd.error(f"input '{var}' must be a table like {{ path = \"...\" }}", var, "inputs")

@@ -111,7 +111,7 @@ class HostFingerprinter:
         if any(real == d or real.startswith(d.rstrip("/") + "/") for d in self._skip):
             return {"kind": "not-walked"}
         # the skipped directories as the walk spells them (through a symlinked host path too)
-        skip = {h for d in self._skip for h in hidden_roots([host_path], d)}
+        skip = set(hidden_roots([host_path], self._skip))
         return {"kind": "tree", "digest": self._walk_digest(host_path, skip)}
 
     def _walk_digest(self, root: str, skip: set[str]) -> str:

@@ -106,19 +106,6 @@ class Problem:
     file: str | None = None
 
 
-def _refuse_root_in_a_users_store(root: str) -> None:
-    """A store is one user's. Root writing into another user's (``sudo -E``) would leave
-    files its owner can neither link (protected hard links) nor lock: every later command
-    of the owner's would fail."""
-    try:
-        owner = os.stat(root).st_uid
-    except OSError:
-        return  # not made yet: whoever makes it owns it
-    if os.geteuid() == 0 and owner != 0:
-        raise UsageError(f"the store at '{root}' belongs to uid {owner}: root must not write into it",
-                         f"run fimio as its owner (sudo -u '#{owner}' ...)")
-
-
 class LocalStore:
     """A store on this machine. Open one with :meth:`open`; close it with :meth:`close`."""
 
@@ -147,10 +134,10 @@ class LocalStore:
     @classmethod
     def open(cls, root: str | None = None, store_dir: str | None = None) -> "LocalStore":
         """Open (creating if needed) the store at ``root`` with logical directory ``store_dir``."""
-        from .config import resolve_root, resolve_store_dir
+        from .config import refuse_root_in_a_users_store, resolve_root, resolve_store_dir
 
         root, store_dir = resolve_root(root), resolve_store_dir(store_dir)
-        _refuse_root_in_a_users_store(root)
+        refuse_root_in_a_users_store(root)
         try:
             return cls(root, store_dir)
         except (PermissionError, NotADirectoryError) as e:

@@ -174,9 +174,15 @@ def _make_root(store, link: str, target: StorePath, flag: str) -> str:
         except BaseException:
             fsutil.unlink_if_exists(tmp)
             raise
+    physical = store.physical(target)
+    try:
+        if os.readlink(link) == physical:
+            return link  # there already (a no-op realise): nothing to make, nor to sweep
+    except OSError:
+        pass
     tmp = fsutil.sibling_tmp(link, sweep=True)  # sweep: what killed realises left here
     try:
-        os.symlink(store.physical(target), tmp)
+        os.symlink(physical, tmp)
         os.replace(tmp, link)
     except OSError as e:  # a missing or read-only directory, a file as a parent...
         try:

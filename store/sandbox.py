@@ -63,7 +63,7 @@ class SandboxSpec:
                 argv += ["--symlink", os.readlink(host), host]
             elif os.path.exists(host):
                 argv += ["--ro-bind", host, host]
-        for hidden in hidden_roots(self.host_paths, self.store_root):
+        for hidden in hidden_roots(self.host_paths, [self.store_root] if self.store_root else []):
             # a host path such as /home holds the store's physical root: the build would see
             # every store path, its database and its keys. An empty directory there instead
             # (writable, as the logical store directory may have to be made inside it; what
@@ -130,16 +130,16 @@ def host_view(mount_point: str) -> list[str]:
     return args
 
 
-def hidden_roots(host_paths, store_root: str | None) -> list[str]:
-    """Where the store's physical root appears inside the host paths that hold it, spelled
-    as each host path is (bound under its own name: ``/home/u`` with ``/home -> /var/home``)."""
+def hidden_roots(host_paths, dirs) -> list[str]:
+    """Where ``dirs`` (real paths: the store's physical root) appear inside the host paths
+    that hold them, spelled as each host path is (bound under its own name: ``/home/u``
+    with ``/home -> /var/home``)."""
     hidden = []
-    for host in host_paths if store_root else ():
+    for host in host_paths if dirs else ():
         if os.path.islink(host):
             continue  # recreated as a symlink, not bound: what it points to is bound, or absent
         real = os.path.realpath(host).rstrip("/")
-        if store_root == real or store_root.startswith(real + "/"):
-            hidden.append(host.rstrip("/") + store_root[len(real):])
+        hidden += [host.rstrip("/") + d[len(real):] for d in dirs if d == real or d.startswith(real + "/")]
     return list(dict.fromkeys(hidden))
 
 
