@@ -60,26 +60,50 @@ def run(argv: list[str] | None = None) -> int:
         # entries): the cycle collector would walk them again and again (8% of an export)
         # and find nothing to free. The long-running server keeps it.
         gc.disable()
-    if args and args[0] == "realise":
-        from .fast import try_realise
-
-        code = try_realise(args)
-        if code is not None:
-            return code
-    import click
-
     from fimio.store.errors import FimioError
 
     try:
-        from .main import cli
-
-        result = cli.main(args=argv, prog_name="fimio", standalone_mode=False)
-        return result if isinstance(result, int) else 0
+        return _dispatch(args, argv)
     except FimioError as e:
         for line in e.details:
             print(f"  {line}", file=sys.stderr)
         _fail(e.message, e.hint)
         return e.exit_code
+    except KeyboardInterrupt:
+        _fail("interrupted")
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `fimio dump P | head`): not an error worth a message
+        sys.stderr.close()
+        return 1
+    except OSError as e:
+        if os.environ.get("FIMIO_DEBUG") == "1":
+            raise
+        if e.errno == errno.ECHILD:  # a worker process died: its message says what to suspect
+            _fail(f"{e.strerror or e}")
+        elif e.filename:  # the file system in trouble is the one of the file named
+            _fail(f"{e.strerror or e} '{os.fsdecode(e.filename)}'", "check free space and permissions there")
+        else:
+            _fail(f"{e.strerror or e}", "check free space and permissions of the store root and of any target")
+        return 1
+
+
+def _dispatch(args: list[str], argv: list[str] | None) -> int:
+    """Run the command: through a fast path without click where one applies (see
+    :mod:`fimio.cli.fast`), else through click. Errors other than click's propagate."""
+    if args and args[0] in ("add", "realise"):
+        from . import fast
+
+        code = (fast.try_add if args[0] == "add" else fast.try_realise)(args)
+        if code is not None:
+            return code
+    import click
+
+    from .main import cli
+
+    try:
+        result = cli.main(args=argv, prog_name="fimio", standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.exceptions.Abort:
@@ -99,23 +123,6 @@ def run(argv: list[str] | None = None) -> int:
         else:
             _fail(e.format_message())
         return 2
-    except KeyboardInterrupt:
-        _fail("interrupted")
-        return 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `fimio dump P | head`): not an error worth a message
-        sys.stderr.close()
-        return 1
-    except OSError as e:
-        if os.environ.get("FIMIO_DEBUG") == "1":
-            raise
-        if e.errno == errno.ECHILD:  # a worker process died: its message says what to suspect
-            _fail(f"{e.strerror or e}")
-        elif e.filename:  # the file system in trouble is the one of the file named
-            _fail(f"{e.strerror or e} '{os.fsdecode(e.filename)}'", "check free space and permissions there")
-        else:
-            _fail(f"{e.strerror or e}", "check free space and permissions of the store root and of any target")
-        return 1
 
 
 def _fail(what: str, hint: str | None = None) -> None:

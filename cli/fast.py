@@ -1,17 +1,23 @@
-"""The fast path of ``fimio realise`` when every requested output is already valid.
+"""Commands run without click: ``fimio add``, and ``fimio realise`` when every requested
+output is already valid.
 
-A no-op realise is the most common command in a CI loop, and interpreter start-up plus
-click already cost most of a budget measured against ``nix-store --realise``. So before
-importing click (or anything the full path needs), ``realise`` with plain arguments is
-tried here: read the ``.drv`` (or the evaluation cache for a derivation file), check each
-output's validity in the database, print the paths and refresh the out-links. Anything
-this path does not handle — a flag it does not know, a cache miss, an invalid output, any
-error — returns None and the full command runs instead, with its complete checks and
-messages. It never writes to the store except the GC-root registration of out-links.
+These are the commands a CI loop runs most, and interpreter start-up plus click already
+cost most of a budget measured against ``nix-store --add`` or ``--realise`` (click alone
+is 40-50 ms of a 150 ms add). So before importing click, their plain argument lists are
+parsed here. Anything these paths do not handle -- an option they do not know, a form
+click would refuse, ``--help`` -- returns None and the click command runs instead.
 
-The GC lock is held shared from the validity check until the out-links are registered,
-as the full path does with its temp roots: otherwise a collection could delete an output
-between the check and its new root, leaving ``./result`` dangling.
+``add`` runs here exactly as through click: the same function (:func:`add_path`) with
+the same errors and exit codes (``fimio.cli.run`` maps them for both).
+
+A no-op ``realise`` reads the ``.drv`` (or the evaluation cache for a derivation file),
+checks each output's validity in the database, prints the paths and refreshes the
+out-links. Anything else -- a cache miss, an invalid output, any error -- returns None
+and the full command runs instead, with its complete checks and messages. It never
+writes to the store except the GC-root registration of out-links. The GC lock is held
+shared from the validity check until the out-links are registered, as the full path does
+with its temp roots: otherwise a collection could delete an output between the check and
+its new root, leaving ``./result`` dangling.
 """
 
 from __future__ import annotations
@@ -20,37 +26,88 @@ import json
 import os
 import sys
 
-_VALUE_FLAGS = {"--root", "--store-dir", "-o", "--out-link"}
-_BOOL_FLAGS = {"--no-out-link", "-q", "--quiet"}
+_GLOBAL_VALUE_FLAGS = {"--root", "--store-dir"}
+_REALISE_FLAGS = ({"-o", "--out-link"}, {"--no-out-link", "-q", "--quiet"})
+_ADD_FLAGS = ({"--name"}, {"--json", "-q", "--quiet", "-v", "--verbose"})
 
 
-def _parse(args: list[str]):
+def _parse(args: list[str], value_flags: set[str], bool_flags: set[str]):
+    """``(options, operands)`` of a plain argument list: value options (``--x V`` or
+    ``--x=V``; the last one given wins, as with click), flags (counted) and operands not
+    starting with '-'. None for anything else."""
+    value_flags = value_flags | _GLOBAL_VALUE_FLAGS
     opts: dict[str, object] = {}
-    targets: list[str] = []
+    operands: list[str] = []
     i = 0
     while i < len(args):
         a = args[i]
-        if a in _VALUE_FLAGS and i + 1 < len(args):
+        if a in value_flags and i + 1 < len(args):
             opts[a] = args[i + 1]
             i += 2
-        elif "=" in a and a.split("=", 1)[0] in _VALUE_FLAGS:
+        elif "=" in a and a.split("=", 1)[0] in value_flags:
             key, value = a.split("=", 1)
             opts[key] = value
             i += 1
-        elif a in _BOOL_FLAGS:
-            opts[a] = True
+        elif a in bool_flags:
+            opts[a] = opts.get(a, 0) + 1
             i += 1
         elif a.startswith("-"):
             return None
         else:
-            targets.append(a)
+            operands.append(a)
             i += 1
-    return (opts, targets) if targets else None
+    return (opts, operands) if operands else None
+
+
+def try_add(argv: list[str]) -> int | None:
+    """Run ``fimio add PATH`` with plain options; None when click must parse them."""
+    parsed = _parse(argv[1:], *_ADD_FLAGS)
+    if parsed is None or len(parsed[1]) != 1 or os.environ.get("FIMIO_NO_FAST_PATH"):
+        return None
+    flags, (path,) = parsed
+    from .options import Options
+
+    opts = Options()
+    opts.root, opts.store_dir = flags.get("--root"), flags.get("--store-dir")
+    opts.verbosity = (flags.get("-v", 0) + flags.get("--verbose", 0)
+                      - flags.get("-q", 0) - flags.get("--quiet", 0))
+    add_path(opts, path, flags.get("--name"), bool(flags.get("--json")))
+    return 0
+
+
+def add_path(opts, path: str, name: str | None, as_json: bool) -> None:
+    """``fimio add``: store PATH (a file or a tree) and print its store path, or its record."""
+    from fimio.store.errors import UsageError
+
+    from .progress import ByteProgress
+
+    store = opts.store()
+    progress = ByteProgress(opts, f"adding {os.path.basename(os.path.abspath(path))}")
+    try:
+        info = store.add_path(path, name, progress.callback)
+    except UsageError as e:
+        if name is None and e.message.startswith("invalid store path name"):
+            raise UsageError(e.message, f"{e.hint}; give one with --name") from None
+        raise
+    except PermissionError as e:
+        # files are read on worker threads, outside scan()'s own PermissionError mapping
+        where = os.fsdecode(e.filename) if e.filename is not None else path
+        raise UsageError(f"cannot read '{where}': permission denied") from None
+    finally:
+        progress.done()
+    if as_json:
+        from .options import emit_json
+        from .render import path_json
+
+        emit_json(path_json(store, info))
+    else:
+        sys.stdout.write(store.physical(info.path) + "\n")
+    sys.stdout.flush()  # here, where a closed pipe is caught and said as click's echo would
 
 
 def try_realise(argv: list[str]) -> int | None:
     """Run a no-op realise; None when the full command must run instead."""
-    parsed = _parse(argv[1:])
+    parsed = _parse(argv[1:], *_REALISE_FLAGS)
     if parsed is None or os.environ.get("FIMIO_NO_FAST_PATH"):
         return None
     opts, targets = parsed

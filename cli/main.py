@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import json
-import os
-import sys
 
 import click
 
 from fimio.store import __version__
+
+from .options import Options, emit_json, info  # noqa: F401 -- the commands' shared helpers
 
 # command name -> "module:function"; modules are imported only when their command runs,
 # so `fimio realise` never pays for the HTTP, S3 or crypto imports of other commands.
@@ -58,60 +57,6 @@ class LazyGroup(click.Group):
             return None  # a command whose module is not part of this build
 
 
-class Options:
-    """Global options, settable on the group or on any command (the command wins)."""
-
-    def __init__(self):
-        self.root = None
-        self.store_dir = None
-        self.verbosity = 0
-        self._store = None
-        self._config = None
-
-    def config(self):
-        """The config file's settings (FIMIO_CONFIG or XDG), read once."""
-        if self._config is None:
-            from fimio.store.config import load_config
-
-            self._config = load_config()
-        return self._config
-
-    def offline(self, flag: bool | None) -> bool:
-        """Whether this command is offline: ``flag`` (--offline/--no-offline) if given, else
-        the config file. The answer is kept in the config, where every cache this command
-        opens (``open_with_config``) reads it."""
-        config = self.config()
-        if flag is not None:
-            config.offline = flag
-        return config.offline
-
-    def store(self, protect: bool = False, create: bool = True):
-        """Open the store once per command. ``protect``: give it temp roots for the rest of
-        the command, so the paths it reads or adds survive a concurrent ``gc``. ``create``:
-        false for commands that only read: a store root that does not exist (a mistyped
-        --root) is then "no store there", not a new empty store."""
-        if self._store is None:
-            from fimio.store.config import resolve_root
-            from fimio.store.errors import NotFound
-            from fimio.store.local import LocalStore
-
-            root = resolve_root(self.root)
-            if not create and not os.path.isdir(os.path.join(root, "db")):
-                raise NotFound(f"no store at '{root}'",
-                               "check --root or FIMIO_ROOT; 'fimio add' or 'fimio realise' creates a store")
-            self._store = LocalStore.open(self.root, self.store_dir)
-        if protect and self._store.temp_roots is None:
-            from fimio.store.roots import TempRoots
-
-            self._store.temp_roots = TempRoots(self._store)
-            click.get_current_context().call_on_close(self._release_temp_roots)
-        return self._store
-
-    def _release_temp_roots(self) -> None:
-        self._store.temp_roots.close()
-        self._store.temp_roots = None
-
-
 def _set(attr):
     def callback(ctx, param, value):
         opts = ctx.ensure_object(Options)
@@ -149,18 +94,6 @@ def json_option(f):
 
 
 pass_options = click.make_pass_decorator(Options, ensure=True)
-
-
-def emit_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def info(opts: Options, message: str) -> None:
-    """A progress/status message on stderr, silenced by -q (above a progress bar, if one is drawn)."""
-    if opts.verbosity >= 0:
-        from .progress import say
-
-        say(message)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -135,7 +135,8 @@ def verify(opts, check_contents, repair, substituters, as_json):
         return store.store + p.path[len(store.store_dir):]
 
     if as_json:
-        emit_json({"ok": not problems, "problems": [{**p.__dict__, "physical": physical(p)} for p in problems]})
+        emit_json({"ok": not problems, "problems": [{"path": p.path, "what": p.what, "file": p.file, "physical": physical(p)}
+                                                          for p in problems]})
     else:
         from fimio.store.treediff import shown
 

@@ -11,9 +11,8 @@ import click
 from fimio.store.errors import NotFound, UsageError
 from fimio.store.fsutil import widen_pipe
 
+from .fast import add_path
 from .main import emit_json, global_options, json_option, pass_options
-from .progress import ByteProgress
-from .render import path_json
 
 
 @click.command()
@@ -24,24 +23,7 @@ from .render import path_json
 @pass_options
 def add(opts, path, name, as_json):
     """Add a file or directory tree to the store, content-addressed; print its store path."""
-    store = opts.store()
-    progress = ByteProgress(opts, f"adding {os.path.basename(os.path.abspath(path))}")
-    try:
-        info = store.add_path(path, name, progress.callback)
-    except UsageError as e:
-        if name is None and e.message.startswith("invalid store path name"):
-            raise UsageError(e.message, f"{e.hint}; give one with --name") from None
-        raise
-    except PermissionError as e:
-        # files are read on worker threads, outside scan()'s own PermissionError mapping
-        where = os.fsdecode(e.filename) if e.filename is not None else path
-        raise UsageError(f"cannot read '{where}': permission denied") from None
-    finally:
-        progress.done()
-    if as_json:
-        emit_json(path_json(store, info))
-    else:
-        click.echo(store.physical(info.path))
+    add_path(opts, path, name, as_json)
 
 
 def _open_sub(store, target, follow: bool = False):

@@ -20,12 +20,10 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import shutil
 import time
 import queue
 import threading
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
 
 import blake3
 
@@ -36,6 +34,7 @@ from .paths import StorePath, check_name, content_address_error, is_hash_part, s
 from .tree import DirNode, FileNode, Node, SymlinkNode, decode_dir, iter_dirs, scan, text_blob, tree_size
 from .blobs import Blobs
 from .forkpool import ForkPool
+from .values import Value
 
 _WORKERS = 4  # threads linking a large tree (each link releases the GIL)
 _BATCH_FILES = 128  # small files handed to a worker at once
@@ -43,18 +42,23 @@ _BATCH_BYTES = 8 << 20
 _PARALLEL_LINKS = 2048  # trees with more files than this are linked on worker threads
 
 
-@dataclass
-class PathInfo:
-    """What the database knows about one valid store path."""
+class PathInfo(Value):
+    """What the database knows about one valid store path: ``path``; ``root``, its root
+    digest; ``size``, bytes of file content; ``references``; ``deriver``, the base name of
+    the .drv that produced it; ``registered`` (epoch seconds); ``ca``: "source" / "text"
+    when content-addressed, "check" for a kept ``--check`` build, None for outputs;
+    ``signatures``."""
 
-    path: StorePath
-    root: bytes  # root digest
-    size: int  # bytes of file content
-    references: list[StorePath] = field(default_factory=list)
-    deriver: str | None = None  # base name of the .drv that produced it
-    registered: float = 0.0
-    ca: str | None = None  # "source" / "text": content-addressed; "check": a kept --check build; None: outputs
-    signatures: list[str] = field(default_factory=list)
+    __slots__ = ("path", "root", "size", "references", "deriver", "registered", "ca", "signatures")
+    __hash__ = None
+
+    def __init__(self, path: StorePath, root: bytes, size: int, references: list[StorePath] | None = None,
+                 deriver: str | None = None, registered: float = 0.0, ca: str | None = None,
+                 signatures: list[str] | None = None):
+        self.path, self.root, self.size = path, root, size
+        self.references = [] if references is None else references
+        self.deriver, self.registered, self.ca = deriver, registered, ca
+        self.signatures = [] if signatures is None else signatures
 
     def to_record(self) -> bytes:
         return dumps(
@@ -97,13 +101,14 @@ class PathInfo:
 DAMAGED_RECORD = "has a damaged record in the database"
 
 
-@dataclass
-class Problem:
-    """One finding of ``verify``: the store path, the file inside it (if any), what is wrong."""
+class Problem(Value):
+    """One finding of ``verify``: the store path, what is wrong, the file inside it (if any)."""
 
-    path: str
-    what: str
-    file: str | None = None
+    __slots__ = ("path", "what", "file")
+    __hash__ = None
+
+    def __init__(self, path: str, what: str, file: str | None = None):
+        self.path, self.what, self.file = path, what, file
 
 
 class LocalStore:
@@ -561,7 +566,7 @@ class LocalStore:
                     raise IntegrityError(f"blob {blob.hex()} is missing from the store") from None
                 if e.errno != errno.EMLINK:
                     raise
-                shutil.copy2(os.fsencode(os.path.join(self.links, key)), path)
+                _copy2(os.fsencode(os.path.join(self.links, key)), path)
 
     def _materialise(self, node: Node, dest: bytes) -> None:
         if isinstance(node, FileNode):
@@ -573,7 +578,7 @@ class LocalStore:
                     if e.errno == errno.ENOENT:
                         raise IntegrityError(f"blob {node.blob.hex()} is missing from the store") from None
                     raise
-                shutil.copy2(key, dest)
+                _copy2(key, dest)
         elif isinstance(node, SymlinkNode):
             os.symlink(node.target, dest)
             os.utime(dest, (1, 1), follow_symlinks=False)
@@ -833,6 +838,13 @@ def compare_trees(expected: Node, actual: Node, prefix: str = "") -> list[tuple[
     if isinstance(expected, SymlinkNode) and isinstance(actual, SymlinkNode):
         return [(here, f"symlink target differs ({expected.target!r} vs {actual.target!r})")]
     return [(here, f"is a {_kind(actual)}, expected a {_kind(expected)}")]
+
+
+def _copy2(src, dest) -> None:
+    """Copy a blob whose inode has too many links (EMLINK) with its mode and mtime."""
+    import shutil  # rare: kept out of every command's start-up
+
+    shutil.copy2(src, dest)
 
 
 def _count_entries(node: Node) -> int:

@@ -7,11 +7,11 @@ blake3 of a typed fingerprint (``spec/store-paths.md``). Nothing here touches th
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import blake3
 
 from .errors import UsageError
+from .values import Value
 
 NIX_BASE32 = "0123456789abcdfghijklmnpqrsvwxyz"
 HASH_PART_LEN = 32
@@ -40,12 +40,26 @@ def is_hash_part(text: str) -> bool:
     return bool(_HASH_RE.fullmatch(text))
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class StorePath:
-    """A store path's base name ``<hashpart>-<name>``, independent of the store directory."""
+class StorePath(Value):
+    """A store path's base name ``<hashpart>-<name>``, independent of the store directory.
+    Ordered by hash part, then name."""
 
-    hash_part: str
-    name: str
+    __slots__ = ("hash_part", "name")
+
+    def __init__(self, hash_part: str, name: str):
+        self.hash_part, self.name = hash_part, name
+
+    def __lt__(self, other: "StorePath") -> bool:
+        return (self.hash_part, self.name) < (other.hash_part, other.name)
+
+    def __gt__(self, other: "StorePath") -> bool:
+        return other < self
+
+    def __le__(self, other: "StorePath") -> bool:
+        return not other < self
+
+    def __ge__(self, other: "StorePath") -> bool:
+        return not self < other
 
     @classmethod
     def parse(cls, base: str) -> "StorePath":

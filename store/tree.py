@@ -14,12 +14,12 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from dataclasses import dataclass, field
 
 import blake3
 
 from .errors import IntegrityError, NotFound, UsageError
 from .forkpool import hash_threads
+from .values import Value
 
 DIGEST_SIZE = 32
 MAX_NAME = 255
@@ -39,11 +39,13 @@ class TreeError(IntegrityError):
     """A directory encoding that is malformed or does not match its digest."""
 
 
-@dataclass(frozen=True, slots=True)
-class FileNode:
-    blob: bytes  # blake3 digest of the contents
-    size: int
-    executable: bool
+class FileNode(Value):
+    """A regular file: its contents' blake3 digest, its size and its executable bit."""
+
+    __slots__ = ("blob", "size", "executable")
+
+    def __init__(self, blob: bytes, size: int, executable: bool):
+        self.blob, self.size, self.executable = blob, size, executable
 
     def encode(self) -> bytes:
         return bytes([KIND_FILE, 1 if self.executable else 0]) + struct.pack("<Q", self.size) + self.blob
@@ -53,9 +55,13 @@ class FileNode:
         return blake3.blake3(_FILE_MAGIC + self.encode()).digest()
 
 
-@dataclass(frozen=True, slots=True)
-class SymlinkNode:
-    target: bytes
+class SymlinkNode(Value):
+    """A symbolic link: its target bytes."""
+
+    __slots__ = ("target",)
+
+    def __init__(self, target: bytes):
+        self.target = target
 
     def encode(self) -> bytes:
         return bytes([KIND_SYMLINK]) + struct.pack("<H", len(self.target)) + self.target
@@ -65,13 +71,24 @@ class SymlinkNode:
         return blake3.blake3(_LINK_MAGIC + self.encode()).digest()
 
 
-@dataclass(slots=True)
-class DirNode:
+class DirNode(Value):
     """A directory: ``entries`` maps name bytes to child nodes. Treat as immutable once hashed."""
 
-    entries: dict[bytes, "Node"] = field(default_factory=dict)
-    _digest: bytes | None = None
-    _encoding: bytes | None = None
+    __slots__ = ("entries", "_digest", "_encoding")
+    __hash__ = None  # mutable while it is built
+
+    def __init__(self, entries: dict[bytes, "Node"] | None = None):
+        self.entries = {} if entries is None else entries
+        self._digest: bytes | None = None
+        self._encoding: bytes | None = None
+
+    def __eq__(self, other) -> bool:
+        if type(other) is not DirNode:
+            return NotImplemented
+        return self.entries == other.entries
+
+    def __repr__(self) -> str:
+        return f"DirNode({self.entries!r})"
 
     def encoding(self) -> bytes:
         """The canonical directory encoding (spec/tree.md); child directories by digest."""

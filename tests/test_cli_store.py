@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -84,6 +85,51 @@ def test_add_json(cli, tmp_path):
     assert rec["hash"] == base[:32] and rec["name"] == "pkg" and rec["references"] == []
     assert rec["size"] == len(b"#!/bin/sh\necho hello\n") + 8 + 256 * 64
 
+
+
+_NO_FAST = {"FIMIO_NO_FAST_PATH": "1"}
+
+
+def test_add_without_click_says_what_the_click_command_says(cli, tmp_path):
+    # `fimio add` parses its plain options itself (click's import is a third of a small
+    # add); whatever it prints, and its exit code, must be the click command's
+    src = make_pkg(tmp_path / "pkg")
+    (tmp_path / "bad name").mkdir()
+    other = tmp_path / "other-root"
+    cases = [
+        [src], ["--json", src], ["--name", "hello-1.0", src], [f"--name=x-{1}", "-q", src], ["-v", src],
+        ["--root", other, src], [f"--root={other}", "--json", src], ["--store-dir", "/fimio/store", src],
+        [tmp_path / "missing"], [tmp_path / "bad name"], ["--name", ".hidden", src], ["--name", "", src],
+        ["--root", "", src],
+    ]
+    for args in cases:
+        slow = cli("add", *args, env=_NO_FAST)
+        fast = cli("add", *args)
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr), args
+    assert cli("add", "--name", "hello-1.0", src).returncode == 0
+    assert cli("add", tmp_path / "missing").returncode == 5
+
+
+def test_add_falls_back_to_click_for_what_it_does_not_parse(cli, tmp_path):
+    src = make_pkg(tmp_path / "pkg")
+    assert "Usage: fimio add [OPTIONS] PATH" in cli("add", "--help", check=0).stdout
+    assert_one_error_line(cli("add", "--bogus", src), 2, "No such option '--bogus'")
+    assert "unexpected extra argument" in cli("add", src, src, check=2).stderr
+    assert cli("add", "--name", check=2).stderr.startswith("fimio: error: Option '--name' requires an argument")
+    assert cli.out("add", "-qq", src) == cli.out("add", src)  # stacked short flags: click's
+
+
+def test_add_imports_neither_click_nor_dataclasses(cli, tmp_path):
+    # the start-up cost of the commonest command: click and dataclasses (with inspect and
+    # ast) are 40-50 ms of a 150 ms add (shutil is not asked about: a development
+    # install's import hook loads it)
+    src = make_pkg(tmp_path / "pkg")
+    code = ("import sys; from fimio.cli import run\n"
+            "assert run(['add', '--root', sys.argv[1], sys.argv[2]]) == 0\n"
+            "print(sorted(m for m in ('click', 'dataclasses', 'inspect') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, cli.root, src], capture_output=True, text=True, check=True,
+                         env=fimio_env(cli.root))
+    assert out.stdout.splitlines() == [str(cli.physical_store / os.path.basename(out.stdout.splitlines()[0])), "[]"]
 
 def test_hash_equals_add_digest(cli, tmp_path):
     src = make_pkg(tmp_path / "pkg")
