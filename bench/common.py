@@ -290,6 +290,24 @@ def scratch_parent(workdir: str) -> str:
 # below even that cannot be met here by a tool doing the same work.
 
 
+# The least any tool that keeps a durable copy of a tree does: copy it, then flush it.
+COPY_FLOOR = 'cp -a "$SRC" "$D/" && sync -f "$D"'
+# The same with every CPU copying: the directories first, then the other entries in batches
+# of 256, on as many concurrent cp processes as there are CPUs.
+PARALLEL_COPY_FLOOR = (
+    'cd "$SRC" && mkdir "$D/t" && find . -mindepth 1 -type d -printf "$D/t/%P\\0" | xargs -0r mkdir -p'
+    ' && find . -mindepth 1 ! -type d -print0 | xargs -0r -P "$CPUS" -n 256 cp -a --parents -t "$D/t"'
+    ' && sync -f "$D"')
+
+
+def copy_floors(src: str, scratch) -> tuple[Sample, Sample]:
+    """One run of each copy floor of ``src``: (``cp -a``, parallel ``cp``), each then
+    flushed, into new directories named by ``scratch(label)``."""
+    cpus = str(len(os.sched_getaffinity(0)))
+    return (floor_time(COPY_FLOOR, scratch("floor"), SRC=src),
+            floor_time(PARALLEL_COPY_FLOOR, scratch("pfloor"), SRC=src, CPUS=cpus))
+
+
 def floor_time(script: str, dest: str, **env: str) -> Sample:
     """Run ``bash -o pipefail -c script`` (after an untimed ``sync``); ``dest`` is created
     first and ``$D`` names it in the script, as ``env`` names the rest. The script must end
