@@ -22,10 +22,10 @@ the work balances itself; a batch and its answer are pickled, length-prefixed me
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import pickle
-import queue
 import signal
 import struct
 import threading
@@ -124,7 +124,8 @@ class ForkPool:
 
     def __init__(self, fn, workers: int | None = None):
         self._fn = fn
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: collections.deque = collections.deque()  # (future, items); None stops a feeder
+        self._jobs_ready = threading.Condition()
         self._workers: list[_Worker] = []
         self._feeders: list[threading.Thread] = []
         self._failure: BaseException | None = None  # once set, every batch not yet sent fails with it
@@ -188,7 +189,7 @@ class ForkPool:
         """On a feeding thread: hand queued batches to one worker, one at a time, and
         finish their futures with its answers. Every future taken is finished."""
         try:
-            while (job := self._queue.get()) is not None:
+            while (job := self._next_job()) is not None:
                 future, items = job
                 try:
                     ok, value = self._ask(worker, items)
@@ -200,6 +201,17 @@ class ForkPool:
                     future.finish(error=value)
         finally:
             worker.close_pipes()
+
+    def _put(self, job, first: bool = False) -> None:
+        with self._jobs_ready:
+            (self._jobs.appendleft if first else self._jobs.append)(job)
+            self._jobs_ready.notify()
+
+    def _next_job(self):
+        with self._jobs_ready:
+            while not self._jobs:
+                self._jobs_ready.wait()
+            return self._jobs.popleft()
 
     def _ask(self, worker: _Worker, items: list) -> tuple[bool, object]:
         """``(True, results)`` or ``(False, error)`` of one batch run by ``worker``."""
@@ -216,13 +228,15 @@ class ForkPool:
             return False, self._failure
         return pickle.loads(answer)
 
-    def submit(self, items: list) -> _Future:
+    def submit(self, items: list, first: bool = False) -> _Future:
+        """Queue a batch; ``first``: ahead of every batch still queued (a long one, so
+        that it does not start last and leave the other workers idle at the end)."""
         future = _Future()
         with self._closing:
             if self._closed:
                 raise RuntimeError("the worker pool was already left")
             if self._feeders:
-                self._queue.put((future, items))
+                self._put((future, items), first)
                 return future
         try:
             future.finish(_run_batch(self._fn, items))
@@ -243,7 +257,7 @@ class ForkPool:
             if killing:
                 self._kill()
             for _ in self._feeders:
-                self._queue.put(None)
+                self._put(None)
             for feeder in self._feeders:
                 feeder.join()
         except BaseException:  # a Ctrl-C while waiting for the last batches

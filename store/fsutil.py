@@ -42,26 +42,32 @@ class EarlyFlush:
     """
 
     def __init__(self, path: str, every: int = 128 << 20, minimum: int = 32 << 20):
+        import threading
+
         self.path, self.every, self.minimum = path, every, minimum
         self._pending = 0
         self.written = 0
         self._thread = None
+        self._lock = threading.Lock()  # wrote() may be called from several threads
 
     def wrote(self, n: int) -> None:
-        self._pending += n
-        self.written += n
-        if self._pending >= self.every:
+        with self._lock:
+            self._pending += n
+            self.written += n
+            due = self._pending >= self.every
+        if due:
             self.start()
 
     def start(self) -> None:
         """Start a background ``syncfs`` now, unless one is running or too little was written."""
-        if self.written < self.minimum or (self._thread is not None and self._thread.is_alive()):
-            return
         import threading
 
-        self._pending = 0
-        self._thread = threading.Thread(target=self._flush, daemon=True)
-        self._thread.start()
+        with self._lock:
+            if self.written < self.minimum or (self._thread is not None and self._thread.is_alive()):
+                return
+            self._pending = 0
+            self._thread = threading.Thread(target=self._flush, daemon=True)
+            self._thread.start()
 
     def _flush(self) -> None:
         try:

@@ -491,23 +491,37 @@ class LocalStore:
 
             def stored(future, n: int) -> None:
                 nonlocal bytes_stored
+                flush.wrote(n)  # written now, not when queued: a flush started then finds it
+                if progress is None:
+                    return
                 with counting:  # held while reporting too: the count shown never goes back
                     bytes_stored += n
                     progress(bytes_stored, bytes_found)
 
+            def submit(first: bool = False) -> None:
+                nonlocal pool, batch, batch_bytes
+                if pool is None:
+                    pool = stack.enter_context(ForkPool(self.blobs.ingest_file))
+                futures.append(pool.submit(batch, first))
+                futures[-1].add_done_callback(functools.partial(stored, n=batch_bytes))
+                batch, batch_bytes = [], 0
+
             def on_file(p, st):
-                nonlocal pool, batch, batch_bytes, count, bytes_found
-                batch.append((p, st.st_size, bool(st.st_mode & 0o100)))
-                batch_bytes += st.st_size
+                nonlocal batch_bytes, count, bytes_found
                 bytes_found += st.st_size
-                if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
-                    if pool is None:
-                        pool = stack.enter_context(ForkPool(self.blobs.ingest_file))
-                    futures.append(pool.submit(batch))
-                    if progress is not None:
-                        futures[-1].add_done_callback(functools.partial(stored, n=batch_bytes))
-                    flush.wrote(batch_bytes)
-                    batch, batch_bytes = [], 0
+                if st.st_size >= _BATCH_BYTES:
+                    # a large file is a batch of its own, run before the small ones queued:
+                    # started last, it would leave the other workers idle at the end
+                    if batch:
+                        submit()  # results are gathered in submission order: this one first
+                    batch.append((p, st.st_size, bool(st.st_mode & 0o100)))
+                    batch_bytes = st.st_size
+                    submit(first=True)
+                else:
+                    batch.append((p, st.st_size, bool(st.st_mode & 0o100)))
+                    batch_bytes += st.st_size
+                    if len(batch) >= _BATCH_FILES or batch_bytes >= _BATCH_BYTES:
+                        submit()
                 count += 1
                 return count - 1, 0
 

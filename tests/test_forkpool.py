@@ -52,6 +52,26 @@ def test_results_come_back_in_order_from_worker_processes():
     assert _children() == before  # every worker has exited and been reaped
 
 
+
+def _stamp(x, running_marker=None):
+    started = time.monotonic()
+    if running_marker is not None:
+        open(running_marker, "w").close()
+        time.sleep(0.3)  # long enough for the later batches to be queued behind it
+    return x, started
+
+
+def test_a_batch_submitted_first_runs_before_those_queued_earlier(tmp_path):
+    marker = tmp_path / "running"
+    with forkpool.ForkPool(_stamp, workers=1) as pool:
+        running = pool.submit([(0, str(marker))])
+        while not marker.exists():
+            time.sleep(0.01)
+        queued = [pool.submit([(i,)]) for i in (1, 2)]
+        urgent = pool.submit([(3,)], first=True)
+        started = {x: t for f in (running, *queued, urgent) for x, t in f.result()}
+    assert started[0] < started[3] < started[1] < started[2]
+
 def test_large_items_and_concurrent_submitters_keep_each_result_with_its_batch():
     big = os.urandom(3 << 20)  # larger than the pipes: sends block until the worker reads
     out: dict[int, list] = {}

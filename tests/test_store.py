@@ -318,6 +318,22 @@ def test_large_add_after_multithreaded_hashing_in_the_same_process(tmp_path):
     assert out.stdout.strip().endswith("-src")
 
 
+
+def test_large_files_among_small_ones_keep_their_own_contents(store, tmp_path):
+    # a file of 8 MiB or more is a batch of its own that runs before the small files queued
+    # ahead of it; each file's digest must still come back to its own name
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {}
+    for i in range(600):
+        size = (8 << 20) + i if i in (5, 300, 599) else 100 + i
+        (src / f"f{i:03}").write_bytes(os.urandom(size))
+        sizes[f"f{i:03}"] = size
+    info = store.add_path(str(src))
+    assert info.root == scan(src).digest
+    node = store.load_tree(info)
+    assert {name.decode(): child.size for name, child in node.entries.items()} == sizes
+
 def test_early_flush_syncs_in_the_background_only_when_worth_it(monkeypatch, tmp_path):
     from fimio.store import fsutil
 
