@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-
 from fimio.store.tree import format_digest
 
 
@@ -33,6 +31,8 @@ def path_json(store, info, closure_size: int | None = None) -> dict:
 
 
 def iso_time(t: float) -> str:
+    import datetime  # only records shown need it: kept out of start-up
+
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="seconds")
 
 

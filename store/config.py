@@ -6,7 +6,6 @@ Precedence (contract): command-line flag > environment variable > config/default
 from __future__ import annotations
 
 import os
-import urllib.parse
 
 from .errors import UsageError
 
@@ -120,6 +119,8 @@ def _token_scope(url: str) -> tuple[tuple, str]:
     """``((scheme, host, port), path without trailing slashes)`` of a URL: a token is never
     sent to another host or port, nor to ``/cachefoo`` for ``/cache`` (a mere string prefix
     would do both)."""
+    import urllib.parse  # only a config file naming a cache needs it (5 ms of every start-up)
+
     parts = urllib.parse.urlsplit(url.strip())
     scheme = parts.scheme.lower()
     try:
