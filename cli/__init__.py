@@ -81,11 +81,24 @@ def run(argv: list[str] | None = None) -> int:
             raise
         if e.errno == errno.ECHILD:  # a worker process died: its message says what to suspect
             _fail(f"{e.strerror or e}")
+        elif isinstance(e, PermissionError) and e.filename and _in_an_opened_store(e.filename):
+            # store files are the store's own, read-only for all: one that cannot be read
+            # had its mode changed by hand
+            _fail(f"cannot read '{os.fsdecode(e.filename)}' in the store: {e.strerror}",
+                  "its mode was changed; 'fimio verify --check-contents' lists the damage")
+            return 4
         elif e.filename:  # the file system in trouble is the one of the file named
             _fail(f"{e.strerror or e} '{os.fsdecode(e.filename)}'", "check free space and permissions there")
         else:
             _fail(f"{e.strerror or e}", "check free space and permissions of the store root and of any target")
         return 1
+
+
+def _in_an_opened_store(filename) -> bool:
+    from .options import opened_stores
+
+    name = os.path.abspath(os.fsdecode(filename))
+    return any(name.startswith(store + "/") for store in opened_stores)
 
 
 def _dispatch(args: list[str], argv: list[str] | None) -> int:

@@ -1,7 +1,6 @@
 """The global options every command takes, and the helpers commands share to write.
 
-Nothing here imports click: ``fimio add`` and a no-op ``fimio realise`` run without it
-(see :mod:`fimio.cli.fast`).
+Nothing here imports click: ``fimio add`` runs without it (see :mod:`fimio.cli.fast`).
 """
 
 from __future__ import annotations
@@ -9,6 +8,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+
+# The physical store directories this command opened: a file there that cannot be read is
+# a damaged store (exit 4), not a file system in trouble (see fimio.cli.run).
+opened_stores: list[str] = []
 
 
 class Options:
@@ -53,6 +57,7 @@ class Options:
                 raise NotFound(f"no store at '{root}'",
                                "check --root or FIMIO_ROOT; 'fimio add' or 'fimio realise' creates a store")
             self._store = LocalStore.open(self.root, self.store_dir)
+            opened_stores.append(self._store.store)
         if protect and self._store.temp_roots is None:
             from fimio.store.roots import TempRoots
 

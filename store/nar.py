@@ -286,9 +286,9 @@ class _Sink:
                 buf += _str(os.readlink(name, dir_fd=dfd))
                 buf += _CLOSE
             elif entry.is_file(follow_symlinks=False):
-                self.regular(os.open(name, _O_READ_FILE, dir_fd=dfd), path, name)
+                self.regular(_open_at(dfd, name, _O_READ_FILE, path), path, name)
             elif entry.is_dir(follow_symlinks=False):
-                sub = os.open(name, _O_READ_DIR, dir_fd=dfd)
+                sub = _open_at(dfd, name, _O_READ_DIR, path)
                 try:
                     buf += _DIRECTORY
                     self.directory(sub, _child(path, name), depth + 1)
@@ -304,6 +304,14 @@ class _Sink:
 
 def _child(path: str, name: bytes | None) -> str:
     return path if name is None else os.path.join(path, os.fsdecode(name))
+
+
+def _open_at(dfd: int, name: bytes, flags: int, path: str) -> int:
+    """Open ``name`` in the open directory ``dfd`` (at ``path``); an error names the whole path."""
+    try:
+        return os.open(name, flags, dir_fd=dfd)
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, _child(path, name)) from None
 
 
 def _shrunk(path: str) -> UsageError:

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from cachefixtures import make_keys, write_config
-from conftest import fimio_env, fimio_executable, run_fimio
+from conftest import assert_one_error_line, fimio_env, fimio_executable, run_fimio
 from test_sandbox import EXAMPLES
 
 _CAPS = "-dac_override,-dac_read_search,-fowner"
@@ -146,3 +146,25 @@ def test_root_does_not_write_into_another_users_store(cli, tmp_path):
     for proc in refused:
         assert proc.returncode == 2 and "belongs to uid 1234" in proc.stderr, proc.stderr
     assert not os.path.lexists(tmp_path / "result")
+
+
+def test_a_store_file_that_cannot_be_read_is_a_damaged_store(as_owner, tmp_path):
+    # store files are read-only for all; one whose mode was changed so that its owner
+    # cannot read it is a damaged store object (exit 4), named whole, not a disk problem
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_text("f\n")
+    (src / "g").write_text("g\n")
+    added = as_owner("a", "add", src).strip()
+    os.chmod(os.path.join(added, "d", "f"), 0)
+    cache = f"file://{tmp_path / 'cache'}"
+    for args in (["cat", f"{added}/d/f"], ["dump", added]):
+        assert_one_error_line(as_owner("a", *args, check=4), 4, f"cannot read '{added}/d/f' in the store",
+                              "verify --check-contents")
+    # push reads the file through its blob in .links: the same inode, named so
+    assert_one_error_line(as_owner("a", "push", cache, added, check=4), 4, "/store/.links/", "in the store")
+    verify = as_owner("a", "verify", "--check-contents", check=4)  # what the hint points to
+    assert "cannot read" in verify.stdout + verify.stderr and "d/f" in verify.stdout + verify.stderr
+    os.chmod(os.path.join(added, "d"), 0)
+    assert_one_error_line(as_owner("a", "ls", f"{added}/d", check=4), 4, f"cannot read '{added}/d' in the store")
+    assert as_owner("a", "ls", added).split() == ["d", "g"]
