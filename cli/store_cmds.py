@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -54,7 +55,13 @@ def cat(opts, target):
         raise UsageError(f"'{target}' is a directory", "use 'fimio ls'")
     out = sys.stdout.buffer
     widen_pipe(out)
-    with open(full, "rb") as f:
+    try:
+        f = open(full, "rb")
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UsageError(f"'{target}' is a symlink loop", f"'fimio ls -l {os.path.dirname(target)}' shows the links") from None
+    with f:
         while chunk := f.read(1 << 20):
             out.write(chunk)
     out.flush()

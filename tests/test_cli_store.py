@@ -176,6 +176,15 @@ def test_cat_never_reads_outside_the_store_path(cli, tmp_path):
     assert b"symlink" in cli("dump", to_dir, text=False, check=0).stdout
 
 
+
+def test_cat_of_a_symlink_loop_is_bad_input(cli, tmp_path):
+    loops = tmp_path / "loops"
+    loops.mkdir()
+    os.symlink("b", loops / "a")
+    os.symlink("a", loops / "b")
+    p = cli.out("add", loops)
+    assert_one_error_line(cli("cat", f"{p}/a"), 2, f"'{p}/a' is a symlink loop", f"fimio ls -l {p}")
+
 def test_ls(cli, tmp_path):
     p = cli.out("add", make_pkg(tmp_path / "pkg"))
     assert cli.out("ls", p).splitlines() == ["bin", "data.bin", "run -> bin/hello", "share"]
