@@ -246,6 +246,9 @@ def serve(opts, cache_url, listen, tokens_file, anonymous_read, max_upload, idle
     Runs until SIGTERM or SIGINT, then finishes the requests in flight and exits 0."""
     from fimio.store.cache.server import CacheServer, load_tokens, parse_listen, run
 
+    if anonymous_read and not tokens_file:
+        raise click.UsageError("--anonymous-read needs --tokens: without tokens, reads are open to anyone already "
+                               "and nothing can be written")
     host, port = parse_listen(listen)
     tokens = load_tokens(tokens_file) if tokens_file else None
     server = CacheServer(cache_url, tokens, anonymous_read, max_upload, idle_timeout)

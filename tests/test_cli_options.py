@@ -18,6 +18,7 @@ from test_sandbox import write_drv
     (["realise", "--no-substitute", "--substituter", "file:///c", "x.toml"], "--no-substitute and --substituter"),
     (["realise", "--rounds", "2", "--dry-run", "x.toml"], "--dry-run and --check (or --rounds, --vary)"),
     (["serve", "--cache", "file:///c", "--max-upload", "-5"], "--max-upload"),
+    (["serve", "--cache", "file:///c", "--anonymous-read"], "--anonymous-read needs --tokens"),
     (["--root", "", "roots"], "--root needs a directory"),
 ])
 def test_conflicting_or_meaningless_options_are_refused(cli, tmp_path, args, needle):
