@@ -162,16 +162,16 @@ def realise(opts, targets, jobs, check, rounds, vary, keep_failed, keep_going, c
             if dry_run:
                 _print_dry_run(store, *realiser.dry_run(list(targets)), as_json)
                 return
-            failures = []  # with --keep-going and --check: what failed, reported after the checks
+            failures = []  # with --keep-going: what failed, reported after what succeeded
             try:
                 check_links = None if no_out_link else (
                     lambda roots: _check_out_links(store, [d.output_paths() for d in roots], out_link))
                 outcome = realiser.realise(list(targets), before_build=check_links)
             except FimioError as e:
                 outcome = getattr(e, "partial", None)  # what was done anyway: valid targets, builds
-                if not (check and keep_going and outcome is not None):
+                if not (keep_going and outcome is not None):
                     raise
-                failures = [e]  # -k: the targets made valid are still checked
+                failures = [e]  # -k: the targets made valid are linked, printed (and checked)
             if check:
                 from fimio.store.check import check_targets
 
@@ -288,7 +288,7 @@ def _check_out_links(store, outputs: list[dict], out_link) -> None:
 def _out_links(store, outcome, out_link) -> dict:
     from fimio.store.roots import add_roots, link_names
 
-    wanted = link_names(out_link or "result", [outs for _, outs in outcome.targets])
+    wanted = link_names(out_link or "result", [outs for _, outs in outcome.targets], outcome.positions)
     made = add_roots(store, wanted)
     return {link: store.logical(path) for link, (_, path) in zip(made, wanted)}
 

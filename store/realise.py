@@ -46,6 +46,9 @@ class Outcome:
     targets: list[tuple[Derivation, dict[str, StorePath]]]
     built: list[str] = field(default_factory=list)
     substituted: list[str] = field(default_factory=list)
+    # each target's place among those asked for: a partial outcome (an error's) holds only
+    # the targets made valid, and result-3 must still be the third target's link
+    positions: list[int] | None = None
 
 
 def _drop_dependents(key: str, pending: dict, deps: dict) -> list[str]:
@@ -320,8 +323,9 @@ class Realiser:
             built = self._build_all(todo)
         except FimioError as e:
             # what was done anyway, for --keep-going's checks and --json: the targets made valid
-            e.partial = Outcome([(d, d.output_paths()) for d in roots if not self.missing_outputs(d)],
-                                getattr(e, "built", []), self.substituted)
+            valid = [i for i, d in enumerate(roots) if not self.missing_outputs(d)]
+            e.partial = Outcome([(roots[i], roots[i].output_paths()) for i in valid],
+                                getattr(e, "built", []), self.substituted, valid)
             raise
         outcome = Outcome([(d, d.output_paths()) for d in roots], built, self.substituted)
         for d, outs in outcome.targets:

@@ -120,11 +120,12 @@ def clean_temp_roots(store) -> int:
     return removed
 
 
-def link_names(base: str, targets: list[dict]) -> list[tuple[str, object]]:
+def link_names(base: str, targets: list[dict], positions: list[int] | None = None) -> list[tuple[str, object]]:
     """``(link, target)`` for the outputs ``{name: target}`` of each target, named as Nix
-    names out-links: BASE, BASE-2, ... per target, and BASE-NAME for an output not "out"."""
+    names out-links: BASE, BASE-2, ... per target, and BASE-NAME for an output not "out".
+    ``positions``: each target's place among those asked for, when some are left out."""
     links = []
-    for n, outputs in enumerate(targets):
+    for n, outputs in zip(positions if positions is not None else range(len(targets)), targets):
         stem = base if n == 0 else f"{base}-{n + 1}"
         links += [(stem if name == "out" else f"{stem}-{name}", t) for name, t in outputs.items()]
     return links

@@ -328,6 +328,19 @@ def test_keep_going_builds_everything_that_does_not_need_a_failure(cli, tmp_path
     assert valid.startswith("1 derivation(s) would be built"), "a build started after a failure without -k"
 
 
+
+def test_keep_going_prints_and_links_the_targets_that_succeeded(cli, tmp_path):
+    # -k: what was made valid is printed and linked as it would be had nothing failed
+    # (the second target's link is result-2 whatever happened to the first), then the error
+    bad = write_drv(tmp_path / "bad.toml", "bad", "echo broken >&2; exit 3")
+    ok = write_drv(tmp_path / "ok.toml", "ok", "echo fine > $out")
+    proc = cli("realise", "-k", "-j", "1", bad, ok, cwd=tmp_path)
+    assert proc.returncode == 1 and "-bad.drv' failed with exit code 3" in proc.stderr, proc.stderr
+    (printed,) = proc.stdout.split()
+    assert printed.endswith("-ok") and open(printed).read() == "fine\n"
+    assert os.readlink(tmp_path / "result-2") == printed and not os.path.lexists(tmp_path / "result")
+    assert printed in cli.out("roots")
+
 def test_json_is_printed_when_realise_fails(cli, tmp_path):
     """--json prints its object on stdout even when realise fails, so a script learns what
     was built before the failure: ``ok`` false, the ``error``, and the targets made valid."""
