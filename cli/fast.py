@@ -65,6 +65,8 @@ def try_add(argv: list[str]) -> int | None:
     if parsed is None or len(parsed[1]) != 1 or os.environ.get("FIMIO_NO_FAST_PATH"):
         return None
     flags, (path,) = parsed
+    if os.path.exists(path) and not os.access(path, os.R_OK):
+        return None  # click's own check of its PATH argument says this one
     from .options import Options
 
     opts = Options()

@@ -42,7 +42,7 @@ def is_hash_part(text: str) -> bool:
 
 class StorePath(Value):
     """A store path's base name ``<hashpart>-<name>``, independent of the store directory.
-    Ordered by hash part, then name."""
+    Ordered by hash part, then name. Immutable by convention (it is hashed by value)."""
 
     __slots__ = ("hash_part", "name")
 
@@ -50,15 +50,23 @@ class StorePath(Value):
         self.hash_part, self.name = hash_part, name
 
     def __lt__(self, other: "StorePath") -> bool:
+        if type(other) is not StorePath:
+            return NotImplemented
         return (self.hash_part, self.name) < (other.hash_part, other.name)
 
     def __gt__(self, other: "StorePath") -> bool:
+        if type(other) is not StorePath:
+            return NotImplemented
         return other < self
 
     def __le__(self, other: "StorePath") -> bool:
+        if type(other) is not StorePath:
+            return NotImplemented
         return not other < self
 
     def __ge__(self, other: "StorePath") -> bool:
+        if type(other) is not StorePath:
+            return NotImplemented
         return not self < other
 
     @classmethod

@@ -416,3 +416,24 @@ def test_store_path_identity():
         StorePath.parse("tooshort-x")
     with pytest.raises(UsageError):
         StorePath.parse("e" * 32 + "-x")  # 'e' is not in the alphabet
+
+
+def test_value_classes_compare_hash_and_order_by_their_fields():
+    a, b = StorePath("0" * 32, "b"), StorePath("1" * 32, "a")
+    assert sorted([b, a, StorePath("0" * 32, "a")]) == [StorePath("0" * 32, "a"), a, b]
+    assert a < b and b > a and a <= a and b >= a and {a, StorePath("0" * 32, "b")} == {a}
+    for other in ("x", 1, None):  # an order only among store paths, as a dataclass had
+        assert a != other
+        with pytest.raises(TypeError):
+            a < other  # noqa: B015
+        with pytest.raises(TypeError):
+            other > a  # noqa: B015
+    f = FileNode(b"\1" * 32, 3, False)
+    assert f == FileNode(b"\1" * 32, 3, False) != FileNode(b"\1" * 32, 3, True)
+    assert len({f, FileNode(b"\1" * 32, 3, False), SymlinkNode(b"t")}) == 2
+    assert repr(f) == "FileNode(blob=%r, size=3, executable=False)" % (b"\1" * 32)
+    d = DirNode({b"f": f})
+    assert d == DirNode({b"f": FileNode(b"\1" * 32, 3, False)}) and d.digest  # the cached digest aside
+    assert d == DirNode({b"f": f}) and d != DirNode()
+    with pytest.raises(TypeError):
+        hash(d)  # mutable while built

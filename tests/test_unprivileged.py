@@ -168,3 +168,16 @@ def test_a_store_file_that_cannot_be_read_is_a_damaged_store(as_owner, tmp_path)
     os.chmod(os.path.join(added, "d"), 0)
     assert_one_error_line(as_owner("a", "ls", f"{added}/d", check=4), 4, f"cannot read '{added}/d' in the store")
     assert as_owner("a", "ls", added).split() == ["d", "g"]
+
+
+def test_add_of_an_unreadable_path_says_what_the_click_command_says(as_owner, tmp_path):
+    # click checks that its PATH argument is readable: the add that runs without click
+    # leaves such a path to it, so that the message is the same
+    for name in ("secret-file", "secret-dir"):
+        p = tmp_path / name
+        p.mkdir() if name.endswith("dir") else p.write_text("s\n")
+        os.chmod(p, 0)
+        fast, slow = (run_fimio(["add", p], tmp_path / "a", env=env, prefix=_prefix())
+                      for env in ({"FIMIO_CONFIG": os.devnull}, {"FIMIO_CONFIG": os.devnull, "FIMIO_NO_FAST_PATH": "1"}))
+        assert (fast.returncode, fast.stdout, fast.stderr) == (slow.returncode, slow.stdout, slow.stderr)
+        assert_one_error_line(fast, 2, f"Path '{p}' is not readable")
