@@ -22,6 +22,7 @@ from .forkpool import hash_threads
 _SMALL_FILE = 8 << 20  # larger files are streamed, not read whole
 _CHUNK = 1 << 20
 _WRITEBACK_MIN = 1 << 20  # smaller blobs are left to one flush of many
+_WRITEBACK_EVERY = 64 << 20  # a large blob's writeback starts as it is written, in steps of this
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW
 # an O_TMPFILE file is given its name through /proc/self/fd (see _link_anonymous)
 _PROC_FD = os.path.isdir("/proc/self/fd")
@@ -94,11 +95,16 @@ class Blobs:
 
         def fill(out: int) -> str:
             nonlocal size
+            pending = 0  # written since the last writeback started
             while n := os.readv(fd, [buf]):
                 hasher.update(view[:n])
                 write_all(out, view[:n])
                 size += n
-            _start_writeback(out, size)
+                pending += n
+                if pending >= _WRITEBACK_EVERY:  # the disk works while the rest is read
+                    _start_writeback(out, pending, size - pending)
+                    pending = 0
+            _start_writeback(out, pending, size - pending)
             key = self.path(hasher.digest(), executable)
             _blob_intact(key, size)  # drops a torn blob of that name so ours replaces it
             return key
@@ -193,12 +199,13 @@ class Blobs:
                 return
 
 
-def _start_writeback(fd: int, size: int) -> None:
-    """Start writing a large new blob (``size`` bytes) to disk now, without waiting for it,
-    so that the flush before registration finds less left to write. (On Linux,
-    POSIX_FADV_DONTNEED starts writeback of dirty pages; pages being written stay cached.)"""
+def _start_writeback(fd: int, size: int, offset: int = 0) -> None:
+    """Start writing ``size`` bytes of a new blob from ``offset`` to disk now, without
+    waiting, if they are many: the flush before registration then finds less left to do.
+    (On Linux, POSIX_FADV_DONTNEED starts writeback of dirty pages and drops only clean
+    ones: what was just written stays cached.)"""
     if size >= _WRITEBACK_MIN:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
 def _read_all(fd: int, size: int) -> bytes:
