@@ -341,20 +341,45 @@ def file_lock(path: str, shared: bool = False, blocking: bool = True):
 
     Yields True when the lock was taken, False when ``blocking`` is off and it is busy.
     fcntl locks vanish with their process, so a killed holder never leaves a stale lock.
+    A lock file may be deleted (:func:`remove_lock_file`): one that was deleted or replaced
+    between its opening and its locking is opened again, so that two holders never lock
+    two different files of the same name.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+    flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, flags)
         except OSError as e:
+            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 yield False
                 return
             raise
+        if _names(fd, path):
+            break
+        os.close(fd)
+    try:
         yield True
     finally:
         os.close(fd)
+
+
+def _names(fd: int, path: str) -> bool:
+    """Whether ``path`` still names the file open at ``fd``."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def remove_lock_file(path: str) -> bool:
+    """Delete the lock file ``path`` if no one holds it (and so that whoever opened it
+    meanwhile locks a new one, see :func:`file_lock`); whether it was deleted."""
+    with file_lock(path, blocking=False) as taken:
+        if taken:
+            os.unlink(path)  # under the lock: a waiter that then gets it sees it unnamed
+    return bool(taken)
 
 
 def pid_of(name: str) -> int | None:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from . import fsutil
-from .paths import StorePath
+from .paths import StorePath, is_hash_part
 from .roots import gc_lock, list_roots, live_temp_roots
 
 
@@ -75,7 +75,16 @@ def collect(store, dry_run: bool = False, max_freed: int | None = None, on_wait=
             # only it linked to
             store.remove_garbage(set(infos) - gone)
             _remove_unused_blobs(store)
+            _remove_unheld_locks(store)
     return result
+
+
+def _remove_unheld_locks(store) -> None:
+    """Delete the per-path lock files no writer holds: every add leaves one, and a store
+    that lives long would pile them up (the next writer of a path makes its file again)."""
+    for entry in os.scandir(store.locks):
+        if entry.name.endswith(".lock") and is_hash_part(entry.name[:-5]):
+            fsutil.remove_lock_file(entry.path)
 
 
 @contextmanager

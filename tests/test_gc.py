@@ -559,3 +559,44 @@ def test_gc_says_when_it_waits_for_a_writer(cli, tmp_path):
         holder.wait()
     assert proc.returncode == 0 and "waiting for the GC lock" in proc.stderr, proc.stderr
     assert "waiting" not in cli("gc").stderr  # no writer: no wait, no message
+
+
+def test_gc_deletes_the_lock_files_no_writer_holds(cli, tmp_path):
+    from fimio.store import fsutil
+
+    for i in range(3):
+        (tmp_path / f"t{i}").write_text(f"{i}\n")
+        cli.out("add", tmp_path / f"t{i}")
+    locks = cli.root / "locks"
+    per_path = sorted(n for n in os.listdir(locks) if n != "gc.lock")
+    assert len(per_path) == 3
+    with fsutil.file_lock(str(locks / per_path[0])):  # a writer at work on that path
+        cli.out("gc")
+        assert sorted(os.listdir(locks)) == sorted(["gc.lock", per_path[0]])
+    cli.out("gc")
+    assert os.listdir(locks) == ["gc.lock"]
+
+
+def test_a_lock_file_deleted_while_a_writer_waits_for_it_is_opened_again(tmp_path):
+    # gc deletes a lock file while holding it; a writer that opened the file before and
+    # waited must not go on to hold a lock on a file that no longer has the name
+    from fimio.store import fsutil
+
+    lock = str(tmp_path / "x.lock")
+    holding, release = threading.Event(), threading.Event()
+
+    def writer():
+        with fsutil.file_lock(lock):
+            holding.set()
+            release.wait(10)
+
+    with fsutil.file_lock(lock):  # as remove_lock_file holds it
+        t = threading.Thread(target=writer)
+        t.start()
+        time.sleep(0.3)  # the writer has opened the file and waits for its lock
+        os.unlink(lock)
+    assert holding.wait(10)
+    with fsutil.file_lock(lock, blocking=False) as taken:
+        assert not taken, "two holders of one lock"
+    release.set()
+    t.join()
