@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import stat
 import time
 import queue
 import threading
@@ -712,6 +713,7 @@ class LocalStore:
             if not os.path.lexists(self.physical(info.path)):
                 found.append(Problem(logical, "is registered but missing on disk"))
             else:
+                found.extend(self._check_mode(info))
                 found.extend(self._check_address(info, check_contents))
                 if check_contents:
                     found.extend(self._check_contents(info))
@@ -721,6 +723,17 @@ class LocalStore:
                 problems.extend(found)
         self.remove_garbage(valid)
         return problems
+
+    def _check_mode(self, info: PathInfo) -> list[Problem]:
+        """A path's top entry must be read-only (0555 or 0444): one left writable was
+        changed by hand, or by a writer killed while it lent itself write permission to
+        move the directory (``repair``); a writer at work holds the path's lock."""
+        wrong = _writable_mode(self.physical(info.path))
+        if wrong is None:
+            return []
+        with fsutil.file_lock(os.path.join(self.locks, info.path.hash_part + ".lock"), blocking=False) as free:
+            wrong = _writable_mode(self.physical(info.path)) if free else None  # busy: its writer is at work
+        return [Problem(self.logical(info.path), f"has mode {wrong:04o}, not read-only: it was changed")] if wrong else []
 
     def _check_address(self, info: PathInfo, check_contents: bool) -> list[Problem]:
         """A content-addressed path's registered content must give its name (a forged or
@@ -859,6 +872,16 @@ def _copy2(src, dest) -> None:
     import shutil  # rare: kept out of every command's start-up
 
     shutil.copy2(src, dest)
+
+
+def _writable_mode(path: str) -> int | None:
+    """The mode of the entry at ``path`` if it is not a store path's (0555 for a directory,
+    0444 or 0555 for a file; a symlink has none), else None."""
+    st = os.lstat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode) or mode in ((0o555,) if stat.S_ISDIR(st.st_mode) else (0o444, 0o555)):
+        return None
+    return mode
 
 
 def _count_entries(node: Node) -> int:

@@ -386,6 +386,25 @@ def test_verify_finds_a_deleted_path(cli, tmp_path):
     assert f"{p}: is registered but missing on disk" in proc.stdout
 
 
+
+def test_verify_finds_a_path_left_writable_unless_its_writer_holds_it(cli, tmp_path):
+    # a writer killed while it lent a directory write permission (to move it) leaves it so
+    from fimio.store import fsutil
+
+    p = pathlib.Path(cli.out("add", make_pkg(tmp_path / "pkg")))
+    f = pathlib.Path(cli.out("add", tmp_path / "pkg" / "data.bin"))
+    os.chmod(p, 0o755)
+    os.chmod(f, 0o644)
+    proc = cli("verify")
+    assert_one_error_line(proc, 4)
+    assert f"{p}: has mode 0755, not read-only: it was changed" in proc.stdout.splitlines()
+    assert f"{f}: has mode 0644, not read-only: it was changed" in proc.stdout.splitlines()
+    os.chmod(f, 0o444)
+    with fsutil.file_lock(str(cli.root / "locks" / (p.name[:32] + ".lock"))):  # a writer at work on it
+        assert cli("verify").returncode == 0
+    os.chmod(p, 0o555)
+    assert cli("verify").returncode == 0
+
 @pytest.mark.parametrize("damage", [b"{not json", b'{"path": "x", "root": "zz"}', b"[]"])
 def test_a_damaged_path_record_is_reported_never_a_traceback(cli, tmp_path, damage):
     """A path record the database cannot decode: verify names it (exit 4) and keeps the

@@ -87,7 +87,8 @@ def test_repair_of_a_shared_blob_a_deleted_file_and_a_deleted_path(origin, damag
     flip(store / p["t1"] / "sub" / "shared.bin")  # one inode: t2's copy is damaged too
     os.chmod(store / p["t2"], 0o755)
     os.unlink(store / p["t2"] / "own.txt")
-    faults.fim(["verify"], damaged, origin["config"], check=0)
+    quick = faults.fim(["verify"], damaged, origin["config"], check=4).stdout  # the mode, without reading
+    assert f"{p['t2']}: has mode 0755, not read-only" in quick and "own.txt" not in quick
     shutil.rmtree(store / p["single.txt"], ignore_errors=True)
     os.unlink(store / p["single.txt"])
     before = fim(origin, damaged, "verify", "--check-contents", check=4).stdout
@@ -100,6 +101,15 @@ def test_repair_of_a_shared_blob_a_deleted_file_and_a_deleted_path(origin, damag
     assert (store / p["t2"] / "own.txt").read_text() == "only in t2\n"
     assert os.stat(store / p["t2"]).st_mode & 0o777 == 0o555  # normal form again
 
+
+
+def test_repair_of_a_path_left_writable(origin, damaged):
+    top = damaged / "store" / origin["paths"]["t1"]
+    os.chmod(top, 0o755)  # as a repair killed between its move and its chmod leaves it
+    assert "has mode 0755" in fim(origin, damaged, "verify", check=4).stdout
+    fim(origin, damaged, "verify", "--repair", check=0)
+    assert os.stat(top).st_mode & 0o777 == 0o555
+    fim(origin, damaged, "verify", "--check-contents", check=0)
 
 def test_repair_of_a_truncated_single_file_path(origin, damaged):
     f = damaged / "store" / origin["paths"]["single.txt"]
