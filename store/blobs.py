@@ -21,8 +21,6 @@ from .forkpool import hash_threads
 
 _SMALL_FILE = 8 << 20  # larger files are streamed, not read whole
 _CHUNK = 1 << 20
-_WRITEBACK_MIN = 1 << 20  # smaller blobs are left to one flush of many
-_WRITEBACK_EVERY = 64 << 20  # a large blob's writeback starts as it is written, in steps of this
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW
 # an O_TMPFILE file is given its name through /proc/self/fd (see _link_anonymous)
 _PROC_FD = os.path.isdir("/proc/self/fd")
@@ -95,16 +93,10 @@ class Blobs:
 
         def fill(out: int) -> str:
             nonlocal size
-            pending = 0  # written since the last writeback started
             while n := os.readv(fd, [buf]):
                 hasher.update(view[:n])
                 write_all(out, view[:n])
                 size += n
-                pending += n
-                if pending >= _WRITEBACK_EVERY:  # the disk works while the rest is read
-                    _start_writeback(out, pending, size - pending)
-                    pending = 0
-            _start_writeback(out, pending, size - pending)
             key = self.path(hasher.digest(), executable)
             _blob_intact(key, size)  # drops a torn blob of that name so ours replaces it
             return key
@@ -114,13 +106,7 @@ class Blobs:
 
     def publish(self, key: str, executable: bool, data) -> None:
         """Write ``data`` as the blob ``key``: complete, normalised, then given its name."""
-
-        def fill(out: int) -> str:
-            write_all(out, data)
-            _start_writeback(out, len(data))
-            return key
-
-        self._write_blob(executable, fill)
+        self._write_blob(executable, lambda out: (write_all(out, data), key)[1])
 
     def _write_blob(self, executable: bool, fill) -> None:
         """Create a new blob file, let ``fill(fd) -> key`` write it, then give it its name."""
@@ -197,15 +183,6 @@ class Blobs:
                     raise
                 unlink_if_exists(tmp)  # too many links: keep this file as its own copy
                 return
-
-
-def _start_writeback(fd: int, size: int, offset: int = 0) -> None:
-    """Start writing ``size`` bytes of a new blob from ``offset`` to disk now, without
-    waiting, if they are many: the flush before registration then finds less left to do.
-    (On Linux, POSIX_FADV_DONTNEED starts writeback of dirty pages and drops only clean
-    ones: what was just written stays cached.)"""
-    if size >= _WRITEBACK_MIN:
-        os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
 def _read_all(fd: int, size: int) -> bytes:

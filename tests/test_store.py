@@ -334,31 +334,6 @@ def test_large_files_among_small_ones_keep_their_own_contents(store, tmp_path):
     node = store.load_tree(info)
     assert {name.decode(): child.size for name, child in node.entries.items()} == sizes
 
-
-def test_large_new_blobs_start_their_writeback_as_they_are_written(store, tmp_path, monkeypatch):
-    # so that the flush before registration finds less left to write: a streamed blob in
-    # steps, one read whole at once, a small one not at all (left to the one flush)
-    from fimio.store import blobs
-
-    calls = []
-    real = os.posix_fadvise
-    monkeypatch.setattr(blobs.os, "posix_fadvise", lambda fd, off, n, advice: (calls.append((off, n, advice)),
-                                                                                real(fd, off, n, advice))[1])
-    # small sizes: the files are read in this process (a batch too small for the workers)
-    monkeypatch.setattr(blobs, "_WRITEBACK_MIN", 64 << 10)
-    monkeypatch.setattr(blobs, "_SMALL_FILE", 512 << 10)
-    monkeypatch.setattr(blobs, "_WRITEBACK_EVERY", 256 << 10)
-    monkeypatch.setattr(blobs, "_CHUNK", 128 << 10)
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "streamed").write_bytes(os.urandom((640 << 10) + 12345))
-    (src / "whole").write_bytes(os.urandom(384 << 10))
-    (src / "small").write_bytes(b"s" * 1000)
-    store.add_path(str(src))
-    assert {advice for _, _, advice in calls} == {os.POSIX_FADV_DONTNEED}
-    assert sorted((off, n) for off, n, _ in calls) == [
-        (0, 256 << 10), (0, 384 << 10), (256 << 10, 256 << 10), (512 << 10, (128 << 10) + 12345)]
-
 def test_early_flush_syncs_in_the_background_only_when_worth_it(monkeypatch, tmp_path):
     from fimio.store import fsutil
 
