@@ -288,6 +288,9 @@ def read_toml(path: str) -> RawDerivation:
     raw = read_input(path, "derivation file")
     import tomllib
 
+    if raw.startswith(b"\xef\xbb\xbf"):  # what some editors write first; TOML has no place for it
+        raise DrvFileError(f"{path}:1: starts with a byte order mark (BOM), which a TOML file may not",
+                           "save it as UTF-8 without a BOM")
     try:
         text = raw.decode()
         data = tomllib.loads(text)

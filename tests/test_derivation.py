@@ -165,6 +165,15 @@ def test_not_utf8(cli, tmp_path):
     assert_one_error_line(cli("instantiate", f), 2, f"{f}:1: ", "not UTF-8")
 
 
+
+def test_a_byte_order_mark_is_named(cli, tmp_path):
+    # some editors write one first; TOML has no place for it, and the parser's own message
+    # ("Invalid statement") does not say what is wrong
+    f = tmp_path / "bom.toml"
+    f.write_bytes(b'\xef\xbb\xbfname = "x"\nbuilder = "/bin/sh"\n')
+    assert_one_error_line(cli("instantiate", f), 2, f"{f}:1: starts with a byte order mark (BOM)",
+                          "save it as UTF-8 without a BOM")
+
 def test_missing_top_level_file_is_not_found(cli, tmp_path):
     """A derivation file named on the command line that does not exist: exit 5 (not found)."""
     f = tmp_path / "nope.toml"
