@@ -124,6 +124,16 @@ def test_bad_urls_are_usage_errors(url):
         parse_cache_url(url)
 
 
+@pytest.mark.parametrize("url, needle", [
+    ("http://user:hunter2@h:8080/c", "put tokens in the config file"),
+    ("s3://key:hunter2@bucket/p", "credentials go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"),
+])
+def test_credentials_in_a_url_are_refused_saying_where_they_go_and_never_shown(url, needle):
+    with pytest.raises(UsageError, match=needle) as e:
+        parse_cache_url(url)
+    assert "hunter2" not in e.value.message and "…@" in e.value.message  # an error line ends up in CI logs
+
+
 def test_cache_params_round_trip_and_refusals():
     p = CacheParams.parse(V["cacheJson"].encode(), "v")
     assert p.to_json().decode() == V["cacheJson"]

@@ -36,8 +36,18 @@ class CacheURL:
 
 
 def _bad(text: str, why: str) -> UsageError:
-    return UsageError(f"bad cache URL '{text}': {why}",
+    return UsageError(f"bad cache URL '{_without_credentials(text)}': {why}",
                       "use file:///dir, http(s)://host:port or s3://bucket/prefix?endpoint=…&region=…")
+
+
+def _without_credentials(text: str) -> str:
+    """``text`` with any ``user:password@`` of its authority shown as ``…@``: an error line
+    ends up in CI logs."""
+    scheme, sep, rest = text.partition("://")
+    authority, slash, path = rest.partition("/")
+    if not sep or "@" not in authority:
+        return text
+    return f"{scheme}://…@{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def _parse_file(text: str, u) -> CacheURL:
@@ -69,6 +79,9 @@ _S3_PARAMS = {"endpoint", "region"}
 
 def _parse_s3(text: str, u) -> CacheURL:
     bucket = u.netloc
+    if "@" in bucket:
+        raise _bad(text, "credentials go in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                         "not in the URL")
     if not _BUCKET_RE.fullmatch(bucket or ""):
         raise _bad(text, f"'{bucket}' is not a valid bucket name")
     params = {}
