@@ -6,6 +6,7 @@ blake3 of a typed fingerprint (``spec/store-paths.md``). Nothing here touches th
 
 from __future__ import annotations
 
+import functools
 import re
 
 import blake3
@@ -40,6 +41,7 @@ def is_hash_part(text: str) -> bool:
     return bool(_HASH_RE.fullmatch(text))
 
 
+@functools.total_ordering  # <=, >, >= from < and ==, each NotImplemented for another type
 class StorePath(Value):
     """A store path's base name ``<hashpart>-<name>``, independent of the store directory.
     Ordered by hash part, then name. Immutable by convention (it is hashed by value)."""
@@ -53,21 +55,6 @@ class StorePath(Value):
         if type(other) is not StorePath:
             return NotImplemented
         return (self.hash_part, self.name) < (other.hash_part, other.name)
-
-    def __gt__(self, other: "StorePath") -> bool:
-        if type(other) is not StorePath:
-            return NotImplemented
-        return other < self
-
-    def __le__(self, other: "StorePath") -> bool:
-        if type(other) is not StorePath:
-            return NotImplemented
-        return not other < self
-
-    def __ge__(self, other: "StorePath") -> bool:
-        if type(other) is not StorePath:
-            return NotImplemented
-        return not self < other
 
     @classmethod
     def parse(cls, base: str) -> "StorePath":
